@@ -1,0 +1,5 @@
+import sys
+
+from rapa.cli import main
+
+sys.exit(main())

@@ -1,0 +1,152 @@
+"""``TiledConv2d``: a conv layer with ``nt`` replicated kernel matrices (tiles), SPEC §1."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from torch.nn.modules.utils import _pair
+
+from rapa import schemes
+from rapa.functional import _size2, check_input, tiled_conv2d
+
+
+class TiledConv2d(nn.Module):
+    """Convolution whose output pixels are divided among ``tiles`` kernel matrices.
+
+    Shaped like ``nn.Conv2d``. ``weight`` is ``(nk, out_channels, in_channels, kh, kw)``
+    and ``bias`` ``(nk, out_channels)``, where ``nk = tiles`` except for ``none`` and
+    ``perforated`` (one kernel; ``tiles`` is then the perforation factor). ``scheme`` is
+    one of :data:`rapa.schemes.SCHEMES`. Random draws use ``generator`` when given,
+    otherwise torch's global generator (so ``torch.manual_seed`` makes runs repeatable).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: _size2,
+        stride: _size2 = 1,
+        padding: _size2 = 0,
+        dilation: _size2 = 1,
+        bias: bool = True,
+        tiles: int = 1,
+        scheme: str = "random",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        schemes.check_scheme(scheme, tiles)
+        self.kernel_size = _pair(kernel_size)
+        self.stride = _pair(stride)
+        self.padding = _pair(padding)
+        self.dilation = _pair(dilation)
+        for name, value, low in (("kernel_size", self.kernel_size, 1), ("stride", self.stride, 1),
+                                 ("padding", self.padding, 0), ("dilation", self.dilation, 1)):
+            if any(not isinstance(v, int) or v < low for v in value):
+                raise ValueError(f"{name}={value!r} must be integers >= {low}")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.tiles = tiles
+        self.scheme = scheme
+        self.generator = generator
+        nk = schemes.num_kernels(scheme, tiles)
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(nk, out_channels, in_channels, *self.kernel_size, **factory))
+        self.bias = nn.Parameter(torch.empty(nk, out_channels, **factory)) if bias else None
+        if scheme == "random_fixed":  # the partition is a function of this seed: saved state
+            seed = torch.randint(0, 2**62, (), generator=generator, device="cpu" if generator is None else generator.device)
+            self.register_buffer("fixed_seed", seed.to(device=device))
+        else:
+            self.fixed_seed = None
+        self._index_cache: dict[tuple, Tensor] = {}
+        self.reset_parameters()
+
+    @property
+    def num_kernels(self) -> int:
+        """Number of kernel matrices held (``weight.shape[0]``)."""
+        return self.weight.shape[0]
+
+    def reset_parameters(self) -> None:
+        """``nn.Conv2d``'s default initialisation, drawn independently for every tile."""
+        fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+        for j in range(self.num_kernels):  # per tile: init is not a hot path
+            nn.init.kaiming_uniform_(self.weight[j], a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def output_size(self, h: int, w: int) -> tuple[int, int]:
+        """Output grid ``(oh, ow)`` for an ``h x w`` input."""
+        from rapa.functional import conv_output_size
+
+        return conv_output_size(h, w, self.kernel_size, self.stride, self.padding, self.dilation)
+
+    def assignment(self, x: Tensor) -> Tensor | None:
+        """Gather index ``(B, nt, M)`` for this forward pass on ``x`` (``None``: plain conv)."""
+        oh, ow = check_input(x, self.in_channels, self.kernel_size, self.stride, self.padding,
+                             self.dilation, self.tiles)
+        if self.scheme in ("random_fixed", *schemes.GRID_SCHEMES):  # fixed: compute once per grid
+            key = (oh, ow, x.device, None if self.fixed_seed is None else int(self.fixed_seed))
+            index = self._index_cache.get(key)
+            if index is None:
+                index = schemes.assignment_index(
+                    self.scheme, self.tiles, 1, oh, ow, device=x.device,
+                    fixed_seed=None if self.fixed_seed is None else int(self.fixed_seed))
+                self._index_cache = {key: index}
+            return index
+        return schemes.assignment_index(self.scheme, self.tiles, x.shape[0], oh, ow, self.training,
+                                        self.generator, x.device)
+
+    def tile_map(self, x: Tensor) -> Tensor:
+        """Tile of every output pixel ``(B, np)`` for one forward pass (-1: perforated away)."""
+        index = self.assignment(x)
+        oh, ow = self.output_size(x.shape[2], x.shape[3])
+        if index is None:
+            return torch.zeros(1, oh * ow, dtype=torch.long, device=x.device)
+        return schemes.index_to_tile_map(index, oh * ow)
+
+    def forward(self, x: Tensor, index: Tensor | None = None) -> Tensor:
+        """Apply the layer; ``index`` (B, nt, M) overrides the scheme's assignment."""
+        if index is None:
+            index = self.assignment(x)
+            if index is None:
+                return torch.nn.functional.conv2d(
+                    x, self.weight[0], None if self.bias is None else self.bias[0],
+                    self.stride, self.padding, self.dilation)
+        return tiled_conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                            self.scheme, self.tiles, self.training, index=index)
+
+    @classmethod
+    def from_conv2d(cls, conv: nn.Conv2d, tiles: int, scheme: str = "random",
+                    generator: torch.Generator | None = None) -> "TiledConv2d":
+        """A tiled layer whose every tile is a copy of ``conv``'s kernel and bias."""
+        if conv.groups != 1:
+            raise ValueError(f"groups={conv.groups}: only ungrouped convolutions can be tiled")
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError(f"padding={conv.padding!r}, padding_mode={conv.padding_mode!r}: only "
+                             "numeric zero padding is supported")
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                    conv.dilation, conv.bias is not None, tiles, scheme, conv.weight.device,
+                    conv.weight.dtype, generator)
+        with torch.no_grad():
+            layer.weight.copy_(conv.weight.unsqueeze(0).expand_as(layer.weight))
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias.unsqueeze(0).expand_as(layer.bias))
+        layer.train(conv.training)
+        return layer
+
+    def extra_repr(self) -> str:
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+             f"stride={self.stride}, padding={self.padding}")
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.bias is None:
+            s += ", bias=False"
+        return s + f", tiles={self.tiles}, scheme={self.scheme!r}"

@@ -1,0 +1,337 @@
+"""TiledConv2d and the tiling schemes against independent references (SPEC §1)."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import rapa
+from rapa import schemes
+from rapa.tiled_conv import TiledConv2d
+
+ALL = rapa.SCHEMES
+EQUAL_TO_CONV = ("none", "random", "random_fixed", "alternate", "image_overlap")
+
+
+def _layer(scheme: str, nt: int, cin=2, cout=3, k=3, **kw) -> TiledConv2d:
+    return TiledConv2d(cin, cout, k, tiles=1 if scheme == "none" else nt, scheme=scheme, **kw)
+
+
+def _spec_map(scheme: str, nt: int, h: int, w: int) -> torch.Tensor:
+    """The SPEC's formula, written out pixel by pixel."""
+    q = math.isqrt(nt)
+    s = torch.empty(h, w, dtype=torch.long)
+    for y in range(h):
+        for x in range(w):
+            if scheme == "alternate":
+                s[y, x] = (x % q) + q * (y % q)
+            else:
+                s[y, x] = math.floor(q * x / w) + q * math.floor(q * y / h)
+    return s
+
+
+def _recover_map(layer: TiledConv2d, x: torch.Tensor) -> torch.Tensor:
+    """Tile of every output pixel, read through the layer: zero weights and bias_j = j + 1."""
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.bias.copy_((torch.arange(layer.num_kernels, dtype=torch.float) + 1).view(-1, 1))
+        return layer(x)[:, 0].round().long() - 1  # (N, oh, ow)
+
+
+@pytest.mark.parametrize("scheme", EQUAL_TO_CONV + ("perforated",))
+@pytest.mark.parametrize("geom", [
+    dict(k=3, stride=1, padding=1, dilation=1, size=(8, 8)),
+    dict(k=5, stride=1, padding=2, dilation=1, size=(7, 9)),
+    dict(k=3, stride=2, padding=0, dilation=2, size=(11, 10)),
+    dict(k=(3, 1), stride=(1, 2), padding=(1, 0), dilation=1, size=(6, 8)),
+])
+@pytest.mark.parametrize("bias", [True, False])
+def test_identical_tiles_equal_conv2d(scheme, geom, bias):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, geom["k"], geom["stride"], geom["padding"], geom["dilation"], bias=bias)
+    layer = TiledConv2d.from_conv2d(conv, 1 if scheme == "none" else 4, scheme)
+    if scheme == "perforated":
+        layer.eval()  # perforation is used in training only
+    x = torch.randn(5, 3, *geom["size"], requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y, ref = layer(x), conv(x_ref)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(ref)
+    y.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-5)
+    # the tiles share the convolution's weight gradient among them
+    torch.testing.assert_close(layer.weight.grad.sum(0), conv.weight.grad, rtol=1e-4, atol=1e-4)
+    if bias:
+        torch.testing.assert_close(layer.bias.grad.sum(0), conv.bias.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_channels_last_input_keeps_memory_format():
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    layer = TiledConv2d.from_conv2d(conv, 4, "random")
+    x = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    y = layer(x)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, conv(x), rtol=1e-5, atol=1e-5)
+    assert layer(torch.randn(2, 3, 8, 8)).is_contiguous()
+
+
+@pytest.mark.parametrize("scheme", ["alternate", "image_overlap", "image_pad"])
+@pytest.mark.parametrize("nt,size", [(4, (8, 8)), (16, (32, 32)), (9, (7, 11)), (4, (5, 3))])
+def test_grid_maps_follow_spec_formula(scheme, nt, size):
+    layer = _layer(scheme, nt, k=3, padding=1)
+    x = torch.randn(2, 2, *size)
+    s = _recover_map(layer, x)
+    expected = _spec_map(scheme, nt, *size)
+    assert torch.equal(s[0], expected) and torch.equal(s[1], expected)
+    assert torch.equal(layer.tile_map(x)[0].view(*size), expected)
+
+
+def test_random_partition_balanced_and_redrawn():
+    torch.manual_seed(0)
+    layer = _layer("random", 16, k=3, padding=1)
+    x = torch.randn(6, 2, 9, 7)  # np = 63, not a multiple of 16
+    for mode in ("train", "eval"):  # drawn anew in training and in evaluation
+        getattr(layer, mode)()
+        s1, s2 = _recover_map(layer, x), _recover_map(layer, x)
+        for s in (s1, s2):
+            counts = torch.stack([torch.bincount(si.flatten(), minlength=16) for si in s])
+            assert counts.sum(1).eq(63).all()
+            assert (counts.max(1).values - counts.min(1).values).le(1).all()
+        assert not torch.equal(s1[0], s1[1]), "images share a partition"
+        assert not torch.equal(s1, s2), "partition not redrawn between calls"
+
+
+def test_random_partition_is_uniform():
+    # which pixel goes to which tile, and which tiles get the extra pixel, is uniform
+    g = torch.Generator().manual_seed(1)
+    idx = schemes.random_partition_index(20000, 5, 2, generator=g)  # 5 pixels, 2 tiles
+    s = schemes.index_to_tile_map(idx, 5)
+    freq = s.eq(0).float().mean(0)
+    torch.testing.assert_close(freq, torch.full((5,), 0.5), atol=0.02, rtol=0)
+    sizes = s.eq(0).sum(1)
+    assert set(sizes.tolist()) == {2, 3}
+    assert abs(sizes.eq(3).float().mean().item() - 0.5) < 0.02
+
+
+def test_random_follows_seed_and_generator():
+    layer = _layer("random", 4)
+    x = torch.randn(3, 2, 8, 8)
+    torch.manual_seed(5)
+    a = layer(x)
+    torch.manual_seed(5)
+    b = layer(x)
+    torch.manual_seed(6)
+    c = layer(x)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    layer.generator = torch.Generator().manual_seed(3)
+    d = layer(x)
+    layer.generator = torch.Generator().manual_seed(3)
+    torch.manual_seed(99)
+    assert torch.equal(d, layer(x))
+
+
+def test_random_fixed_is_fixed_and_survives_save_load():
+    torch.manual_seed(0)
+    layer = _layer("random_fixed", 4, k=3, padding=1)
+    x = torch.randn(4, 2, 8, 8)
+    s = _recover_map(layer, x)
+    assert all(torch.equal(s[0], si) for si in s)
+    assert torch.equal(s, _recover_map(layer, x))
+    counts = torch.bincount(s[0].flatten(), minlength=4)
+    assert counts.eq(16).all()
+    buf = io.BytesIO()
+    torch.save(layer.state_dict(), buf)
+    buf.seek(0)
+    torch.manual_seed(123)
+    fresh = _layer("random_fixed", 4, k=3, padding=1)
+    assert not torch.equal(_recover_map(fresh, x), s)  # a new layer draws its own
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    assert torch.equal(_recover_map(fresh, x), s)
+
+
+def test_image_pad_matches_per_region_zero_padded_images():
+    torch.manual_seed(0)
+    nt, h, w = 4, 8, 6
+    layer = _layer("image_pad", nt, cin=2, cout=3, k=3, padding=1)
+    x = torch.randn(2, 2, h, w)
+    y = layer(x)
+    q, ref = 2, torch.zeros_like(y)
+    for ry in range(q):
+        for rx in range(q):
+            j = rx + q * ry
+            y0, y1 = ry * h // q, (ry + 1) * h // q
+            x0, x1 = rx * w // q, (rx + 1) * w // q
+            region = x[:, :, y0:y1, x0:x1]  # a separate zero-padded image
+            ref[:, :, y0:y1, x0:x1] = F.conv2d(region, layer.weight[j], layer.bias[j], padding=1)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def _per_pixel_reference(x, weight, bias, s, k, padding):
+    """Slow reference: every output pixel with its own tile's kernel (s: (N, oh, ow), -1 = 0)."""
+    n, _, oh, ow = x.shape[0], None, s.shape[1], s.shape[2]
+    xp = F.pad(x, (padding,) * 4)
+    rows = []
+    for i in range(n):
+        for yy in range(oh):
+            for xx in range(ow):
+                j = int(s[i, yy, xx])
+                if j < 0:
+                    rows.append(torch.zeros(weight.shape[1]))
+                    continue
+                patch = xp[i, :, yy:yy + k, xx:xx + k]
+                out = (weight[j] * patch).sum((1, 2, 3))
+                rows.append(out + bias[j] if bias is not None else out)
+    return torch.stack(rows).view(n, oh, ow, -1).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("scheme,nt", [("random", 4), ("random", 3), ("alternate", 4),
+                                       ("image_overlap", 9), ("perforated", 3)])
+def test_gradients_against_per_pixel_reference(scheme, nt):
+    torch.manual_seed(0)
+    layer = _layer(scheme, nt, cin=2, cout=3, k=3, padding=1)
+    x = torch.randn(3, 2, 6, 5, requires_grad=True)
+    index = layer.assignment(x)
+    s = schemes.index_to_tile_map(index, 30).expand(3, 30).reshape(3, 6, 5)
+    y = layer(x, index=index)
+    w_ref = layer.weight.detach().clone().requires_grad_(True)
+    b_ref = layer.bias.detach().clone().requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    ref = _per_pixel_reference(x_ref, w_ref, b_ref, s, 3, 1)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(ref)
+    y.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(layer.weight.grad, w_ref.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(layer.bias.grad, b_ref.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-5)
+    # tile j's gradient comes only from its pixels: a tile with no pixels gets none
+    for j in range(layer.num_kernels):
+        if not (s == j).any():
+            assert layer.weight.grad[j].abs().sum() == 0
+
+
+def test_no_input_gradient_when_not_needed():
+    layer = _layer("random", 4)
+    x = torch.randn(2, 2, 8, 8)
+    y = layer(x)
+    y.sum().backward()
+    assert x.grad is None and layer.weight.grad is not None
+
+
+def test_perforated_keeps_fraction_in_training_and_all_in_eval():
+    torch.manual_seed(0)
+    layer = _layer("perforated", 4, cin=1, cout=1, k=1)
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+        layer.bias.fill_(1.0)
+    x = torch.rand(8, 1, 7, 7) + 1  # positive: every kept pixel is nonzero
+    y = layer(x)
+    kept = (y != 0).flatten(1).sum(1)
+    assert kept.eq(math.ceil(49 / 4)).all()
+    assert not torch.equal(y[0] != 0, y[1] != 0)
+    layer.eval()
+    ye = layer(x)
+    assert (ye != 0).all()
+    torch.testing.assert_close(ye, x + 1)
+
+
+def test_from_conv2d_and_state_dict_shapes():
+    conv = nn.Conv2d(3, 8, 5, padding=2)
+    layer = TiledConv2d.from_conv2d(conv, 16, "random")
+    assert layer.weight.shape == (16, 8, 3, 5, 5) and layer.bias.shape == (16, 8)
+    assert torch.equal(layer.weight[7], conv.weight.detach())
+    one = TiledConv2d(3, 8, 5, tiles=4, scheme="perforated")
+    assert one.weight.shape == (1, 8, 3, 5, 5)
+    assert "tiles=16" in repr(layer)
+
+
+def test_device_and_dtype():
+    layer = TiledConv2d(2, 3, 3, tiles=4, device="cpu", dtype=torch.float64)
+    assert layer.weight.dtype == torch.float64
+    assert layer(torch.randn(1, 2, 6, 6, dtype=torch.float64)).dtype == torch.float64
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(tiles=0), "tiles=0"),
+    (dict(tiles=-2), "tiles=-2"),
+    (dict(tiles=2, scheme="bogus"), "scheme='bogus'"),
+    (dict(tiles=4, scheme="none"), "tiles=4"),
+    (dict(tiles=8, scheme="alternate"), "tiles=8"),
+    (dict(tiles=6, scheme="image_pad"), "tiles=6"),
+    (dict(tiles=5, scheme="image_overlap"), "tiles=5"),
+])
+def test_bad_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TiledConv2d(2, 3, 3, **kwargs)
+
+
+def test_bad_sizes_at_construction():
+    with pytest.raises(ValueError, match="in_channels=0"):
+        TiledConv2d(0, 3, 3)
+    with pytest.raises(ValueError, match="stride"):
+        TiledConv2d(2, 3, 3, stride=0)
+
+
+def test_bad_input():
+    layer = TiledConv2d(2, 3, 5, tiles=4)
+    with pytest.raises(ValueError, match="3 channels"):
+        layer(torch.randn(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="smaller than the kernel"):
+        layer(torch.randn(1, 2, 4, 8))
+    with pytest.raises(ValueError, match="tiles=4 is more than the 2 output pixels"):
+        layer(torch.randn(1, 2, 5, 6))
+    with pytest.raises(ValueError, match="4-D"):
+        layer(torch.randn(2, 8, 8))
+
+
+class _PaperNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2, 1),
+            nn.Conv2d(32, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2, 1),
+            nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.AvgPool2d(3, 2, 1))
+        self.fc = nn.Linear(64 * 16, 10)
+
+    def forward(self, x):
+        return self.fc(self.features(x).flatten(1))
+
+
+def test_convert_balanced_gives_paper_tiles_and_keeps_function():
+    torch.manual_seed(0)
+    net = _PaperNet()
+    x = torch.randn(2, 3, 32, 32)
+    ref = net(x)
+    rapa.convert(net, tiles="balanced", scheme="random", input_size=(3, 32, 32))
+    tiled = [m for m in net.modules() if isinstance(m, TiledConv2d)]
+    assert [m.tiles for m in tiled] == [16, 4, 1]
+    assert [m.weight.shape[0] for m in tiled] == [16, 4, 1]
+    torch.testing.assert_close(net(x), ref, rtol=1e-4, atol=1e-5)
+    assert rapa.balanced_tiles([1024, 256, 64]) == [16, 4, 1]
+    assert rapa.balanced_tiles([1000, 200, 64], square=True) == [16, 4, 1]
+
+
+def test_convert_per_layer_and_errors():
+    net = _PaperNet()
+    rapa.convert(net, tiles=(4, 4, 1), scheme="alternate")
+    assert [m.tiles for m in net.modules() if isinstance(m, TiledConv2d)] == [4, 4, 1]
+    with pytest.raises(ValueError, match="3 nn.Conv2d layers"):
+        rapa.convert(_PaperNet(), tiles=(4, 4))
+    with pytest.raises(ValueError, match="input_size"):
+        rapa.convert(_PaperNet(), tiles="balanced")
+
+
+def test_dense_reference_agrees():
+    torch.manual_seed(0)
+    layer = _layer("random", 4, k=3, padding=1)
+    x = torch.randn(3, 2, 8, 8)
+    index = layer.assignment(x)
+    s = schemes.index_to_tile_map(index, 64)
+    dense = rapa.functional.tiled_conv2d_dense(x, layer.weight, layer.bias, s, padding=1)
+    torch.testing.assert_close(layer(x, index=index), dense, rtol=1e-5, atol=1e-5)
