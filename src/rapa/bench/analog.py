@@ -1,0 +1,133 @@
+"""Analog training step: untiled net on aihwkit AnalogConv2d vs RAPA (16,4,1) analog tiles.
+
+Both nets are the paper's ConvNet on simulated analog arrays with the same preset: the
+untiled one with aihwkit's own ``AnalogConv2d`` layers (one array per layer), the RAPA one
+with ``random`` tiles ``(16, 4, 1)``, every replica its own array
+(:class:`rapa.analog.AnalogTiledConv2d`); the FC layer is an ``AnalogLinear`` in both.
+One training step (forward, backward, ``AnalogSGD`` pulsed update) is timed for each,
+interleaved, and the ratio RAPA / untiled printed. The RAPA net does the same number of
+analog matrix-vector products and updates (one per patch), split over more arrays, so the
+simulation should cost about the same (the target is within 1.5x); on analog hardware the
+arrays of a layer would run in parallel, which a simulation on one CPU does not show.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from rapa.bench.common import resolve_device, time_interleaved
+from rapa.errors import RapaError
+
+TARGET_RATIO = 1.5
+
+
+@dataclass
+class AnalogBench:
+    """Median seconds of one training step of each net, and their ratio."""
+
+    preset: str
+    batch: int
+    size: int
+    untiled_s: float
+    rapa_s: float
+    ratio: float
+
+
+class _AihwkitConv(nn.Module):
+    """aihwkit's ``AnalogConv2d`` with the ``(x, index)`` call of a RAPA conv layer."""
+
+    def __init__(self, conv: nn.Module) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: Tensor, index: Tensor | None = None) -> Tensor:
+        return self.conv(x)
+
+
+def build_nets(preset: str, size: int = 32, in_channels: int = 3, seed: int = 0):
+    """``(untiled analog net, RAPA analog net)``, both ``(model, AnalogSGD)`` pairs."""
+    from aihwkit.nn import AnalogConv2d
+
+    from rapa.analog import analog_optimizer, convert_to_analog, get_preset
+    from rapa.models import ConvNet
+
+    torch.manual_seed(seed)
+    untiled = ConvNet(in_channels=in_channels, tiles=None, scheme="none", image_size=size)
+    untiled = convert_to_analog(untiled, preset)
+    p = get_preset(preset)
+    for name in ("conv1", "conv2", "conv3"):  # swap in aihwkit's own conv layer, same weights
+        layer = getattr(untiled, name)
+        conv = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
+                         layer.padding)
+        weight, bias = layer.get_weights()
+        with torch.no_grad():
+            conv.weight.copy_(weight[0])
+            conv.bias.copy_(bias[0])
+        setattr(untiled, name, _AihwkitConv(AnalogConv2d.from_digital(conv, p.rpu_config())))
+    rapa = convert_to_analog(ConvNet(in_channels=in_channels, tiles=(16, 4, 1), scheme="random",
+                                     image_size=size), preset)
+    return [(m, analog_optimizer(m, lr=0.025)) for m in (untiled, rapa)]
+
+
+def run_analog_bench(preset: str = "rpu-baseline", batch: int = 10, size: int = 32,
+                     repeats: int = 5, device: str = "cpu") -> AnalogBench:
+    """Time one training step of both nets (median of ``repeats``, interleaved)."""
+    from rapa.analog import require_aihwkit
+
+    require_aihwkit()
+    dev = resolve_device(device)
+    if dev.type != "cpu":
+        raise RapaError("the analog benchmark runs on CPU (this aihwkit build simulates on CPU)")
+    (untiled, opt_u), (rapa, opt_r) = build_nets(preset, size)
+    x = torch.rand(batch, 3, size, size)
+    y = torch.randint(0, 10, (batch,))
+
+    def step(model: nn.Module, opt) -> None:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    times = time_interleaved({"untiled": lambda: step(untiled, opt_u), "rapa": lambda: step(rapa, opt_r)},
+                             dev, repeats=repeats, warmup=1)
+    return AnalogBench(preset, batch, size, times["untiled"], times["rapa"], times["rapa"] / times["untiled"])
+
+
+def format_analog_bench(b: AnalogBench) -> str:
+    """A short table of the two step times and their ratio."""
+    verdict = "within" if b.ratio <= TARGET_RATIO else "NOT within"
+    return "\n".join([
+        f"analog training step, preset {b.preset}, batch {b.batch}, {b.size}x{b.size} input (CPU)",
+        f"  untiled net, aihwkit AnalogConv2d : {b.untiled_s * 1e3:9.1f} ms",
+        f"  RAPA net, tiles (16,4,1), random  : {b.rapa_s * 1e3:9.1f} ms",
+        f"  ratio RAPA / untiled              : {b.ratio:9.2f}x ({verdict} the {TARGET_RATIO}x target)",
+    ])
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``rapa bench analog``."""
+    parser.add_argument("--preset", default="rpu-baseline", help="analog preset (rpu-baseline, ideal, aihwkit:CLASS)")
+    parser.add_argument("--batch", type=int, default=10, help="minibatch size (the paper: 10)")
+    parser.add_argument("--size", type=int, default=32, help="input side (32: CIFAR, 28: digits)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per net (median)")
+    parser.add_argument("--device", default="cpu", help="cpu (the simulator of this aihwkit build)")
+    parser.add_argument("--json", type=Path, help="also write the measurement to this file")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the benchmark and print the ratio."""
+    for name in ("batch", "size", "repeats"):
+        if getattr(args, name) < 1:
+            raise RapaError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    b = run_analog_bench(args.preset, args.batch, args.size, args.repeats, args.device)
+    print(format_analog_bench(b))
+    if args.json:
+        args.json.write_text(json.dumps(asdict(b), indent=2))
+    return 0

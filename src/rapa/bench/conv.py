@@ -1,0 +1,162 @@
+"""Benchmark of one RAPA conv layer against ``nn.Conv2d`` and the naive method.
+
+For the paper's three layer shapes it measures forward+backward time and peak memory of
+``nn.Conv2d``, ``TiledConv2d`` (``random`` and ``none``) and the naive method, which
+convolves with all ``nt`` kernels and picks one output per pixel (``nt`` times the MACs).
+The first layer's input does not require a gradient (it is the image), as in a network.
+CPU peak memory is the growth of the process's peak RSS during one forward+backward,
+measured in a fresh subprocess per case; on CUDA it is ``max_memory_allocated``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+
+from rapa.bench.common import geomean, resolve_device, sync, time_interleaved
+from rapa.functional import tiled_conv2d_dense
+from rapa.tiled_conv import TiledConv2d
+
+# (cin, cout, size, nt, input requires grad): conv1, conv2, conv3 of the paper's net
+PAPER_SHAPES: tuple[tuple[int, int, int, int, bool], ...] = (
+    (3, 32, 32, 16, False),
+    (32, 32, 16, 4, True),
+    (32, 64, 8, 1, True),
+)
+METHODS: tuple[str, ...] = ("conv2d", "none", "random", "naive")
+
+
+@dataclass
+class ConvCase:
+    """One measured (shape, batch) case: seconds and peak bytes per method."""
+
+    shape: str
+    batch: int
+    nt: int
+    seconds: dict[str, float]
+    peak_bytes: dict[str, int]
+
+
+def _make(method: str, cin: int, cout: int, nt: int, device: torch.device):
+    """A forward+backward closure for ``method`` and the tensors it keeps alive."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(cin, cout, 5, padding=2, device=device)
+    if method == "conv2d":
+        return conv
+    if method == "none":
+        return TiledConv2d.from_conv2d(conv, 1, "none")
+    layer = TiledConv2d.from_conv2d(conv, nt, "random")
+    if method == "random":
+        return layer
+
+    def naive(x):
+        s = layer.tile_map(x)  # (N, np): same draw as the layer would use
+        return tiled_conv2d_dense(x, layer.weight, layer.bias, s, padding=2)
+
+    naive.parameters = layer.parameters  # type: ignore[attr-defined]
+    return naive
+
+
+def _input(batch: int, cin: int, size: int, device: torch.device, grad: bool, channels_last: bool):
+    x = torch.randn(batch, cin, size, size, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x.requires_grad_(grad)
+
+
+def _step_fn(module, x):
+    def step():
+        y = module(x)
+        y.backward(torch.ones_like(y))
+    return step
+
+
+def measure_peak(method: str, shape: tuple, batch: int, device: torch.device,
+                 channels_last: bool = False) -> int:
+    """Peak extra memory (bytes) of one forward+backward of ``method``."""
+    cin, cout, size, nt, grad_in = shape
+    if device.type == "cuda":
+        module = _make(method, cin, cout, nt, device)
+        x = _input(batch, cin, size, device, grad_in, channels_last)
+        step = _step_fn(module, x)
+        step()  # allocator warm-up
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        step()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    code = ("import sys, json; from rapa.bench.conv import _peak_child; "
+            f"print(json.dumps(_peak_child({method!r}, {tuple(shape)!r}, {batch}, {channels_last})))")
+    env = dict(os.environ)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    return int(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def _peak_child(method: str, shape: tuple, batch: int, channels_last: bool = False) -> int:
+    """In a fresh process: growth of peak RSS over one forward+backward (bytes)."""
+    cin, cout, size, nt, grad_in = shape
+    module = _make(method, cin, cout, nt, torch.device("cpu"))
+    x = _input(batch, cin, size, torch.device("cpu"), grad_in, channels_last)
+    with torch.no_grad():  # load the kernels' code pages without running the measured path
+        module(x[:1])
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    _step_fn(module, x)()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024
+
+
+def run_conv_bench(batches=(10, 128), device: str = "auto", repeats: int = 5,
+                   memory: bool = True, shapes=PAPER_SHAPES,
+                   channels_last: bool = False) -> list[ConvCase]:
+    """Measure every method on every shape and batch size (inputs in NCHW or, with
+    ``channels_last``, NHWC memory for every method alike)."""
+    dev = resolve_device(device)
+    cases = []
+    for batch in batches:
+        for shape in shapes:
+            cin, cout, size, nt, grad_in = shape
+            x = _input(batch, cin, size, dev, grad_in, channels_last)
+            fns = {m: _step_fn(_make(m, cin, cout, nt, dev), x) for m in METHODS}
+            secs = time_interleaved(fns, dev, repeats)
+            peaks = ({m: measure_peak(m, shape, batch, dev, channels_last) for m in METHODS}
+                     if memory else {})
+            cases.append(ConvCase(f"{cin}->{cout} @{size}x{size}", batch, nt, secs, peaks))
+    return cases
+
+
+def format_conv_bench(cases: list[ConvCase], device: str, memory_format: str = "NCHW") -> str:
+    """A table of times and ratios, and the summary the targets are stated in."""
+    lines = [f"RAPA conv layer, forward+backward, device={device}, inputs {memory_format} "
+             f"(ratios are to nn.Conv2d)",
+             f"{'layer':<18}{'batch':>6}{'nt':>4}{'conv2d ms':>11}{'none':>7}{'random':>8}{'naive':>8}"
+             f"{'naive/rand':>11}{'mem rand':>9}{'mem naive':>10}"]
+    for c in cases:
+        s = c.seconds
+        mem = (f"{c.peak_bytes['random'] / max(c.peak_bytes['conv2d'], 1):>9.2f}"
+               f"{c.peak_bytes['naive'] / max(c.peak_bytes['conv2d'], 1):>10.2f}") if c.peak_bytes else ""
+        lines.append(f"{c.shape:<18}{c.batch:>6}{c.nt:>4}{s['conv2d'] * 1e3:>11.2f}"
+                     f"{s['none'] / s['conv2d']:>7.2f}{s['random'] / s['conv2d']:>8.2f}"
+                     f"{s['naive'] / s['conv2d']:>8.2f}{s['naive'] / s['random']:>11.2f}{mem}")
+    for batch in sorted({c.batch for c in cases}):
+        cs = [c for c in cases if c.batch == batch]
+        g = geomean([c.seconds["random"] / c.seconds["conv2d"] for c in cs])
+        gn = geomean([c.seconds["none"] / c.seconds["conv2d"] for c in cs])
+        lines.append(f"batch {batch}: geomean random/conv2d = {g:.2f}x (target <= 2), "
+                     f"none/conv2d = {gn:.2f}x (target <= 1.1)")
+    for c in cases:
+        if c.nt == 16:
+            lines.append(f"batch {c.batch}, 16 tiles: naive/random = "
+                         f"{c.seconds['naive'] / c.seconds['random']:.1f}x (target >= 5)")
+    return "\n".join(lines)
+
+
+def cases_to_json(cases: list[ConvCase]) -> list[dict]:
+    """Plain dicts for saving."""
+    return [asdict(c) for c in cases]
