@@ -159,17 +159,29 @@ def test_image_pad_matches_per_region_zero_padded_images():
     torch.manual_seed(0)
     nt, h, w = 4, 8, 6
     layer = _layer("image_pad", nt, cin=2, cout=3, k=3, padding=1)
-    x = torch.randn(2, 2, h, w)
+    x = torch.randn(2, 2, h, w, requires_grad=True)
     y = layer(x)
-    q, ref = 2, torch.zeros_like(y)
+    x_ref = x.detach().clone().requires_grad_(True)
+    w_ref = layer.weight.detach().clone().requires_grad_(True)
+    b_ref = layer.bias.detach().clone().requires_grad_(True)
+    q, parts = 2, []
     for ry in range(q):
+        row = []
         for rx in range(q):
             j = rx + q * ry
             y0, y1 = ry * h // q, (ry + 1) * h // q
             x0, x1 = rx * w // q, (rx + 1) * w // q
-            region = x[:, :, y0:y1, x0:x1]  # a separate zero-padded image
-            ref[:, :, y0:y1, x0:x1] = F.conv2d(region, layer.weight[j], layer.bias[j], padding=1)
+            region = x_ref[:, :, y0:y1, x0:x1]  # a separate zero-padded image
+            row.append(F.conv2d(region, w_ref[j], b_ref[j], padding=1))
+        parts.append(torch.cat(row, dim=3))
+    ref = torch.cat(parts, dim=2)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(ref)
+    y.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(layer.weight.grad, w_ref.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(layer.bias.grad, b_ref.grad, rtol=1e-4, atol=1e-5)
 
 
 def _per_pixel_reference(x, weight, bias, s, k, padding):
@@ -335,3 +347,36 @@ def test_dense_reference_agrees():
     s = schemes.index_to_tile_map(index, 64)
     dense = rapa.functional.tiled_conv2d_dense(x, layer.weight, layer.bias, s, padding=1)
     torch.testing.assert_close(layer(x, index=index), dense, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scheme,nt", [("random", 4), ("random", 5), ("image_pad", 4), ("perforated", 4)])
+def test_chunked_patch_gather_matches_per_pixel_reference(monkeypatch, scheme, nt):
+    # force one image per chunk: the CPU path gathers patches in chunks of images
+    monkeypatch.setattr(rapa.functional, "CPU_CHUNK_BYTES", 1)
+    torch.manual_seed(0)
+    layer = _layer(scheme, nt, cin=2, cout=3, k=3, padding=1)
+    x = torch.randn(3, 2, 6, 5, requires_grad=True)
+    index = layer.assignment(x)
+    s = schemes.index_to_tile_map(index, 30).expand(3, 30).reshape(3, 6, 5)
+    y = layer(x, index=index)
+    g = torch.randn_like(y)
+    y.backward(g)
+    if scheme == "image_pad":  # the region mask: compare with the unchunked layer instead
+        monkeypatch.setattr(rapa.functional, "CPU_CHUNK_BYTES", 2**30)
+        x2 = x.detach().clone().requires_grad_(True)
+        w_grad = layer.weight.grad.clone()
+        layer.weight.grad = None
+        y2 = layer(x2, index=index)
+        y2.backward(g)
+        torch.testing.assert_close(y, y2)
+        torch.testing.assert_close(x.grad, x2.grad)
+        torch.testing.assert_close(w_grad, layer.weight.grad)
+        return
+    w_ref = layer.weight.detach().clone().requires_grad_(True)
+    b_ref = layer.bias.detach().clone().requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    ref = _per_pixel_reference(x_ref, w_ref, b_ref, s, 3, 1)
+    ref.backward(g)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.weight.grad, w_ref.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-5)

@@ -176,6 +176,9 @@ class ConvNet(nn.Module):
             indices = (None, None, None)
         elif len(indices) != 3:
             raise ValueError(f"indices has {len(indices)} entries: expected one per conv layer (3)")
+        # channels-last memory end to end: the tiled convs gather and scatter pixel rows, and
+        # NCHW would cost a transposition per layer and direction (the values are the same)
+        x = x.contiguous(memory_format=torch.channels_last)
         x = self.norm1(self.pool1(F.relu(self.conv1(x, indices[0]))))  # (N, c1, H/2, W/2)
         x = self.norm2(self.pool2(F.relu(self.conv2(x, indices[1]))))  # (N, c2, H/4, W/4)
         x = self.pool3(F.relu(self.conv3(x, indices[2])))  # (N, c3, H/8, W/8)
