@@ -48,7 +48,7 @@ def _row_unfold(x: Tensor, kw: int, stride: tuple[int, int], padding: tuple[int,
 
 
 def _row_fold(gu: Tensor, x_shape, kw: int, stride, padding, dilation, ow: int) -> Tensor:
-    """Adjoint of :func:`_row_unfold`: sum row gradients back onto the input (N, C, H, W)."""
+    """Adjoint of :func:`_row_unfold`: sum row gradients back onto the input, ``(N, H, W, C)``."""
     n, c, h, w = x_shape
     ph, pw = padding
     hp, wp = h + 2 * ph, w + 2 * pw
@@ -58,14 +58,60 @@ def _row_fold(gu: Tensor, x_shape, kw: int, stride, padding, dilation, ow: int) 
     for kx in range(kw):  # kernel columns, not patches
         x0 = kx * dilation[1]
         gxp[:, :, x0:x0 + span:stride[1]] += gu[:, :, :, kx]
-    return gxp[:, ph:ph + h, pw:pw + w].permute(0, 3, 1, 2)  # (N, C, H, W) channels-last memory
+    return gxp[:, ph:ph + h, pw:pw + w]  # (N, H, W, C)
+
+
+# CPU: work on chunks of images whose patch matrix stays in cache and whose buffers are
+# reused (a large buffer is page-faulted in anew on every allocation); other devices: one chunk
+CPU_CHUNK_BYTES = 4 * 2**20
+
+
+def _image_chunks(n: int, per_image_bytes: int, device: torch.device) -> list[tuple[int, int]]:
+    """``(n0, n1)`` ranges of images processed together."""
+    step = n if device.type != "cpu" else max(1, CPU_CHUNK_BYTES // max(per_image_bytes, 1))
+    return [(n0, min(n, n0 + step)) for n0 in range(0, n, step)]
+
+
+class _Patches:
+    """Gathers the tile-major patch matrix ``(nt, nc*M, k)`` of a chunk of images.
+
+    ``rloc`` (nt, B, M, kh) is, for every slot and kernel row, the row of one image's
+    row-unfolded input that the patch reads; a chunk offsets it by image.
+    """
+
+    def __init__(self, rloc: Tensor, mk: Tensor | None, k: int, kw: int, stride, padding, dilation,
+                 ow: int, hp: int):
+        self.rloc, self.mk, self.k, self.kw = rloc, mk, k, kw
+        self.geom = (stride, padding, dilation, ow)
+        self.rows_per_image = hp * ow
+        self.buf: Tensor | None = None
+
+    def rows(self, n0: int, n1: int) -> Tensor:
+        """Rows ``(nt*nc*M*kh,)`` of the chunk's row-unfolded input read by its slots."""
+        rl = self.rloc if self.rloc.shape[1] == 1 else self.rloc[:, n0:n1]
+        off = torch.arange(n1 - n0, device=rl.device).view(1, -1, 1, 1) * self.rows_per_image
+        return (rl + off).reshape(-1)  # (nt*nc*M*kh,)
+
+    def gather(self, xc: Tensor, n0: int, n1: int, r: Tensor) -> Tensor:
+        """Patch matrix ``(nt, nc*M, k)`` of images ``xc = x[n0:n1]`` (a reused buffer)."""
+        stride, padding, dilation, ow = self.geom
+        u = _row_unfold(xc, self.kw, stride, padding, dilation, ow)  # (nc*Hp*ow, kw*C)
+        if self.buf is None or self.buf.shape[0] < r.numel():
+            self.buf = u.new_empty(r.numel(), u.shape[1])
+        nt = self.rloc.shape[0]
+        cols = torch.index_select(u, 0, r, out=self.buf[: r.numel()]).view(nt, -1, self.k)
+        if self.mk is not None:  # image_pad: zero the reads outside the pixel's region
+            mc = self.mk if self.mk.shape[1] == 1 else self.mk[:, n0:n1]
+            cols = (cols.view(nt, n1 - n0, -1, mc.shape[3], u.shape[1] // self.kw) * mc).view(nt, -1, self.k)
+        return cols
 
 
 class _TiledConv2dFn(torch.autograd.Function):
     """Autograd function of the gather-matmul-scatter RAPA convolution.
 
     Patch entries are ordered ``(kh, kw, C)`` so that a patch is ``kh`` contiguous rows of
-    a row-unfolded channels-last input, gathered with one ``index_select`` (a memcpy per row).
+    a row-unfolded channels-last input, gathered with one ``index_select`` (a memcpy per
+    row). Nothing of patch size is kept for the backward: it gathers the patches again.
     """
 
     @staticmethod
@@ -77,28 +123,25 @@ class _TiledConv2dFn(torch.autograd.Function):
         k = c * kh * kw
         oh, ow = out_size
         np_ = oh * ow
-        hp = h + 2 * padding[0]
         b, _, m = index.shape  # index (B, nt, M), B in {1, N}; value np = empty slot
         idx = index.transpose(0, 1).contiguous()  # (nt, B, M)
         # a partition lists every pixel once, so it has empty slots iff nt*M != np
         has_empty = nt * m != np_ if covered else bool((idx == np_).any())
         p = idx.clamp(max=np_ - 1)  # (nt, B, M) pixel read (empty slots read pixel np-1)
-        nn_ = torch.arange(n, device=x.device).view(1, n, 1)  # (1, N, 1)
-
-        # row of the row-unfolded input read by kernel row ky of every slot's patch
-        top = (nn_ * hp + (p // ow) * stride[0]) * ow + p % ow  # (nt, N, M)
         ky = torch.arange(kh, device=x.device) * (dilation[0] * ow)  # (kh,)
-        rows = top.unsqueeze(-1) + ky  # (nt, N, M, kh)
+        rloc = (((p // ow) * stride[0]) * ow + p % ow).unsqueeze(-1) + ky  # (nt, B, M, kh)
         # flat destination row of every slot in the (N*np [+1 empty], cout) output
+        nn_ = torch.arange(n, device=x.device).view(1, n, 1)  # (1, N, 1)
         dest = (nn_ * np_ + idx).expand(nt, n, m)  # (nt, N, M)
         if has_empty:
             dest = torch.where(idx == np_, n * np_, dest)
         mk = None if mask is None else mask[p].view(nt, b, m, kh * kw, 1)  # image_pad region mask
+        patches = _Patches(rloc, mk, k, kw, stride, padding, dilation, ow, h + 2 * padding[0])
 
-        u = _row_unfold(x, kw, stride, padding, dilation, ow)  # (N*Hp*ow, kw*C)
         wm = weight.permute(0, 1, 3, 4, 2).reshape(nt, cout, k)  # (nt, cout, k) in (kh, kw, C) order
         out = (x.new_empty if covered else x.new_zeros)(rows_total(n, np_, has_empty), cout)
-        for n0, n1, cols in _patch_chunks(u, rows, mk, k):  # cols (nt, nc*M, k)
+        for n0, n1 in _image_chunks(n, nt * m * k * x.element_size(), x.device):
+            cols = patches.gather(x[n0:n1], n0, n1, patches.rows(n0, n1))  # (nt, nc*M, k)
             if bias is not None:
                 y = torch.baddbmm(bias.unsqueeze(1), cols, wm.transpose(1, 2))  # (nt, nc*M, cout)
             else:
@@ -106,86 +149,52 @@ class _TiledConv2dFn(torch.autograd.Function):
             out.index_copy_(0, dest[:, n0:n1].reshape(-1), y.view(-1, cout))
         out = out[: n * np_].view(n, oh, ow, cout).permute(0, 3, 1, 2)  # (N, cout, oh, ow) NHWC memory
 
-        # the weight gradient reads the patches again: keep the row-unfolded input (kw x the
-        # input) rather than the (N*np, k) patch matrix (kh*kw x the input)
-        ctx.save_for_backward(u if weight.requires_grad else None, wm, p, dest, rows, mask)
-        ctx.x_shape = x.shape
-        ctx.meta = (stride, padding, dilation, out_size, has_empty, covered, bias is not None)
+        ctx.save_for_backward(x, wm, dest, rloc, mk)
+        ctx.meta = (stride, padding, dilation, out_size, has_empty, bias is not None)
         if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
             return out
         return out.contiguous()
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        u, wm, p, dest, rows, mask = ctx.saved_tensors
-        stride, padding, dilation, out_size, has_empty, covered, has_bias = ctx.meta
-        n, c, h, w = x_shape = ctx.x_shape
+        x, wm, dest, rloc, mk = ctx.saved_tensors
+        stride, padding, dilation, out_size, has_empty, has_bias = ctx.meta
+        n, c, h, w = x.shape
         nt, cout, k = wm.shape
-        kh = rows.shape[-1]
+        kh = rloc.shape[-1]
         kw = k // (kh * c)
         oh, ow = out_size
         np_ = oh * ow
-        b, m = p.shape[1:]
+        m = rloc.shape[2]
+        hp = h + 2 * padding[0]
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        mk = None if mask is None else mask[p].view(nt, b, m, kh * kw, 1)
+        patches = _Patches(rloc, mk, k, kw, stride, padding, dilation, ow, hp)
 
         # output gradient of every slot in tile-major order (empty slots read a zero row)
         gflat = grad_out.permute(0, 2, 3, 1).reshape(n * np_, cout)  # (N*np, cout)
         if has_empty:
             gflat = torch.cat([gflat, gflat.new_zeros(1, cout)])
-
-        grad_x = grad_w = grad_b = None
         gw = wm.new_zeros(nt, cout, k) if need_w else None
         gb = wm.new_zeros(nt, cout) if need_b and has_bias else None
-        gu = None
-        if need_x:
-            gu = wm.new_zeros(n * (h + 2 * padding[0]) * ow, kw * c)  # (N*Hp*ow, kw*C)
-        if gw is not None or gb is not None or gu is not None:
-            for n0, n1, cols in _patch_chunks(u, rows, mk, k):
-                g = gflat.index_select(0, dest[:, n0:n1].reshape(-1)).view(nt, -1, cout)  # (nt, nc*M, cout)
-                if gw is not None:
-                    gw.baddbmm_(g.transpose(1, 2), cols)  # (nt, cout, k)
-                if gb is not None:
-                    gb += g.sum(1)
-                if gu is not None:
-                    gc = torch.bmm(g, wm)  # (nt, nc*M, k)
-                    if mk is not None:
-                        mc = mk if b == 1 else mk[:, n0:n1]
-                        gc = (gc.view(nt, -1, m, kh * kw, c) * mc).view(nt, -1, k)
-                    gu.index_add_(0, rows[:, n0:n1].reshape(-1), gc.view(-1, kw * c))
-        if gw is not None:
-            grad_w = gw.view(nt, cout, kh, kw, c).permute(0, 1, 4, 2, 3).contiguous()
-        grad_b = gb
-        if gu is not None:
-            grad_x = _row_fold(gu, x_shape, kw, stride, padding, dilation, ow)
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
-
-
-# CPU: gather the patch matrix in chunks of images small enough to stay in cache and to be
-# reused (a large buffer is page-faulted in anew on every allocation)
-CPU_CHUNK_BYTES = 4 * 2**20
-
-
-def _patch_chunks(u: Tensor | None, rows: Tensor, mk: Tensor | None, k: int):
-    """Yield ``(n0, n1, cols)`` over chunks of images, ``cols`` the ``(nt, nc*M, k)`` patch
-    matrix of images ``n0:n1`` gathered from the row-unfolded input ``u`` (``None`` if no ``u``)."""
-    nt, n, m, kh = rows.shape
-    per_image = nt * m * k * (u.element_size() if u is not None else 4)
-    step = n if rows.device.type != "cpu" else max(1, CPU_CHUNK_BYTES // per_image)
-    buf = None
-    for n0 in range(0, n, step):  # chunks of images, not patches
-        n1 = min(n, n0 + step)
-        if u is None:
-            yield n0, n1, None
-            continue
-        r = rows[:, n0:n1].reshape(-1)  # (nt*nc*M*kh,)
-        if buf is None:
-            buf = u.new_empty(r.numel(), u.shape[1])
-        cols = torch.index_select(u, 0, r, out=buf[: r.numel()]).view(nt, -1, k)  # (nt, nc*M, k)
-        if mk is not None:
-            mc = mk if mk.shape[1] == 1 else mk[:, n0:n1]
-            cols = (cols.view(nt, n1 - n0, m, mc.shape[3], -1) * mc).view(nt, -1, k)
-        yield n0, n1, cols
+        gx = x.new_empty(n, h, w, c) if need_x else None  # (N, H, W, C)
+        for n0, n1 in _image_chunks(n, nt * m * k * x.element_size(), x.device):
+            g = gflat.index_select(0, dest[:, n0:n1].reshape(-1)).view(nt, -1, cout)  # (nt, nc*M, cout)
+            r = patches.rows(n0, n1)
+            if gw is not None:
+                gw.baddbmm_(g.transpose(1, 2), patches.gather(x[n0:n1], n0, n1, r))  # (nt, cout, k)
+            if gb is not None:
+                gb += g.sum(1)
+            if gx is not None:
+                gc = torch.bmm(g, wm)  # (nt, nc*M, k)
+                if mk is not None:
+                    mc = mk if mk.shape[1] == 1 else mk[:, n0:n1]
+                    gc = (gc.view(nt, n1 - n0, m, kh * kw, c) * mc).view(nt, -1, k)
+                gu = gc.new_zeros((n1 - n0) * hp * ow, kw * c)  # (nc*Hp*ow, kw*C)
+                gu.index_add_(0, r, gc.view(-1, kw * c))
+                gx[n0:n1] = _row_fold(gu, (n1 - n0, c, h, w), kw, stride, padding, dilation, ow)
+        grad_w = None if gw is None else gw.view(nt, cout, kh, kw, c).permute(0, 1, 4, 2, 3).contiguous()
+        grad_x = None if gx is None else gx.permute(0, 3, 1, 2)  # (N, C, H, W) channels-last memory
+        return grad_x, grad_w, gb, None, None, None, None, None, None, None
 
 
 def tiled_conv2d(

@@ -4,15 +4,14 @@ For the paper's three layer shapes it measures forward+backward time and peak me
 ``nn.Conv2d``, ``TiledConv2d`` (``random`` and ``none``) and the naive method, which
 convolves with all ``nt`` kernels and picks one output per pixel (``nt`` times the MACs).
 The first layer's input does not require a gradient (it is the image), as in a network.
-CPU peak memory is the growth of the process's peak RSS during one forward+backward,
-measured in a fresh subprocess per case; on CUDA it is ``max_memory_allocated``.
+CPU peak memory is the growth of the resident set during one forward+backward (gradients
+included), measured in a fresh subprocess per case; on CUDA it is ``max_memory_allocated``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
@@ -95,21 +94,38 @@ def measure_peak(method: str, shape: tuple, batch: int, device: torch.device,
         return torch.cuda.max_memory_allocated(device) - base
     code = ("import sys, json; from rapa.bench.conv import _peak_child; "
             f"print(json.dumps(_peak_child({method!r}, {tuple(shape)!r}, {batch}, {channels_last})))")
-    env = dict(os.environ)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     return int(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
 def _peak_child(method: str, shape: tuple, batch: int, channels_last: bool = False) -> int:
-    """In a fresh process: growth of peak RSS over one forward+backward (bytes)."""
+    """In a fresh process: peak resident memory over one forward+backward above the resident
+    memory before it (bytes). The parent sets ``MALLOC_MMAP_THRESHOLD_`` low so that freed
+    buffers leave the resident set at once, and the peak (VmHWM) is reset through
+    ``/proc/self/clear_refs`` just before the step."""
     cin, cout, size, nt, grad_in = shape
     module = _make(method, cin, cout, nt, torch.device("cpu"))
     x = _input(batch, cin, size, torch.device("cpu"), grad_in, channels_last)
-    with torch.no_grad():  # load the kernels' code pages without running the measured path
-        module(x[:1])
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    _step_fn(module, x)()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024
+    step = _step_fn(module, x)
+    step()  # first call: load kernels, size thread pools
+    for p in getattr(module, "parameters")():
+        p.grad = None
+    if x.grad is not None:
+        x.grad = None
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status_kib("VmRSS")
+    step()
+    return (_status_kib("VmHWM") - base) * 1024
 
 
 def run_conv_bench(batches=(10, 128), device: str = "auto", repeats: int = 5,
