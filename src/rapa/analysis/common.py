@@ -1,0 +1,128 @@
+"""Helpers shared by the analyses: the tiled layers of a model, batches of inputs, modes."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from rapa.errors import RapaError
+from rapa.tiled_conv import TiledConv2d
+
+__all__ = ["frozen_eval", "iter_batches", "json_safe", "model_device", "output_dir", "positive_int",
+           "stochastic_in_eval", "tiled_layers"]
+
+NO_TILED_LAYER = "model has no tiled layer"
+
+
+def tiled_layers(model: nn.Module, require: bool = False) -> list[tuple[str, TiledConv2d]]:
+    """``(name, layer)`` of every :class:`TiledConv2d` holding more than one kernel matrix.
+
+    ``require=True`` raises :class:`RapaError` ("model has no tiled layer") when there is none.
+    """
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, TiledConv2d) and m.num_kernels > 1]
+    if require and not layers:
+        raise RapaError(NO_TILED_LAYER)
+    return layers
+
+
+def stochastic_in_eval(model: nn.Module) -> bool:
+    """Whether two evaluation passes can differ: some layer with scheme ``random`` and >1 tile."""
+    return any(isinstance(m, TiledConv2d) and m.scheme == "random" and m.tiles > 1 for m in model.modules())
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter (CPU if it has none)."""
+    p = next(model.parameters(), None)
+    return torch.device("cpu") if p is None else p.device
+
+
+@contextlib.contextmanager
+def frozen_eval(model: nn.Module) -> Iterator[nn.Module]:
+    """Evaluation mode with parameter gradients off (input gradients only); restored on exit."""
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def iter_batches(data: Any, batch_size: int = 200, device: torch.device | str | None = None,
+                 limit: int | None = None) -> Iterator[tuple[Tensor, Tensor | None]]:
+    """Batches ``(x, y)`` of model inputs (normalised float) and labels (``None`` if absent).
+
+    ``data`` is a :class:`rapa.data.ImageData` (uint8 images, normalised with the
+    dataset's mean and std), a float tensor ``x`` (N, C, H, W) of model inputs, a pair
+    ``(x, y)`` of tensors, or an iterable of such pairs (e.g. a :class:`rapa.data.BatchLoader`).
+    ``limit`` stops after that many images.
+    """
+    from rapa.data import ImageData, make_loader
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit={limit!r} must be a positive integer or None")
+    if isinstance(data, ImageData):
+        if limit is not None:
+            data = ImageData(data.images[:limit], data.labels[:limit], data.num_classes, data.name, data.split)
+        source: Iterable = make_loader(data, batch_size, device=device)
+    elif isinstance(data, Tensor):
+        source = ((data[i:i + batch_size], None) for i in range(0, data.shape[0], batch_size))
+    elif isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
+        xs, ys = data
+        if ys.shape[:1] != xs.shape[:1]:
+            raise ValueError(f"labels of shape {tuple(ys.shape)} do not match inputs of shape {tuple(xs.shape)}")
+        source = ((xs[i:i + batch_size], ys[i:i + batch_size]) for i in range(0, xs.shape[0], batch_size))
+    else:
+        source = data
+    seen = 0
+    for batch in source:  # loop over batches, not images
+        x, y = batch if isinstance(batch, (tuple, list)) else (batch, None)
+        if limit is not None:
+            x, y = x[: limit - seen], None if y is None else y[: limit - seen]
+        if x.numel() == 0:
+            break
+        if device is not None:
+            x, y = x.to(device), None if y is None else y.to(device)
+        yield x, y
+        seen += x.shape[0]
+        if limit is not None and seen >= limit:
+            break
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN and infinite floats replaced by None (strict JSON), recursively."""
+    if isinstance(value, float):
+        return value if value == value and value not in (float("inf"), float("-inf")) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def positive_int(option: str, value: int | None) -> int | None:
+    """``value`` unchanged if None or an integer >= 1, else RapaError naming ``option``."""
+    if value is not None and value < 1:
+        raise RapaError(f"{option} must be >= 1, got {value}")
+    return value
+
+
+def output_dir(out: str | Path | None, run_dir: str | Path) -> Path:
+    """The folder results go to (``out``, else the run directory), created; RapaError if it cannot be."""
+    folder = Path(out) if out is not None else Path(run_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RapaError(f"cannot create output folder {folder}: {exc}") from None
+    return folder

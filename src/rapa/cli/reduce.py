@@ -1,0 +1,94 @@
+"""``rapa reduce DIR``: reduce a tiled net to one kernel matrix per layer (paper Table 3).
+
+For every method (norm, random_tile, first_tile, random_filters, maxpool_winner; see
+:mod:`rapa.analysis.reduce`) the reduced, untiled net is built and its test error
+printed, with the best method and the tiled net's own single-pass error for comparison.
+``maxpool_winner`` counts max-pooling wins on the training images (``--limit-train``);
+conv3 (average pooling) falls back to ``norm``. Writes ``reduce.json`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``reduce`` subcommand."""
+    from rapa.analysis.reduce import METHODS
+
+    p = subparsers.add_parser("reduce", help="reduce a tiled net to one kernel per layer (paper Table 3)",
+                              description=__doc__)
+    p.add_argument("run_dir", type=Path, metavar="DIR", help="run directory written by rapa train")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma-separated filter selection methods (default all: {','.join(METHODS)})")
+    p.add_argument("--limit-train", type=int, default=None,
+                   help="training images for maxpool_winner's counts (default: the run's)")
+    p.add_argument("--limit-test", type=int, default=None, help="test images (default: the run's)")
+    p.add_argument("--batch-size", type=int, default=200, help="images per forward pass (default 200)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random methods and tile draws (default 0)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--data-dir", default=None, help="folder holding the dataset files (default: the run's)")
+    p.add_argument("--out", type=Path, default=None, help="folder for reduce.json (default: DIR)")
+    p.set_defaults(func=run)
+
+
+def _methods(text: str) -> tuple[str, ...]:
+    from rapa.analysis.reduce import METHODS
+    from rapa.errors import RapaError
+
+    methods = tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise RapaError(f"--methods {text!r}: unknown {', '.join(unknown) or 'empty list'}; "
+                        f"choose among {', '.join(METHODS)}")
+    return methods
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from rapa.analysis.common import json_safe, output_dir, positive_int, tiled_layers
+    from rapa.analysis.reduce import classification_error, reduce_errors
+    from rapa.data import load_dataset
+    from rapa.errors import RapaError
+    from rapa.models import ConvNet
+    from rapa.train import load_run
+
+    methods = _methods(args.methods)
+    for option, value in (("--limit-train", args.limit_train), ("--limit-test", args.limit_test),
+                          ("--batch-size", args.batch_size)):
+        positive_int(option, value)
+    model, config, _ = load_run(args.run_dir, device=args.device)
+    if not isinstance(model, ConvNet):
+        raise RapaError(f"{args.run_dir} holds a {type(model).__name__}; reduce needs a digital ConvNet run")
+    tiled_layers(model, require=True)  # RapaError "model has no tiled layer"
+    if args.data_dir is not None:
+        config = dataclasses.replace(config, data_dir=args.data_dir)
+    limit_train = args.limit_train if args.limit_train is not None else config.limit_train
+    limit_test = args.limit_test if args.limit_test is not None else config.limit_test
+    test = load_dataset(config.dataset, "test", data_dir=config.data_dir, limit=limit_test)
+    train = load_dataset(config.dataset, "train", data_dir=config.data_dir, limit=limit_train) \
+        if "maxpool_winner" in methods else None
+
+    torch.manual_seed(args.seed)
+    tiled_error = classification_error(model, test, args.batch_size)
+    result = reduce_errors(model, test, methods, train, torch.Generator().manual_seed(args.seed), args.batch_size)
+    result = {"run_dir": str(args.run_dir), "dataset": config.dataset, "scheme": config.scheme,
+              "pooling": config.pooling, "tiles": list(config.tiles) if config.tiles else None,
+              "test_images": len(test), "train_images": None if train is None else len(train),
+              "tiled_error": tiled_error, **result}
+    out = output_dir(args.out, args.run_dir)
+    (out / "reduce.json").write_text(json.dumps(json_safe(result), indent=1) + "\n")
+
+    tiles = ",".join(map(str, config.tiles)) if config.tiles else "untiled"
+    print(f"{args.run_dir}: {config.dataset} ({len(test)} test images), {config.scheme} tiling {tiles}, "
+          f"{config.pooling} pooling")
+    print(f"  {'tiled net (1 pass)':<22} {tiled_error:6.2f}%")
+    for method, error in result["methods"].items():
+        mark = "  <- best" if method == result["best_method"] else ""
+        print(f"  reduced, {method:<13} {error:6.2f}%{mark}")
+    print(f"wrote reduce.json to {out}")
+    return 0
