@@ -20,6 +20,15 @@ from rapa import schemes
 _size2 = int | Sequence[int]
 
 
+def channels_last(x: Tensor) -> Tensor:
+    """``x`` in channels-last memory, marked as such also when ``C == 1`` (stride of C is 1),
+    so that :func:`tiled_conv2d` returns channels-last outputs for it."""
+    x = x.contiguous(memory_format=torch.channels_last)
+    if x.shape[1] == 1 and x.stride(1) != 1:  # a view with the channel stride set to 1
+        x = x.as_strided(x.shape, (x.stride(0), 1, x.stride(2), x.stride(3)))
+    return x
+
+
 def conv_output_size(h: int, w: int, kernel_size: _size2, stride: _size2 = 1,
                      padding: _size2 = 0, dilation: _size2 = 1) -> tuple[int, int]:
     """Output height and width of a convolution, as ``nn.Conv2d`` computes them."""
@@ -151,8 +160,8 @@ class _TiledConv2dFn(torch.autograd.Function):
 
         ctx.save_for_backward(x, wm, dest, rloc, mk)
         ctx.meta = (stride, padding, dilation, out_size, has_empty, bias is not None)
-        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-            return out
+        if x.is_contiguous(memory_format=torch.channels_last) and x.stride(1) == 1:
+            return out  # the input is channels-last (also when C == 1): so is the output
         return out.contiguous()
 
     @staticmethod

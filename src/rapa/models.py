@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.nn.modules.utils import _pair
 
 from rapa import schemes
+from rapa.functional import channels_last
 from rapa.lrn import WithinChannelLRN
 from rapa.pooling import POOL_KINDS, MixedPool2d, make_pool
 from rapa.tiled_conv import TiledConv2d
@@ -178,7 +179,7 @@ class ConvNet(nn.Module):
             raise ValueError(f"indices has {len(indices)} entries: expected one per conv layer (3)")
         # channels-last memory end to end: the tiled convs gather and scatter pixel rows, and
         # NCHW would cost a transposition per layer and direction (the values are the same)
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = channels_last(x)
         x = self.norm1(self.pool1(F.relu(self.conv1(x, indices[0]))))  # (N, c1, H/2, W/2)
         x = self.norm2(self.pool2(F.relu(self.conv2(x, indices[1]))))  # (N, c2, H/4, W/4)
         x = self.pool3(F.relu(self.conv3(x, indices[2])))  # (N, c3, H/8, W/8)
