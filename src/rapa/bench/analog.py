@@ -9,6 +9,10 @@ interleaved, and the ratio RAPA / untiled printed. The RAPA net does the same nu
 analog matrix-vector products and updates (one per patch), split over more arrays, so the
 simulation should cost about the same (the target is within 1.5x); on analog hardware the
 arrays of a layer would run in parallel, which a simulation on one CPU does not show.
+
+By default the benchmark runs single-threaded (``--threads 1``): the simulator's many
+small OpenMP regions are several times slower with two threads on a busy machine, for both
+nets alike, and the measurement gets noisy; ``--threads 0`` keeps torch's default.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ class AnalogBench:
     preset: str
     batch: int
     size: int
+    threads: int
     untiled_s: float
     rapa_s: float
     ratio: float
@@ -70,7 +75,8 @@ def build_nets(preset: str, size: int = 32, in_channels: int = 3, seed: int = 0)
         weight, bias = layer.get_weights()
         with torch.no_grad():
             conv.weight.copy_(weight[0])
-            conv.bias.copy_(bias[0])
+            if bias is not None and conv.bias is not None:
+                conv.bias.copy_(bias[0])
         setattr(untiled, name, _AihwkitConv(AnalogConv2d.from_digital(conv, p.rpu_config())))
     rapa = convert_to_analog(ConvNet(in_channels=in_channels, tiles=(16, 4, 1), scheme="random",
                                      image_size=size), preset)
@@ -78,33 +84,43 @@ def build_nets(preset: str, size: int = 32, in_channels: int = 3, seed: int = 0)
 
 
 def run_analog_bench(preset: str = "rpu-baseline", batch: int = 10, size: int = 32,
-                     repeats: int = 5, device: str = "cpu") -> AnalogBench:
-    """Time one training step of both nets (median of ``repeats``, interleaved)."""
+                     repeats: int = 5, device: str = "cpu", threads: int = 1) -> AnalogBench:
+    """Time one training step of both nets (median of ``repeats``, interleaved), with
+    ``threads`` torch/OpenMP threads (0: leave the setting as it is)."""
     from rapa.analog import require_aihwkit
 
     require_aihwkit()
     dev = resolve_device(device)
     if dev.type != "cpu":
         raise RapaError("the analog benchmark runs on CPU (this aihwkit build simulates on CPU)")
-    (untiled, opt_u), (rapa, opt_r) = build_nets(preset, size)
-    x = torch.rand(batch, 3, size, size)
-    y = torch.randint(0, 10, (batch,))
+    before = torch.get_num_threads()
+    if threads > 0:
+        torch.set_num_threads(threads)
+    try:
+        (untiled, opt_u), (rapa, opt_r) = build_nets(preset, size)
+        x = torch.rand(batch, 3, size, size)
+        y = torch.randint(0, 10, (batch,))
 
-    def step(model: nn.Module, opt) -> None:
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+        def step(model: nn.Module, opt) -> None:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
 
-    times = time_interleaved({"untiled": lambda: step(untiled, opt_u), "rapa": lambda: step(rapa, opt_r)},
-                             dev, repeats=repeats, warmup=1)
-    return AnalogBench(preset, batch, size, times["untiled"], times["rapa"], times["rapa"] / times["untiled"])
+        times = time_interleaved({"untiled": lambda: step(untiled, opt_u),
+                                  "rapa": lambda: step(rapa, opt_r)}, dev, repeats=repeats, warmup=1)
+        used = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    return AnalogBench(preset, batch, size, used, times["untiled"], times["rapa"],
+                       times["rapa"] / times["untiled"])
 
 
 def format_analog_bench(b: AnalogBench) -> str:
     """A short table of the two step times and their ratio."""
     verdict = "within" if b.ratio <= TARGET_RATIO else "NOT within"
     return "\n".join([
-        f"analog training step, preset {b.preset}, batch {b.batch}, {b.size}x{b.size} input (CPU)",
+        f"analog training step, preset {b.preset}, batch {b.batch}, {b.size}x{b.size} input "
+        f"(CPU, {b.threads} thread{'s' if b.threads != 1 else ''})",
         f"  untiled net, aihwkit AnalogConv2d : {b.untiled_s * 1e3:9.1f} ms",
         f"  RAPA net, tiles (16,4,1), random  : {b.rapa_s * 1e3:9.1f} ms",
         f"  ratio RAPA / untiled              : {b.ratio:9.2f}x ({verdict} the {TARGET_RATIO}x target)",
@@ -118,6 +134,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=32, help="input side (32: CIFAR, 28: digits)")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per net (median)")
     parser.add_argument("--device", default="cpu", help="cpu (the simulator of this aihwkit build)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch/OpenMP threads during the run (0: leave the default)")
     parser.add_argument("--json", type=Path, help="also write the measurement to this file")
 
 
@@ -126,7 +144,9 @@ def main(args: argparse.Namespace) -> int:
     for name in ("batch", "size", "repeats"):
         if getattr(args, name) < 1:
             raise RapaError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    b = run_analog_bench(args.preset, args.batch, args.size, args.repeats, args.device)
+    if args.threads < 0:
+        raise RapaError(f"--threads must be >= 0, got {args.threads}")
+    b = run_analog_bench(args.preset, args.batch, args.size, args.repeats, args.device, args.threads)
     print(format_analog_bench(b))
     if args.json:
         args.json.write_text(json.dumps(asdict(b), indent=2))

@@ -1,0 +1,55 @@
+"""The aihwkit dependency: the check that it is installed, and seeding.
+
+What :func:`manual_seed` makes repeatable, and what not (aihwkit 1.2.0, CPU tiles):
+
+* repeatable: the tile assignments, the initial weights and everything else drawn from
+  torch's generator, and the device-to-device variations of every array (its
+  ``construction_seed``; :func:`rapa.analog.convert_to_analog` draws one per array from
+  torch's generator, so it follows ``manual_seed``);
+* not repeatable: cycle-to-cycle update noise, stochastic pulse trains and the output
+  noise of the C++ simulator (``RPUSimple``'s generator is seeded from the clock, and
+  aihwkit exposes no binding to seed it). Two ``rpu-baseline`` runs from the same seed
+  therefore differ; ``ideal`` runs do not (they draw no simulator random numbers).
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import torch
+
+from rapa.errors import RapaError
+
+INSTALL_HINT = 'analog training needs aihwkit: pip install "rapa[analog]"'
+
+
+def require_aihwkit() -> ModuleType:
+    """Import and return :mod:`aihwkit`; :class:`RapaError` with the install line if missing."""
+    try:
+        return importlib.import_module("aihwkit")
+    except ImportError as exc:  # not installed, or its compiled simulator failed to load
+        raise RapaError(INSTALL_HINT) from exc
+
+
+def aihwkit_available() -> bool:
+    """Whether aihwkit can be imported."""
+    try:
+        require_aihwkit()
+    except RapaError:
+        return False
+    return True
+
+
+def manual_seed(seed: int) -> None:
+    """Seed what can be seeded of an analog run: torch's generators (assignments, init,
+    the per-array construction seeds drawn at conversion). See the module docstring for
+    the simulator noise that aihwkit does not let us seed."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed={seed!r} must be an integer")
+    torch.manual_seed(seed)
+
+
+def draw_construction_seed(generator: torch.Generator | None = None) -> int:
+    """A non-zero device construction seed drawn from ``generator`` (torch's if ``None``)."""
+    return int(torch.randint(1, 2**31 - 1, (), generator=generator))

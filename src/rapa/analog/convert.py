@@ -1,0 +1,120 @@
+"""Conversion of a digital RAPA model to analog arrays, and the analog optimiser.
+
+``convert_to_analog`` walks ``named_children()`` like aihwkit's own
+``aihwkit.nn.conversion.convert_to_analog`` and replaces
+
+* every :class:`rapa.TiledConv2d` by an :class:`AnalogTiledConv2d` (one array per replica),
+* every ``nn.Conv2d`` by aihwkit's ``AnalogConv2d`` (one array),
+* every ``nn.Linear`` by aihwkit's ``AnalogLinear`` (one array),
+
+copying the weights. ``prepare`` does that for a :class:`rapa.models.ConvNet` and a
+:class:`rapa.config.TrainConfig` and returns aihwkit's ``AnalogSGD``, which changes the
+arrays' weights by (pulsed) analog updates and the remaining digital parameters by SGD.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn as nn
+from aihwkit.nn import AnalogConv2d, AnalogLinear
+from aihwkit.nn.modules.base import AnalogLayerBase
+from aihwkit.optim import AnalogSGD
+
+from rapa.analog.backend import draw_construction_seed
+from rapa.analog.layers import AnalogTiledConv2d
+from rapa.analog.presets import AnalogPreset, get_preset
+from rapa.analog.state import use_plain_state_dict
+from rapa.errors import RapaError
+from rapa.tiled_conv import TiledConv2d
+
+
+def _generators(model: nn.Module) -> list[torch.Generator]:
+    """The torch generators held by ``model``'s modules (kept shared, not copied)."""
+    found: dict[int, torch.Generator] = {}
+    for module in model.modules():
+        g = getattr(module, "generator", None)
+        if isinstance(g, torch.Generator):
+            found[id(g)] = g
+    return list(found.values())
+
+
+def _convert_children(module: nn.Module, preset: AnalogPreset, generator: torch.Generator | None) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, (AnalogLayerBase, AnalogTiledConv2d)):  # already analog
+            continue
+        if isinstance(child, TiledConv2d):
+            seeds = [draw_construction_seed(generator) for _ in range(child.num_kernels)]
+            new: nn.Module = AnalogTiledConv2d.from_tiled(child, preset, construction_seeds=seeds)
+        elif isinstance(child, nn.Conv2d):
+            new = AnalogConv2d.from_digital(child, preset.rpu_config(draw_construction_seed(generator)))
+        elif isinstance(child, nn.Linear):
+            new = AnalogLinear.from_digital(child, preset.rpu_config(draw_construction_seed(generator)))
+        else:
+            _convert_children(child, preset, generator)
+            continue
+        new.train(child.training)
+        setattr(module, name, new)
+
+
+def convert_to_analog(model: nn.Module, preset: str | AnalogPreset = "rpu-baseline",
+                      inplace: bool = False, generator: torch.Generator | None = None) -> nn.Module:
+    """``model`` with its conv and linear layers on simulated analog arrays.
+
+    ``preset``: see :func:`rapa.analog.get_preset`. Each array's device-to-device variations
+    are seeded from ``generator`` (torch's global one if ``None``, so
+    :func:`rapa.analog.manual_seed` makes them repeatable). A converted layer's weights are
+    the digital layer's (exact write; pulsed devices clip them to their bounds). Not
+    ``inplace``, the model is deep-copied first (its torch generators stay shared). The
+    result's ``state_dict()`` holds tensors only (see :mod:`rapa.analog.state`).
+    """
+    preset = get_preset(preset)
+    if not inplace:
+        memo: dict[int, Any] = {id(g): g for g in _generators(model)}
+        model = copy.deepcopy(model, memo)
+    if isinstance(model, (TiledConv2d, nn.Conv2d, nn.Linear)):
+        holder = nn.Module()
+        holder.add_module("layer", model)
+        _convert_children(holder, preset, generator)
+        return use_plain_state_dict(holder.get_submodule("layer"))
+    _convert_children(model, preset, generator)
+    return use_plain_state_dict(model)
+
+
+def analog_optimizer(model: nn.Module, lr: float, momentum: float = 0.0,
+                     weight_decay: float = 0.0) -> AnalogSGD:
+    """aihwkit's ``AnalogSGD`` over ``model``: the arrays learn by their analog update at
+    rate ``lr`` (no momentum or weight decay there: the arrays hold only the weights);
+    digital parameters (digital biases, mixed-pooling weights) by SGD with ``momentum``
+    and ``weight_decay``. Changing a group's ``lr`` (a scheduler) reaches the arrays."""
+    optimizer = AnalogSGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    optimizer.regroup_param_groups(model)
+    return optimizer
+
+
+def prepare(model: nn.Module, config: Any) -> tuple[nn.Module, AnalogSGD]:
+    """The analog version of ``model`` (a :class:`rapa.models.ConvNet`) and its optimiser,
+    for a :class:`rapa.config.TrainConfig` with ``analog`` set to a preset name.
+
+    The learning rate is ``config.resolved_lr()`` (or ``config.lr``), the digital
+    parameters' weight decay ``config.wd_factor * lr``, momentum ``config.momentum``.
+    Raises :class:`RapaError` if ``config.analog`` is not set or names no preset, or if
+    the model lives on CUDA and aihwkit was built without CUDA.
+    """
+    name = getattr(config, "analog", None)
+    if not name:
+        raise RapaError("config.analog is not set: name an analog preset, e.g. rpu-baseline")
+    preset = get_preset(name)
+    lr = float(config.resolved_lr() if hasattr(config, "resolved_lr") else config.lr)
+    weight_decay = float(getattr(config, "wd_factor", 0.0)) * lr
+    momentum = float(getattr(config, "momentum", 0.0))
+    param = next(model.parameters(), None)
+    if param is not None and param.device.type == "cuda":
+        from aihwkit.simulator.rpu_base import cuda
+
+        if not cuda.is_compiled():
+            raise RapaError("the model is on CUDA but aihwkit was built without CUDA; use --device cpu")
+    analog_model = convert_to_analog(model, preset)
+    return analog_model, analog_optimizer(analog_model, lr, momentum, weight_decay)

@@ -1,0 +1,217 @@
+"""``AnalogTiledConv2d``: a RAPA convolution whose every replica is its own analog array.
+
+Each of the ``nk`` kernel matrices ``K_j`` (``k x cout``, ``k = cin*kh*kw``) lives on a
+separate aihwkit ``AnalogLinear`` tile with its own converters and noise (SPEC §5). The
+forward pass gathers the patches of every tile (the same gather index as the digital
+:class:`rapa.TiledConv2d`, from :mod:`rapa.schemes`), sends tile ``j``'s ``(N*M, k)``
+patch matrix through array ``j`` (forward, backward and pulsed update are aihwkit's, the
+update happens in :class:`aihwkit.optim.AnalogSGD`'s ``step``) and scatters the outputs
+back. The loop over the ``nt`` arrays is the only Python loop: each iteration is one
+array's whole batch of matrix-vector products.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, cast
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from aihwkit.nn import AnalogLinear
+from torch import Tensor
+from torch.nn.modules.utils import _pair
+
+from rapa import schemes
+from rapa.analog.backend import draw_construction_seed
+from rapa.analog.patches import gather_patches
+from rapa.analog.presets import AnalogPreset, get_preset
+from rapa.functional import _size2
+from rapa.tiled_conv import TiledConv2d
+
+
+class AnalogTiledConv2d(nn.Module):
+    """:class:`rapa.TiledConv2d` on simulated analog arrays, one ``AnalogLinear`` per replica.
+
+    Arguments as :class:`rapa.TiledConv2d`, plus ``preset`` (a name of
+    :data:`rapa.analog.PRESETS`, ``aihwkit:CLASS`` or an :class:`AnalogPreset`) and
+    ``construction_seeds`` (one non-zero seed per array for its device-to-device
+    variations; default: drawn from ``generator`` / torch's generator). The arrays are
+    ``self.arrays[j]``; read and write their weights with :meth:`get_weights` /
+    :meth:`set_weights`, which use the digital layer's shapes.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: _size2,
+        stride: _size2 = 1,
+        padding: _size2 = 0,
+        dilation: _size2 = 1,
+        bias: bool = True,
+        tiles: int = 1,
+        scheme: str = "random",
+        preset: str | AnalogPreset = "rpu-baseline",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        generator: torch.Generator | None = None,
+        construction_seeds: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        schemes.check_scheme(scheme, tiles)
+        self.kernel_size = _pair(kernel_size)
+        self.stride = _pair(stride)
+        self.padding = _pair(padding)
+        self.dilation = _pair(dilation)
+        for name, value, low in (("kernel_size", self.kernel_size, 1), ("stride", self.stride, 1),
+                                 ("padding", self.padding, 0), ("dilation", self.dilation, 1)):
+            if any(not isinstance(v, int) or v < low for v in value):
+                raise ValueError(f"{name}={value!r} must be integers >= {low}")
+        if dtype not in (None, torch.float32):
+            raise ValueError(f"dtype={dtype}: the analog simulator computes in float32")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.tiles = tiles
+        self.scheme = scheme
+        self.generator = generator
+        self.preset = get_preset(preset)
+        self.has_bias = bool(bias)
+        nk = schemes.num_kernels(scheme, tiles)
+        if construction_seeds is None:
+            construction_seeds = [draw_construction_seed(generator) for _ in range(nk)]
+        if len(construction_seeds) != nk:
+            raise ValueError(f"construction_seeds has {len(construction_seeds)} entries; the layer has "
+                             f"{nk} arrays")
+        self.k = in_channels * self.kernel_size[0] * self.kernel_size[1]
+        self.arrays = nn.ModuleList(
+            AnalogLinear(self.k, out_channels, bias, rpu_config=self.preset.rpu_config(int(seed)))
+            for seed in construction_seeds
+        )
+        if scheme == "random_fixed":  # the partition is a function of this seed: saved state
+            seed = torch.randint(0, 2**62, (), generator=generator,
+                                 device="cpu" if generator is None else generator.device)
+            self.register_buffer("fixed_seed", seed.cpu())
+        else:
+            self.fixed_seed = None
+        self._index_cache: dict[tuple, Tensor] = {}
+        if device is not None and torch.device(device).type == "cuda":
+            self.arrays.cuda(torch.device(device))
+
+    # the assignment is the digital layer's own code: same schemes, same draws, same cache
+    def assignment(self, x: Tensor) -> Tensor | None:
+        """Gather index ``(B, nt, M)`` for this forward pass (``None``: one array for all),
+        computed by :meth:`rapa.TiledConv2d.assignment` itself."""
+        return TiledConv2d.assignment(self, x)  # type: ignore[arg-type]
+
+    def tile_map(self, x: Tensor) -> Tensor:
+        """Array of every output pixel ``(B, np)`` (-1: perforated away), as the digital layer."""
+        return TiledConv2d.tile_map(self, x)  # type: ignore[arg-type]
+
+    def output_size(self, h: int, w: int) -> tuple[int, int]:
+        """Output grid ``(oh, ow)`` for an ``h x w`` input."""
+        return TiledConv2d.output_size(self, h, w)  # type: ignore[arg-type]
+
+    def analog_arrays(self) -> list[AnalogLinear]:
+        """The ``nk`` arrays, replica ``j`` at index ``j``."""
+        return [cast(AnalogLinear, array) for array in self.arrays]
+
+    @property
+    def num_kernels(self) -> int:
+        """Number of kernel matrices (arrays) held."""
+        return len(self.arrays)
+
+    def reset_parameters(self) -> None:
+        """``nn.Conv2d``'s default initialisation, drawn independently for every array."""
+        for array in self.analog_arrays():  # per array: init is not a hot path
+            array.reset_parameters()
+
+    @torch.no_grad()
+    def get_weights(self) -> tuple[Tensor, Tensor | None]:
+        """Weights ``(nk, cout, cin, kh, kw)`` and biases ``(nk, cout)`` (or ``None``) as
+        stored on the arrays (an exact, not a hardware-realistic, read-out; on CPU)."""
+        ws, bs = zip(*(array.get_weights() for array in self.analog_arrays()))
+        weight = torch.stack(ws).view(self.num_kernels, self.out_channels, self.in_channels,
+                                      *self.kernel_size)
+        return weight, (torch.stack(bs) if self.has_bias else None)
+
+    @torch.no_grad()
+    def set_weights(self, weight: Tensor, bias: Tensor | None = None) -> None:
+        """Program every array with ``weight[j]`` (``(nk, cout, cin, kh, kw)``) and ``bias[j]``
+        (exact write; a pulsed device clips to its bounds)."""
+        shape = (self.num_kernels, self.out_channels, self.in_channels, *self.kernel_size)
+        if tuple(weight.shape) != shape:
+            raise ValueError(f"weight of shape {tuple(weight.shape)}: expected {shape}")
+        if self.has_bias and (bias is None or tuple(bias.shape) != shape[:2]):
+            raise ValueError(f"bias must have shape {shape[:2]}, got "
+                             f"{None if bias is None else tuple(bias.shape)}")
+        for j, array in enumerate(self.analog_arrays()):
+            array.set_weights(weight[j].reshape(self.out_channels, self.k).detach().cpu().float(),
+                              bias[j].detach().cpu().float() if bias is not None and self.has_bias else None)
+
+    def forward(self, x: Tensor, index: Tensor | None = None) -> Tensor:
+        """Apply the layer; ``index`` (B, nt, M) overrides the scheme's assignment."""
+        n, _, h, w = x.shape
+        if index is None:
+            index = self.assignment(x)
+        oh, ow = self.output_size(h, w)
+        np_, cout = oh * ow, self.out_channels
+        if index is None:  # one array for every pixel: an ordinary analog convolution
+            cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # (N, k, np)
+            y = self.arrays[0](cols.transpose(1, 2))  # (N, np, cout)
+            return y.transpose(1, 2).reshape(n, cout, oh, ow)
+        if index.shape[1] != self.num_kernels:
+            raise ValueError(f"index has {index.shape[1]} tiles; the layer has {self.num_kernels} arrays")
+        mask = None
+        if self.scheme == "image_pad":
+            mask = schemes.region_mask(self.tiles, h, w, oh, ow, self.kernel_size, self.stride,
+                                       self.padding, self.dilation, x.device).to(x.dtype)  # (np, kh*kw)
+        covered = self.scheme != "perforated"  # every other scheme's index is a partition
+        cols, dest, has_empty = gather_patches(x, index, self.kernel_size, self.stride, self.padding,
+                                               self.dilation, mask, covered)  # (nt, N*M, k)
+        y = torch.cat([array(cols[j])  # (N*M, cout): one analog array's whole batch
+                       for j, array in enumerate(self.analog_arrays())])  # (nt*N*M, cout)
+        rows = n * np_ + int(has_empty)  # empty slots write to the extra last row
+        out = (y.new_empty if covered else y.new_zeros)(rows, cout).index_copy(0, dest, y)
+        return out[: n * np_].view(n, oh, ow, cout).permute(0, 3, 1, 2)  # (N, cout, oh, ow)
+
+    @classmethod
+    def from_tiled(cls, conv: TiledConv2d, preset: str | AnalogPreset = "rpu-baseline",
+                   generator: torch.Generator | None = None,
+                   construction_seeds: Sequence[int] | None = None) -> "AnalogTiledConv2d":
+        """An analog copy of ``conv``: same shapes, scheme, assignment seed and weights."""
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                    conv.dilation, conv.bias is not None, conv.tiles, conv.scheme, preset,
+                    conv.weight.device, None, conv.generator if generator is None else generator,
+                    construction_seeds)
+        if conv.fixed_seed is not None:
+            layer.fixed_seed = conv.fixed_seed.detach().cpu().clone()
+        layer.set_weights(conv.weight, conv.bias)
+        layer.train(conv.training)
+        return layer
+
+    def to_digital(self) -> TiledConv2d:
+        """A digital :class:`rapa.TiledConv2d` with the arrays' current weights."""
+        conv = TiledConv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                           self.padding, self.dilation, self.has_bias, self.tiles, self.scheme,
+                           generator=self.generator)
+        weight, bias = self.get_weights()
+        with torch.no_grad():
+            conv.weight.copy_(weight)
+            if bias is not None and conv.bias is not None:
+                conv.bias.copy_(bias)
+            if self.fixed_seed is not None and conv.fixed_seed is not None:
+                conv.fixed_seed.copy_(self.fixed_seed)
+        conv.train(self.training)
+        return conv
+
+    def extra_repr(self) -> str:
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+             f"stride={self.stride}, padding={self.padding}")
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if not self.has_bias:
+            s += ", bias=False"
+        return s + f", tiles={self.tiles}, scheme={self.scheme!r}, preset={self.preset.name!r}"

@@ -1,0 +1,232 @@
+"""Analog array presets: which aihwkit ``RPUConfig`` every replica (tile) gets (SPEC §5).
+
+* ``ideal``: a perfect analog tile. aihwkit's ``FloatingPointRPUConfig``
+  (``FloatingPointDevice``): no converters, no noise, no bounds, updates applied exactly.
+  A RAPA net trained with it is the floating-point ("FP") column of the paper's Table 1.
+* ``rpu-baseline``: the RPU baseline of Rasch, Gokmen & Haensch 2019 (arXiv 1906.02698),
+  with the changes of the RAPA paper §3.2: a constant-step device (the model of Gokmen &
+  Vlasov 2016) with four times more states (``dw_min = 0.00025``) and symmetric switching
+  on average; 30% device-to-device and 30% cycle-to-cycle variation of the step; saturating
+  bounds ``+-0.6`` with 30% device-to-device variation; 7-bit DAC, 9-bit ADC, output noise,
+  noise, bound and update management, stochastic pulse trains of at most 31 pulses; every
+  replica its own array of exact size (no splitting) with the bias as an extra column.
+* ``idealized``: aihwkit's ``IdealizedPreset``, the same as ``aihwkit:IdealizedPreset``.
+* ``aihwkit:NAME``: any preset class of :mod:`aihwkit.simulator.presets` by name, e.g.
+  ``aihwkit:IdealizedPreset`` (a ``ConstantStepDevice`` with ``dw_min = 0.0002``, bounds
+  ``+-1`` and the same converters, scaled to that range; also citing arXiv 1906.02698).
+  Its mapping is set to one array per replica, as for the other presets.
+
+This module does not import aihwkit until :meth:`AnalogPreset.rpu_config` is called.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+from rapa.errors import RapaError
+
+
+@dataclass
+class AnalogPreset:
+    """Base of the presets: a named factory of aihwkit ``RPUConfig`` objects."""
+
+    name: ClassVar[str] = ""
+    source: ClassVar[str] = ""
+
+    def rpu_config(self, construction_seed: int = 0) -> Any:
+        """A fresh aihwkit ``RPUConfig`` for one array. ``construction_seed`` (non-zero)
+        fixes the array's device-to-device variations; 0 lets aihwkit draw it from the clock."""
+        raise NotImplementedError
+
+    @property
+    def pulsed(self) -> bool:
+        """Whether the arrays are updated by (stochastic) pulses, not exactly."""
+        return True
+
+
+def _one_array_per_replica(config: Any, digital_bias: bool | None = None) -> Any:
+    """Map every weight matrix onto one array of exactly its size (no splitting at 512)."""
+    config.mapping.max_input_size = 0
+    config.mapping.max_output_size = 0
+    if digital_bias is not None:
+        config.mapping.digital_bias = digital_bias
+    return config
+
+
+def _set_construction_seed(config: Any, seed: int) -> Any:
+    device = getattr(config, "device", None)
+    if device is not None and hasattr(device, "construction_seed"):
+        device.construction_seed = int(seed)
+    return config
+
+
+@dataclass
+class IdealPreset(AnalogPreset):
+    """A perfect analog tile: exact matrix products and exact (non-pulsed) SGD updates.
+
+    aihwkit ``FloatingPointRPUConfig`` with ``FloatingPointDevice``; no DAC/ADC, noise or
+    weight bounds. Equals the digital layer up to float rounding.
+    """
+
+    name: ClassVar[str] = "ideal"
+    source: ClassVar[str] = "aihwkit FloatingPointRPUConfig / FloatingPointDevice (perfect tile)"
+
+    digital_bias: bool = True
+    """Keep each replica's bias in digital (it is then an ordinary SGD parameter)."""
+
+    def rpu_config(self, construction_seed: int = 0) -> Any:
+        from aihwkit.simulator.configs import FloatingPointRPUConfig
+
+        return _one_array_per_replica(FloatingPointRPUConfig(), self.digital_bias)
+
+    @property
+    def pulsed(self) -> bool:
+        return False
+
+
+@dataclass
+class RPUBaselinePreset(AnalogPreset):
+    """RPU baseline of Rasch et al. 2019 (arXiv 1906.02698) as in the RAPA paper §3.2.
+
+    Device: Gokmen & Vlasov 2016 (Front. Neurosci. 10:333) constant-step model, number
+    of states increased by 4 and ideally symmetric on average (RAPA paper §3.2). Periphery:
+    Gokmen & Vlasov 2016 / Gokmen et al. 2017 (Front. Neurosci. 11:538), aihwkit's
+    defaults for ``IOParameters`` and ``UpdateParameters`` (noise management ``ABS_MAX``,
+    iterative bound management, update management and dynamic pulse-train length).
+    """
+
+    name: ClassVar[str] = "rpu-baseline"
+    source: ClassVar[str] = ("Rasch, Gokmen & Haensch 2019, arXiv 1906.02698 (RPU baseline); "
+                             "RAPA paper section 3.2; Gokmen & Vlasov 2016")
+
+    dw_min: float = 0.00025
+    """Mean weight change of one pulse (Gokmen & Vlasov's 0.001 / 4: four times more states)."""
+    dw_min_dtod: float = 0.3
+    """Device-to-device variation of ``dw_min`` (relative std)."""
+    dw_min_std: float = 0.3
+    """Cycle-to-cycle variation of every pulse's step (relative std)."""
+    up_down: float = 0.0
+    """Mean up/down step asymmetry: 0, symmetric on average (paper §3.2)."""
+    up_down_dtod: float = 0.01
+    """Device-to-device variation of the up/down asymmetry (Gokmen & Vlasov 2016, aihwkit default)."""
+    w_max: float = 0.6
+    """Mean upper weight bound (the lower one is ``-w_max``), saturating."""
+    w_max_dtod: float = 0.3
+    """Device-to-device variation of both bounds (relative std)."""
+    inp_bits: int = 7
+    """DAC resolution: input steps ``1 / (2**bits - 2)`` of the input range."""
+    out_bits: int = 9
+    """ADC resolution (sign included): output steps ``1 / (2**bits - 2)`` of the output range."""
+    out_bound: float = 12.0
+    """ADC saturation, in units of a full input times a ``w_max = 1`` weight (Gokmen et al. 2017)."""
+    out_noise: float = 0.06
+    """Additive Gaussian output noise (std, same units) of every forward and backward read."""
+    desired_bl: int = 31
+    """Maximal number of pulses in a stochastic update pulse train."""
+    digital_bias: bool = False
+    """False: each replica's bias is an extra column of its array, updated by pulses."""
+    weight_scaling_omega: float = 0.0
+    """aihwkit mapping: > 0 programs each array so that its largest weight is ``omega``,
+    with a fixed digital output scale per array; 0: weights are written as they are."""
+
+    def rpu_config(self, construction_seed: int = 0) -> Any:
+        from aihwkit.simulator.configs import ConstantStepDevice, SingleRPUConfig
+        from aihwkit.simulator.parameters import (BoundManagementType, IOParameters,
+                                                  NoiseManagementType, PulseType, UpdateParameters)
+
+        def io() -> Any:
+            return IOParameters(
+                inp_res=1.0 / (2**self.inp_bits - 2), inp_bound=1.0, inp_sto_round=False,
+                out_res=1.0 / (2**self.out_bits - 2), out_bound=self.out_bound,
+                out_noise=self.out_noise,
+                noise_management=NoiseManagementType.ABS_MAX,
+                bound_management=BoundManagementType.ITERATIVE,
+            )
+
+        device = ConstantStepDevice(
+            dw_min=self.dw_min, dw_min_dtod=self.dw_min_dtod, dw_min_std=self.dw_min_std,
+            up_down=self.up_down, up_down_dtod=self.up_down_dtod,
+            w_max=self.w_max, w_min=-self.w_max, w_max_dtod=self.w_max_dtod,
+            w_min_dtod=self.w_max_dtod, construction_seed=int(construction_seed),
+        )
+        update = UpdateParameters(
+            desired_bl=self.desired_bl, pulse_type=PulseType.STOCHASTIC_COMPRESSED,
+            update_bl_management=True, update_management=True,
+        )
+        config = SingleRPUConfig(device=device, forward=io(), backward=io(), update=update)
+        config.mapping.weight_scaling_omega = self.weight_scaling_omega
+        return _one_array_per_replica(config, self.digital_bias)
+
+
+@dataclass
+class AihwkitPreset(AnalogPreset):
+    """Any RPU config class exported by :mod:`aihwkit.simulator.presets`, by class name."""
+
+    name: ClassVar[str] = "aihwkit:NAME"
+    source: ClassVar[str] = "aihwkit.simulator.presets (see the class's docstring)"
+
+    class_name: str = "IdealizedPreset"
+    """Name of the preset class, e.g. ``IdealizedPreset`` or ``GokmenVlasovPreset``."""
+
+    def rpu_config(self, construction_seed: int = 0) -> Any:
+        from aihwkit.simulator import presets
+
+        cls = getattr(presets, self.class_name, None)
+        if not isinstance(cls, type) or not hasattr(cls, "tile_class"):
+            names = sorted(n for n in dir(presets) if n.endswith("Preset"))
+            raise RapaError(f"analog preset 'aihwkit:{self.class_name}' is unknown; aihwkit "
+                            f"offers {', '.join(names)}")
+        config = cls()
+        if hasattr(config, "mapping"):
+            _one_array_per_replica(config)
+        return _set_construction_seed(config, construction_seed) if construction_seed else config
+
+    @property
+    def pulsed(self) -> bool:
+        return "FloatingPoint" not in self.class_name
+
+
+@dataclass
+class IdealizedPreset(AihwkitPreset):
+    """aihwkit's ``IdealizedPreset`` (Rasch, Gokmen & Haensch 2019's device, arXiv 1906.02698):
+    ``dw_min = 0.0002``, bounds ``+-1``, no asymmetry variation; same converters scaled to
+    that range (output bound 20, noise 0.1). Close to ``rpu-baseline``, which follows the
+    RAPA paper's numbers (``dw_min = 0.00025``, bounds ``+-0.6``) and keeps the bias on the array."""
+
+    name: ClassVar[str] = "idealized"
+    source: ClassVar[str] = "aihwkit.simulator.presets.IdealizedPreset (arXiv 1906.02698)"
+
+    class_name: str = "IdealizedPreset"
+    """The aihwkit preset class."""
+
+
+PRESETS: dict[str, type[AnalogPreset]] = {
+    IdealPreset.name: IdealPreset,
+    RPUBaselinePreset.name: RPUBaselinePreset,
+    IdealizedPreset.name: IdealizedPreset,
+}
+"""Named presets; ``aihwkit:NAME`` strings are accepted by :func:`get_preset` too."""
+
+
+def get_preset(name: str | AnalogPreset, **overrides: Any) -> AnalogPreset:
+    """The preset called ``name`` (``ideal``, ``rpu-baseline``, ``idealized`` or ``aihwkit:CLASS``).
+
+    ``overrides`` set fields of the preset dataclass. An :class:`AnalogPreset` instance
+    is returned as it is. Unknown names raise :class:`rapa.errors.RapaError`.
+    """
+    if isinstance(name, AnalogPreset):
+        return name
+    if not isinstance(name, str):
+        raise RapaError(f"analog preset {name!r} must be a name")
+    if name.startswith("aihwkit:"):
+        return AihwkitPreset(class_name=name.split(":", 1)[1], **overrides)
+    cls = PRESETS.get(name)
+    if cls is None:
+        raise RapaError(f"analog preset {name!r} is unknown; choose one of "
+                        f"{', '.join(PRESETS)} or aihwkit:CLASS (e.g. aihwkit:IdealizedPreset)")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"preset {name!r} has no field(s) {unknown}; it has {sorted(known)}")
+    return cls(**overrides)

@@ -1,0 +1,399 @@
+"""Training on simulated analog arrays (``rapa.analog``, aihwkit backend; SPEC §5).
+
+References: the digital :class:`rapa.TiledConv2d` (tested against the SPEC elsewhere) for
+the perfect ``ideal`` arrays, plain SGD arithmetic for the exact update, the SPEC's /
+paper's numbers for the ``rpu-baseline`` preset, chance level for learning.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from rapa.errors import RapaError
+from rapa.tiled_conv import TiledConv2d
+
+INSTALL = r'analog training needs aihwkit: pip install "rapa\[analog\]"'
+
+
+def _aihwkit():
+    return pytest.importorskip("aihwkit")
+
+
+# ---------------------------------------------------------------------------------- no aihwkit
+
+
+def test_missing_aihwkit_says_how_to_install(monkeypatch):
+    import rapa
+
+    for name in [m for m in sys.modules if m == "rapa.analog" or m.startswith(("rapa.analog.", "aihwkit"))]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.delattr(rapa, "analog", raising=False)  # restored afterwards, like sys.modules
+    monkeypatch.setitem(sys.modules, "aihwkit", None)  # import aihwkit -> ImportError
+
+    analog = importlib.import_module("rapa.analog")  # so does the package itself
+    assert "ideal" in analog.PRESETS and analog.get_preset("rpu-baseline").dw_min == 0.00025
+    assert not analog.aihwkit_available()
+    with pytest.raises(RapaError, match=INSTALL):
+        analog.require_aihwkit()
+    for name in ("prepare", "convert_to_analog", "AnalogTiledConv2d", "analog_state_dict"):
+        with pytest.raises(RapaError, match=INSTALL):
+            getattr(analog, name)
+
+
+def test_rapa_imports_without_aihwkit():
+    code = ("import sys; sys.modules['aihwkit'] = None; import rapa, rapa.analog, rapa.models; "
+            "assert 'aihwkit' not in [m.split('.')[0] for m in sys.modules if sys.modules[m]]; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_unknown_preset_is_a_user_error():
+    from rapa.analog import get_preset
+
+    with pytest.raises(RapaError, match="analog preset 'nope' is unknown"):
+        get_preset("nope")
+    with pytest.raises(ValueError, match="no field"):
+        get_preset("rpu-baseline", dw_max=1.0)
+
+
+# ---------------------------------------------------------------------------------- presets
+
+
+@pytest.mark.analog
+def test_rpu_baseline_has_the_papers_numbers():
+    _aihwkit()
+    from aihwkit.simulator.configs import ConstantStepDevice, SingleRPUConfig
+    from aihwkit.simulator.parameters import BoundManagementType, NoiseManagementType, PulseType
+
+    from rapa.analog import get_preset
+
+    c = get_preset("rpu-baseline").rpu_config(construction_seed=7)
+    assert isinstance(c, SingleRPUConfig) and isinstance(c.device, ConstantStepDevice)
+    d = c.device
+    assert d.dw_min == 0.001 / 4  # four times Gokmen & Vlasov's states (paper §3.2)
+    assert (d.dw_min_dtod, d.dw_min_std, d.w_max_dtod, d.w_min_dtod) == (0.3, 0.3, 0.3, 0.3)
+    assert d.up_down == 0.0 and d.w_max == -d.w_min == 0.6 and d.construction_seed == 7
+    for io_ in (c.forward, c.backward):
+        assert io_.inp_res == pytest.approx(1 / (2**7 - 2)) and io_.out_res == pytest.approx(1 / (2**9 - 2))
+        assert io_.out_noise > 0 and not io_.is_perfect
+        assert io_.noise_management == NoiseManagementType.ABS_MAX
+        assert io_.bound_management == BoundManagementType.ITERATIVE
+    assert c.update.update_management and c.update.update_bl_management
+    assert c.update.pulse_type == PulseType.STOCHASTIC_COMPRESSED and c.update.desired_bl == 31
+    assert c.mapping.max_input_size == 0 and c.mapping.max_output_size == 0  # one array per replica
+
+
+@pytest.mark.analog
+def test_aihwkit_presets_by_name():
+    _aihwkit()
+    from aihwkit.simulator.presets import IdealizedPreset
+
+    from rapa.analog import get_preset
+
+    for name in ("aihwkit:IdealizedPreset", "idealized"):
+        c = get_preset(name).rpu_config(construction_seed=3)
+        assert isinstance(c, IdealizedPreset) and c.device.construction_seed == 3
+        assert c.mapping.max_input_size == 0 and c.device.dw_min == 0.0002
+    with pytest.raises(RapaError, match="aihwkit:NoSuchPreset' is unknown"):
+        get_preset("aihwkit:NoSuchPreset").rpu_config()
+
+
+# ------------------------------------------------------------------------ ideal == digital
+
+
+@pytest.mark.parametrize("scheme,nt,h", [
+    ("random", 4, 6), ("random", 5, 6),  # 36 pixels / 5 tiles: empty slots in the index
+    ("alternate", 4, 6), ("image_overlap", 4, 6), ("image_pad", 4, 6), ("random_fixed", 3, 5),
+    ("perforated", 3, 6), ("none", 1, 5),
+])
+@pytest.mark.analog
+def test_ideal_analog_layer_equals_digital_layer(scheme, nt, h):
+    _aihwkit()
+    from rapa.analog import AnalogTiledConv2d
+
+    torch.manual_seed(0)
+    digital = TiledConv2d(3, 4, 3, padding=1, tiles=nt, scheme=scheme)
+    analog = AnalogTiledConv2d.from_tiled(digital, "ideal")
+    assert analog.num_kernels == digital.num_kernels
+    x = torch.randn(2, 3, h, h + 1)
+    index = digital.assignment(x)
+    xd = x.clone().requires_grad_()
+    xa = x.clone().requires_grad_()
+    yd = digital(xd, index)
+    ya = analog(xa, index)
+    torch.testing.assert_close(ya, yd, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(yd)
+    yd.backward(g)
+    ya.backward(g)
+    torch.testing.assert_close(xa.grad, xd.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.analog
+def test_analog_assignment_is_the_digital_layers():
+    _aihwkit()
+    from rapa.analog import AnalogTiledConv2d
+
+    digital = TiledConv2d(2, 3, 3, padding=1, tiles=4, scheme="random_fixed")
+    analog = AnalogTiledConv2d.from_tiled(digital, "ideal")
+    x = torch.randn(1, 2, 6, 6)
+    assert torch.equal(analog.assignment(x), digital.assignment(x))  # same saved seed
+    a = AnalogTiledConv2d(2, 3, 3, padding=1, tiles=4, scheme="random", preset="ideal")
+    d = TiledConv2d(2, 3, 3, padding=1, tiles=4, scheme="random")
+    torch.manual_seed(6)
+    i1 = a.assignment(x)
+    torch.manual_seed(6)
+    assert torch.equal(i1, d.assignment(x))  # same draw from torch's generator
+
+
+@pytest.mark.analog
+def test_every_replica_and_the_fc_layer_is_its_own_array():
+    _aihwkit()
+    from aihwkit.nn import AnalogLinear
+    from aihwkit.simulator.tiles import AnalogTile
+
+    from rapa.analog import AnalogTiledConv2d, manual_seed, prepare
+    from rapa.config import TrainConfig
+    from rapa.models import ConvNet
+
+    manual_seed(0)
+    model = ConvNet(in_channels=1, channels=(4, 4, 8), tiles=(16, 4, 1), image_size=8)
+    config = TrainConfig(dataset="digits", tiles=(16, 4, 1), analog="rpu-baseline", momentum=0.5)
+    analog, optimizer = prepare(model, config)
+    assert [analog.conv1.num_kernels, analog.conv2.num_kernels, analog.conv3.num_kernels] == [16, 4, 1]
+    assert all(isinstance(c, AnalogTiledConv2d) for c in (analog.conv1, analog.conv2, analog.conv3))
+    assert isinstance(analog.fc, AnalogLinear) and isinstance(model.fc, nn.Linear)  # model untouched
+    tiles = [m for m in analog.modules() if isinstance(m, AnalogTile)]
+    assert len(tiles) == 16 + 4 + 1 + 1
+    assert {(t.in_size, t.out_size) for t in tiles[:16]} == {(25, 4)}  # exact size, one array each
+    # own devices: the device-to-device variations differ between replicas of a layer
+    bounds = [t.get_hidden_parameters()["max_bound"] for t in tiles[:16]]
+    assert not torch.equal(bounds[0], bounds[1])
+    assert optimizer.param_groups[-1]["lr"] == pytest.approx(0.025)  # the paper's tiled rate
+
+
+@pytest.mark.analog
+def test_ideal_convnet_equals_digital_convnet():
+    _aihwkit()
+    from rapa.analog import prepare
+    from rapa.config import TrainConfig
+    from rapa.models import ConvNet
+
+    torch.manual_seed(0)
+    model = ConvNet(in_channels=1, channels=(4, 4, 8), tiles=(16, 4, 1), image_size=8).eval()
+    with torch.no_grad():  # larger weights than Caffe's, so that the comparison is not trivial
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    analog, _ = prepare(model, TrainConfig(dataset="digits", analog="ideal"))
+    x = torch.randn(3, 1, 8, 8)
+    indices = [layer.assignment(x_) for layer, x_ in zip(model.convs, (x, torch.zeros(3, 4, 4, 4),
+                                                                      torch.zeros(3, 4, 2, 2)))]
+    torch.testing.assert_close(analog(x, indices), model(x, indices), atol=1e-5, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------- training
+
+
+@pytest.mark.analog
+def test_ideal_analog_sgd_is_exact_sgd_and_pulsed_sgd_moves_downhill():
+    _aihwkit()
+    from rapa.analog import AnalogTiledConv2d, analog_optimizer
+
+    torch.manual_seed(0)
+    digital = TiledConv2d(2, 3, 3, padding=1, tiles=4)
+    x = torch.randn(4, 2, 6, 6)
+    target = torch.randn(4, 3, 6, 6)
+    index = digital.assignment(x)
+    lr = 0.05
+
+    F.mse_loss(digital(x, index), target, reduction="sum").backward()
+    expected = digital.weight.detach() - lr * digital.weight.grad  # plain SGD by hand
+
+    for preset in ("ideal", "rpu-baseline"):
+        analog = AnalogTiledConv2d.from_tiled(digital, preset)
+        w0, _ = analog.get_weights()
+        opt = analog_optimizer(analog, lr)
+        opt.zero_grad()
+        F.mse_loss(analog(x, index), target, reduction="sum").backward()
+        opt.step()
+        w1, _ = analog.get_weights()
+        if preset == "ideal":
+            torch.testing.assert_close(w1, expected, atol=1e-5, rtol=1e-4)
+        else:  # pulses of +-dw_min: the weights change, on the whole along -grad
+            delta = (w1 - w0).flatten()
+            assert delta.abs().max() > 0
+            cos = F.cosine_similarity(delta, -digital.weight.grad.flatten(), dim=0)
+            assert cos > 0.3, float(cos)
+
+
+def _digits_net() -> nn.Module:
+    class Net(nn.Module):  # one RAPA conv layer (4 replicas) + FC: learns digits in seconds
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = TiledConv2d(1, 16, 3, padding=1, tiles=4, scheme="random")
+            self.fc = nn.Linear(16 * 4 * 4, 10)
+
+        def forward(self, x):
+            return self.fc(F.avg_pool2d(F.relu(self.conv(x)), 2).flatten(1))
+
+    return Net()
+
+@pytest.fixture
+def one_thread():
+    """The simulator's many small OpenMP regions run fastest on one thread (busy CI boxes)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+@pytest.mark.analog
+def test_rpu_baseline_learns_digits(one_thread):
+    _aihwkit()
+    from rapa.analog import analog_optimizer, convert_to_analog, manual_seed
+    from rapa.data import load_dataset, make_loader
+
+    manual_seed(0)
+    train = load_dataset("digits", "train", size=8, limit=600)
+    test = load_dataset("digits", "test", size=8)
+    model = convert_to_analog(_digits_net(), "rpu-baseline")
+    optimizer = analog_optimizer(model, lr=0.1)
+    loader = make_loader(train, 10, shuffle=True, generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        for x, y in loader:
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        x, y = next(iter(make_loader(test, len(test))))
+        error = (model(x).argmax(1) != y).float().mean().item()
+    assert error < 0.5, error  # chance is 0.9; untrained arrays: 0.91
+
+
+# ----------------------------------------------------------------------- save, load, seeds
+
+
+@pytest.mark.analog
+def test_analog_state_round_trips_with_weights_only():
+    _aihwkit()
+    from rapa.analog import analog_optimizer, analog_state_dict, convert_to_analog, load_analog_state_dict
+
+    torch.manual_seed(0)
+    digital = _digits_net()
+    x = torch.randn(5, 1, 8, 8)
+    index = digital.conv.assignment(x)
+    for preset in ("ideal", "rpu-baseline"):
+        a = convert_to_analog(digital, preset)
+        opt = analog_optimizer(a, 0.1)
+        F.cross_entropy(a(x), torch.arange(5)).backward()
+        opt.step()
+        buf = io.BytesIO()
+        torch.save(analog_state_dict(a), buf)
+        buf.seek(0)
+        state = torch.load(buf, weights_only=True)  # plain tensors only
+        b = convert_to_analog(_digits_net(), preset)  # other weights, other devices
+        load_analog_state_dict(b, state)
+        for ta, tb in zip(a.conv.arrays, b.conv.arrays):
+            ha, hb = ta.analog_module.get_hidden_parameters(), tb.analog_module.get_hidden_parameters()
+            assert ha.keys() == hb.keys() and all(torch.equal(ha[k], hb[k]) for k in ha)
+        wa, ba = a.conv.get_weights()
+        wb, bb = b.conv.get_weights()
+        assert torch.equal(wa, wb) and torch.equal(ba, bb)
+        assert all(torch.equal(p, q) for p, q in zip(a.fc.get_weights(), b.fc.get_weights()))
+        if preset == "ideal":  # noise-free arrays: same outputs for the same index
+            a.eval(), b.eval()
+            with torch.no_grad():
+                fa = a.fc(F.avg_pool2d(F.relu(a.conv(x, index)), 2).flatten(1))
+                fb = b.fc(F.avg_pool2d(F.relu(b.conv(x, index)), 2).flatten(1))
+            assert torch.equal(fa, fb)
+        # resume: the loaded model trains on
+        opt_b = analog_optimizer(b, 0.1)
+        F.cross_entropy(b(x), torch.arange(5)).backward()
+        opt_b.step()
+        assert not torch.equal(b.conv.get_weights()[0], wb)
+    with pytest.raises(KeyError, match="missing"):
+        load_analog_state_dict(convert_to_analog(_digits_net(), "ideal"),
+                               {k: v for k, v in state.items() if "fc" not in k})
+
+
+@pytest.mark.analog
+def test_prepared_model_checkpoints_with_its_own_state_dict():
+    _aihwkit()
+    from aihwkit.simulator.tiles import AnalogTile
+
+    from rapa.analog import prepare
+    from rapa.config import TrainConfig
+    from rapa.models import ConvNet
+
+    config = TrainConfig(dataset="digits", analog="rpu-baseline", momentum=0.9, pooling="mixed")
+
+    def make():
+        return prepare(ConvNet(in_channels=1, channels=(4, 4, 8), image_size=8, pooling="mixed"), config)
+
+    torch.manual_seed(0)
+    a, opt_a = make()
+    x = torch.randn(4, 1, 8, 8)
+    F.cross_entropy(a(x), torch.arange(4)).backward()
+    opt_a.step()
+    buf = io.BytesIO()  # what a trainer does: model and optimizer state in one file
+    torch.save({"model": a.state_dict(), "optimizer": opt_a.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    assert not any(k.endswith(("analog_tile_state", "analog_ctx")) for k in ckpt["model"])
+
+    torch.manual_seed(1)
+    b, opt_b = make()
+    b.load_state_dict(ckpt["model"])  # strict: every key accounted for
+    opt_b.load_state_dict(ckpt["optimizer"])
+    ta = [m for m in a.modules() if isinstance(m, AnalogTile)]
+    tb = [m for m in b.modules() if isinstance(m, AnalogTile)]
+    assert len(ta) == len(tb) == 16 + 4 + 1 + 1
+    for p, q in zip(ta, tb):
+        assert torch.equal(p.tile.get_weights(), q.tile.get_weights())
+        assert torch.equal(p.tile.get_hidden_parameters(), q.tile.get_hidden_parameters())
+    assert torch.equal(a.pool1.beta, b.pool1.beta)  # digital parameters too
+    with pytest.raises(RuntimeError, match="Missing key.*fc.analog_module.analog_weights"):
+        b.load_state_dict({k: v for k, v in ckpt["model"].items() if not k.startswith("fc.")})
+
+
+@pytest.mark.analog
+def test_manual_seed_fixes_the_device_variations():
+    _aihwkit()
+    from rapa.analog import convert_to_analog, manual_seed
+
+    def bounds(seed):
+        manual_seed(seed)
+        net = convert_to_analog(_digits_net(), "rpu-baseline")
+        return torch.stack([a.analog_module.get_hidden_parameters()["max_bound"] for a in net.conv.arrays])
+
+    b0 = bounds(0)
+    assert torch.equal(b0, bounds(0))
+    assert not torch.equal(b0, bounds(1))
+    assert math.isclose(b0.mean().item(), 0.6, rel_tol=0.1)  # w_max = 0.6 on average
+
+
+# -------------------------------------------------------------------------------- benchmark
+
+
+@pytest.mark.analog
+def test_bench_analog_prints_the_ratio(capsys):
+    _aihwkit()
+    import argparse
+
+    from rapa.bench import analog as bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    assert bench.main(parser.parse_args(["--size", "8", "--repeats", "1", "--preset", "ideal"])) == 0
+    out = capsys.readouterr().out
+    assert "ratio RAPA / untiled" in out and "AnalogConv2d" in out
