@@ -1,0 +1,95 @@
+"""training images/s of the untiled and the random (16,4,1) ConvNet, side by side
+
+Each measurement is a run of SGD steps (forward, cross-entropy, backward, update) of the
+paper's ConvNet on random images of CIFAR-10's shape (3x32x32, 10 classes) already on the
+device, so it times the network, not the data pipeline. The nets are timed round-robin and
+the median over repetitions is reported. Target: the tiled net within 1.5x of the untiled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from rapa.bench.common import resolve_device, time_interleaved
+
+NETS: dict[str, tuple[str, tuple[int, int, int] | None]] = {
+    "untiled": ("none", None),
+    "random 16,4,1": ("random", (16, 4, 1)),
+}
+TARGET_RATIO = 1.5
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``rapa bench train``."""
+    p.add_argument("--batch", type=int, nargs="+", default=[10, 128], help="batch sizes (default 10 128)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--images", type=int, default=640,
+                   help="training images per timed repetition (default 640)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repetitions per net (median, default 3)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: torch's default)")
+    p.add_argument("--json", type=Path, help="also write the measurements to this file")
+
+
+def make_step(scheme: str, tiles, batch: int, device: torch.device, steps: int):
+    """A closure running ``steps`` SGD steps of one net at ``batch`` images per step."""
+    from rapa.models import ConvNet
+
+    torch.manual_seed(0)
+    model = ConvNet(10, 3, tiles=tiles, scheme=scheme, image_size=32, device=device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.001, weight_decay=1e-7)
+    x = torch.randn(batch, 3, 32, 32, device=device)  # (B, 3, 32, 32)
+    y = torch.randint(0, 10, (batch,), device=device)  # (B,)
+
+    def run() -> None:
+        for _ in range(steps):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    return run
+
+
+def run_train_bench(batches=(10, 128), device: str = "auto", images: int = 640,
+                    repeats: int = 3) -> list[dict]:
+    """Images/s of every net at every batch size."""
+    dev = resolve_device(device)
+    rows = []
+    for batch in batches:
+        steps = max(1, images // batch)
+        fns = {name: make_step(scheme, tiles, batch, dev, steps) for name, (scheme, tiles) in NETS.items()}
+        secs = time_interleaved(fns, dev, repeats)
+        rows.append({"batch": batch, "steps": steps, "device": str(dev), "threads": torch.get_num_threads(),
+                     "images_per_s": {name: steps * batch / s for name, s in secs.items()}})
+    return rows
+
+
+def format_train_bench(rows: list[dict]) -> str:
+    """A table of images/s and the untiled/tiled ratio with the target."""
+    names = list(NETS)
+    where = f"device={rows[0]['device']}, {rows[0]['threads']} CPU thread(s)" if rows else ""
+    lines = [f"training images/s, paper's ConvNet on 3x32x32, {where}",
+             f"{'batch':>6}" + "".join(f"{n:>16}" for n in names) + f"{'slowdown':>10}"]
+    for r in rows:
+        ips = r["images_per_s"]
+        ratio = ips[names[0]] / ips[names[1]]
+        lines.append(f"{r['batch']:>6}" + "".join(f"{ips[n]:>16.0f}" for n in names)
+                     + f"{ratio:>9.2f}x  (target <= {TARGET_RATIO}: {'ok' if ratio <= TARGET_RATIO else 'MISSED'})")
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    """``rapa bench train``."""
+    from rapa.cli.train import set_threads
+
+    set_threads(args.threads)
+    rows = run_train_bench(tuple(args.batch), args.device, args.images, args.repeats)
+    print(format_train_bench(rows))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    return 0

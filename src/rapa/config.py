@@ -1,0 +1,263 @@
+"""``TrainConfig``: everything a training run depends on (SPEC §3), checked before it starts.
+
+>>> cfg = TrainConfig(dataset="digits", scheme="random", tiles=(16, 4, 1), epochs=2)
+>>> cfg.validate()                      # RapaError with the reason if something is wrong
+>>> cfg.resolved_lr()                   # 0.025: the paper's rate for a tiled net
+>>> TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+``tiles=None`` or ``scheme="none"`` is the untiled net; :meth:`TrainConfig.resolved`
+normalises both to ``scheme="none", tiles=None`` and fills in the learning rate, the
+device and the canonical dataset name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+
+from rapa.errors import RapaError
+
+__all__ = ["CONFIG_VERSION", "LR_TILED", "LR_UNTILED", "META_KEYS", "TrainConfig", "output_pixels", "resolve_device"]
+
+CONFIG_VERSION = 1
+"""Version of the saved config format; ``from_dict`` refuses any other."""
+LR_UNTILED = 0.005
+"""The paper's learning rate without tiling (§2.2)."""
+LR_TILED = 0.025
+"""The paper's learning rate with tiling (§2.2)."""
+META_KEYS: tuple[str, ...] = ("torch_version", "rapa_version")
+"""Keys a run's config.json carries besides the fields (ignored by ``from_dict``)."""
+
+
+@dataclass
+class TrainConfig:
+    """A training run of the paper's ConvNet: data, network, SGD recipe, evaluation."""
+
+    dataset: str = "digits"
+    """Dataset name (``rapa.data.DATASETS``): cifar10, cifar100, svhn, fashion-mnist, digits."""
+    data_dir: str | None = None
+    """Folder searched first for the dataset's files (None: the cache only)."""
+    download: bool = False
+    """Fetch missing dataset files (never done otherwise)."""
+    scheme: str = "random"
+    """Tiling scheme (``rapa.SCHEMES``); ``none`` is the untiled net."""
+    tiles: tuple[int, ...] | None = (16, 4, 1)
+    """Tiles per conv layer ``(nt1, nt2, nt3)``; None: untiled."""
+    channels: tuple[int, ...] = (32, 32, 64)
+    """Output channels of the three conv layers; ``(54, 64, 64)`` is the enlarged net."""
+    pooling: str = "max"
+    """Kind of pool1 and pool2: max, avg, stochastic, mixed."""
+    epochs: int = 10
+    """Training epochs."""
+    batch_size: int = 10
+    """Minibatch size (the paper: 10)."""
+    lr: float | None = None
+    """Learning rate; None: 0.005 untiled, 0.025 tiled (the paper's)."""
+    warmup_epochs: int = 1
+    """Epochs at the start run at ``lr / warmup_divisor`` (the paper: 1 or 5)."""
+    warmup_divisor: float = 20.0
+    """Learning-rate reduction during warm-up (the paper: 20)."""
+    lr_step: int = 25
+    """Step decay: the rate is multiplied by ``gamma`` every ``lr_step`` epochs (25, 100, 300)."""
+    gamma: float = 0.1
+    """Step decay factor."""
+    wd_factor: float = 1e-4
+    """Weight decay is ``wd_factor * lr`` (the paper: 1e-4 times the learning rate)."""
+    momentum: float = 0.0
+    """SGD momentum (the paper: plain SGD, 0)."""
+    augment: str = "none"
+    """Augmentation: none, moderate (mirror + brightness), strong (scale + crop, the '+' sets)."""
+    mirror: bool | None = None
+    """Random mirroring in augmentation; None: the dataset's default (off for digits)."""
+    seed: int = 0
+    """Seed of the initialisation, the tile assignments and the data order/augmentation."""
+    device: str = "auto"
+    """auto (CUDA when available), cpu, cuda or cuda:N."""
+    limit_train: int | None = None
+    """Use only the first N training images (None: all)."""
+    limit_test: int | None = None
+    """Use only the first N test images (None: all)."""
+    votes: int = 9
+    """Predictions per test image for the final majority vote (the paper: 9)."""
+    adaptive_threshold: float = 0.9
+    """Adaptive voting: images whose first softmax maximum reaches this get no extra passes."""
+    eval_batch_size: int = 500
+    """Images per forward pass in evaluation."""
+    eval_every: int = 1
+    """Measure the test error every this many epochs (and always after the last)."""
+    analog: str | None = None
+    """Train on simulated analog arrays with this aihwkit preset (None: digital)."""
+    version: int = CONFIG_VERSION
+    """Format version of this config."""
+
+    def __post_init__(self) -> None:
+        # JSON gives lists; keep tuples so that configs compare equal after a round trip
+        if isinstance(self.tiles, list):
+            self.tiles = tuple(self.tiles)
+        if isinstance(self.channels, list):
+            self.channels = tuple(self.channels)
+
+    # ----------------------------------------------------------------- derived values
+
+    @property
+    def tiled(self) -> bool:
+        """Whether the net has more than one kernel matrix somewhere (or perforation)."""
+        return self.scheme != "none" and self.tiles is not None and any(t != 1 for t in self.tiles)
+
+    def resolved_lr(self) -> float:
+        """``lr``, or the paper's default for a tiled / untiled net."""
+        if self.lr is not None:
+            return float(self.lr)
+        return LR_TILED if self.tiled else LR_UNTILED
+
+    def resolved(self) -> "TrainConfig":
+        """A validated copy with lr, device and dataset name filled in, untiled nets normalised."""
+        self.validate()
+        from rapa.data import canonical_name
+
+        untiled = self.scheme == "none" or self.tiles is None
+        return dataclasses.replace(
+            self,
+            dataset=canonical_name(self.dataset),
+            scheme="none" if untiled else self.scheme,
+            tiles=None if untiled or self.tiles is None else tuple(self.tiles),
+            channels=tuple(self.channels),
+            lr=self.resolved_lr(),
+            device=str(resolve_device(self.device)),
+        )
+
+    # ------------------------------------------------------------------- validation
+
+    def validate(self) -> None:
+        """Raise :class:`RapaError` with the reason if this config cannot train."""
+        from rapa import schemes
+        from rapa.data import KINDS, canonical_name, dataset_info
+        from rapa.pooling import POOL_KINDS
+
+        try:
+            name = canonical_name(self.dataset)
+        except ValueError as exc:
+            raise RapaError(str(exc)) from None
+        if self.scheme not in schemes.SCHEMES:
+            raise RapaError(f"unknown scheme {self.scheme!r}; choose one of {', '.join(schemes.SCHEMES)}")
+        if self.pooling not in POOL_KINDS:
+            raise RapaError(f"unknown pooling {self.pooling!r}; choose one of {', '.join(POOL_KINDS)}")
+        if self.augment not in KINDS:
+            raise RapaError(f"unknown augmentation {self.augment!r}; choose one of {', '.join(KINDS)}")
+        _check_ints("channels", self.channels, 3)
+        if self.tiles is not None:
+            _check_ints("tiles", self.tiles, 3)
+            if self.scheme != "none":
+                info = dataset_info(name)
+                for j, (nt, np_) in enumerate(zip(self.tiles, output_pixels(info.size))):
+                    if self.scheme in schemes.GRID_SCHEMES and math.isqrt(nt) ** 2 != nt:
+                        raise RapaError(f"tiles {_fmt(self.tiles)}: scheme {self.scheme!r} needs a square "
+                                        f"number of tiles (q*q) per layer, conv{j + 1} has {nt}")
+                    if nt > np_:
+                        raise RapaError(f"tiles {_fmt(self.tiles)} do not fit {name} ({info.size}x{info.size}): "
+                                        f"conv{j + 1} has {nt} tiles but only {np_} output pixels")
+        for key, low in (("epochs", 1), ("batch_size", 1), ("warmup_epochs", 0), ("lr_step", 1),
+                         ("votes", 1), ("eval_batch_size", 1), ("eval_every", 1)):
+            _check_int(key, getattr(self, key), low)
+        for key in ("limit_train", "limit_test"):
+            if getattr(self, key) is not None:
+                _check_int(key, getattr(self, key), 1)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise RapaError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if self.lr is not None and not (_is_number(self.lr) and self.lr > 0 and math.isfinite(self.lr)):
+            raise RapaError(f"lr must be a positive number, got {self.lr!r}")
+        for key, ok in (("gamma", lambda v: v > 0), ("wd_factor", lambda v: v >= 0),
+                        ("momentum", lambda v: 0 <= v < 1), ("warmup_divisor", lambda v: v > 0),
+                        ("adaptive_threshold", lambda v: 0 <= v <= 1)):
+            value = getattr(self, key)
+            if not _is_number(value) or not ok(value):
+                raise RapaError(f"{key}={value!r} is out of range")
+        if self.mirror not in (None, True, False):
+            raise RapaError(f"mirror must be true, false or null, got {self.mirror!r}")
+        if self.analog is not None and (not isinstance(self.analog, str) or not self.analog):
+            raise RapaError(f"analog must be a preset name or None, got {self.analog!r}")
+        if self.version != CONFIG_VERSION:
+            raise RapaError(f"config version {self.version!r} is not supported (this rapa reads {CONFIG_VERSION})")
+        resolve_device(self.device)
+
+    # ------------------------------------------------------------------------- JSON
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict of every field (tuples become lists)."""
+        out = dataclasses.asdict(self)
+        for key in ("tiles", "channels"):
+            if out[key] is not None:
+                out[key] = list(out[key])
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
+        """The config of a dict made by :meth:`to_dict` (a run's config.json).
+
+        Refuses another ``version`` and unknown keys with a :class:`RapaError`; the
+        metadata keys of a run (:data:`META_KEYS`) are ignored.
+        """
+        if not isinstance(data, Mapping):
+            raise RapaError(f"a config must be a JSON object, got {type(data).__name__}")
+        version = data.get("version")
+        if version != CONFIG_VERSION:
+            raise RapaError(f"config version {version!r} is not supported (this rapa reads version "
+                            f"{CONFIG_VERSION}); retrain with this version")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names - set(META_KEYS))
+        if unknown:
+            raise RapaError(f"unknown config key(s) {unknown}")
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def output_pixels(size: int) -> tuple[int, int, int]:
+    """``np`` of the three conv layers of the paper's net on ``size x size`` inputs.
+
+    Each 3x3/2 pool (padding 1) halves the side, rounding up: 32 -> 16 -> 8, 28 -> 14 -> 7.
+    """
+    sides = [size, (size + 1) // 2, (size + 3) // 4]
+    return tuple(s * s for s in sides)  # type: ignore[return-value]
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; RapaError for an unusable name."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise RapaError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise RapaError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RapaError(f"device {device!r} asked for, but CUDA is not available; use --device cpu")
+    return dev
+
+
+def _fmt(tiles: Any) -> str:
+    return ",".join(str(t) for t in tiles)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_int(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise RapaError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _check_ints(name: str, value: Any, length: int) -> None:
+    try:
+        items = tuple(value)
+    except TypeError:
+        raise RapaError(f"{name} must be {length} positive integers, got {value!r}") from None
+    if len(items) != length:
+        raise RapaError(f"{name} must be {length} numbers (one per conv layer), got {len(items)}: {_fmt(items)}")
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in items):
+        raise RapaError(f"{name} must be positive integers, got {_fmt(items)}")
+
