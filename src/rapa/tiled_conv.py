@@ -13,6 +13,21 @@ from rapa import schemes
 from rapa.functional import _size2, check_input, tiled_conv2d
 
 
+def check_conv_args(in_channels: int, out_channels: int, kernel_size: _size2, stride: _size2,
+                    padding: _size2, dilation: _size2, scheme: str, tiles: int):
+    """Validate a tiled conv's arguments (``ValueError`` naming the value); return
+    ``(kernel_size, stride, padding, dilation)`` as pairs."""
+    for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a positive integer")
+    schemes.check_scheme(scheme, tiles)
+    pairs = tuple(map(_pair, (kernel_size, stride, padding, dilation)))
+    for name, value, low in zip(("kernel_size", "stride", "padding", "dilation"), pairs, (1, 1, 0, 1)):
+        if any(not isinstance(v, int) or v < low for v in value):
+            raise ValueError(f"{name}={value!r} must be integers >= {low}")
+    return pairs
+
+
 class TiledConv2d(nn.Module):
     """Convolution whose output pixels are divided among ``tiles`` kernel matrices.
 
@@ -39,18 +54,8 @@ class TiledConv2d(nn.Module):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive integer")
-        schemes.check_scheme(scheme, tiles)
-        self.kernel_size = _pair(kernel_size)
-        self.stride = _pair(stride)
-        self.padding = _pair(padding)
-        self.dilation = _pair(dilation)
-        for name, value, low in (("kernel_size", self.kernel_size, 1), ("stride", self.stride, 1),
-                                 ("padding", self.padding, 0), ("dilation", self.dilation, 1)):
-            if any(not isinstance(v, int) or v < low for v in value):
-                raise ValueError(f"{name}={value!r} must be integers >= {low}")
+        self.kernel_size, self.stride, self.padding, self.dilation = check_conv_args(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, scheme, tiles)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.tiles = tiles

@@ -19,14 +19,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from aihwkit.nn import AnalogLinear
 from torch import Tensor
-from torch.nn.modules.utils import _pair
 
 from rapa import schemes
 from rapa.analog.backend import draw_construction_seed
 from rapa.analog.patches import gather_patches
 from rapa.analog.presets import AnalogPreset, get_preset
 from rapa.functional import _size2
-from rapa.tiled_conv import TiledConv2d
+from rapa.tiled_conv import TiledConv2d, check_conv_args
 
 
 class AnalogTiledConv2d(nn.Module):
@@ -58,18 +57,8 @@ class AnalogTiledConv2d(nn.Module):
         construction_seeds: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive integer")
-        schemes.check_scheme(scheme, tiles)
-        self.kernel_size = _pair(kernel_size)
-        self.stride = _pair(stride)
-        self.padding = _pair(padding)
-        self.dilation = _pair(dilation)
-        for name, value, low in (("kernel_size", self.kernel_size, 1), ("stride", self.stride, 1),
-                                 ("padding", self.padding, 0), ("dilation", self.dilation, 1)):
-            if any(not isinstance(v, int) or v < low for v in value):
-                raise ValueError(f"{name}={value!r} must be integers >= {low}")
+        self.kernel_size, self.stride, self.padding, self.dilation = check_conv_args(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, scheme, tiles)
         if dtype not in (None, torch.float32):
             raise ValueError(f"dtype={dtype}: the analog simulator computes in float32")
         self.in_channels = in_channels
