@@ -1,0 +1,53 @@
+"""``rapa report DIR``: the paper's tables (Markdown, CSV) and figures from a sweep folder.
+
+Reads every run in DIR (finished or not) and writes ``report.md``, ``table1.csv``,
+``table2.csv``, ``table3.csv``, ``fig5.csv``/``fig5.png``, ``fig6a.csv``/``fig6a.png``
+and ``fig7.csv``/``fig7-DATASET.png`` to ``--out`` (default DIR/report), from whatever
+runs have finished; missing cells read "–". Table 3 and Figure 7 need the reduction and
+the attacks of the nets: they are computed here (cached in each run directory as
+``reduce.json`` / ``attack.json``, the files ``rapa reduce`` and ``rapa attack`` write),
+unless ``--no-analysis``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``report`` subcommand."""
+    p = subparsers.add_parser("report", help="the paper's tables and figures from a sweep folder",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sweep_dir", type=Path, metavar="DIR", help="sweep folder written by rapa sweep")
+    p.add_argument("--out", type=Path, help="folder for report.md, CSVs and figures (default DIR/report)")
+    p.add_argument("--no-analysis", action="store_true",
+                   help="do not compute reductions and attacks; use only the cached reduce.json / attack.json")
+    p.add_argument("--attack-limit", type=int, help="attack the first N test images (default: the run's test set)")
+    p.add_argument("--eot", type=int, default=8, help="random draws of the EOT attack (default 8)")
+    p.add_argument("--reduce-train-limit", type=int, default=10000,
+                   help="training images counted by the maxpool_winner reduction (default 10000)")
+    p.add_argument("--device", default="auto", help="where the analyses run: auto, cpu, cuda (default auto)")
+    p.add_argument("--quiet", action="store_true", help="print only where the report is")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rapa.analysis.common import positive_int
+    from rapa.config import resolve_device
+    from rapa.sweep.report import build_report
+    from rapa.sweep.runs import Analyses
+
+    for option, value in (("--attack-limit", args.attack_limit), ("--eot", args.eot),
+                          ("--reduce-train-limit", args.reduce_train_limit)):
+        positive_int(option, value)
+    device = str(resolve_device(args.device))
+    log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    analyses = Analyses(compute=not args.no_analysis, device=device, attack_limit=args.attack_limit,
+                        reduce_train_limit=args.reduce_train_limit, eot=args.eot, log=log)
+    report = build_report(args.sweep_dir, args.out, analyses, log=log)
+    if not args.quiet:
+        print(report.markdown)
+    print(f"rapa report: wrote {len(report.files)} files to {report.files[0].parent}")
+    return 0
