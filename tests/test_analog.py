@@ -397,3 +397,29 @@ def test_bench_analog_prints_the_ratio(capsys):
     assert bench.main(parser.parse_args(["--size", "8", "--repeats", "1", "--preset", "ideal"])) == 0
     out = capsys.readouterr().out
     assert "ratio RAPA / untiled" in out and "AnalogConv2d" in out
+
+
+def test_digital_twin_of_an_analog_convnet_has_its_weights():
+    _aihwkit()
+    from rapa.analog import prepare
+    from rapa.analysis.common import digital_twin, tiled_layers
+    from rapa.analysis.similarity import filter_similarity
+    from rapa.config import TrainConfig
+    from rapa.models import ConvNet
+
+    torch.manual_seed(0)
+    model = ConvNet(in_channels=1, channels=(4, 4, 8), tiles=(16, 4, 1), image_size=8).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    analog, _ = prepare(model, TrainConfig(dataset="digits", analog="ideal"))
+    analog.eval()
+    twin = digital_twin(analog)
+    assert [n for n, _ in tiled_layers(twin)] == ["conv1", "conv2"]
+    assert isinstance(twin.fc, nn.Linear)
+    # the twin holds the same weights as the digital model the analog one was made from
+    for (_, a), (_, b) in zip(tiled_layers(twin), tiled_layers(model)):
+        torch.testing.assert_close(a.weight, b.weight, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(twin.fc.weight, model.fc.weight, atol=1e-6, rtol=1e-5)
+    assert filter_similarity(twin)["overall"] == pytest.approx(filter_similarity(model)["overall"], abs=1e-5)
+    assert digital_twin(model) is model

@@ -13,7 +13,7 @@ from torch import Tensor
 from rapa.errors import RapaError
 from rapa.tiled_conv import TiledConv2d
 
-__all__ = ["frozen_eval", "iter_batches", "json_safe", "model_device", "output_dir", "positive_int",
+__all__ = ["digital_twin", "frozen_eval", "iter_batches", "json_safe", "model_device", "output_dir", "positive_int",
            "stochastic_in_eval", "tiled_layers"]
 
 NO_TILED_LAYER = "model has no tiled layer"
@@ -28,6 +28,35 @@ def tiled_layers(model: nn.Module, require: bool = False) -> list[tuple[str, Til
     if require and not layers:
         raise RapaError(NO_TILED_LAYER)
     return layers
+
+
+def digital_twin(model: nn.Module) -> nn.Module:
+    """``model`` with every analog layer replaced by a digital one holding its current weights
+    (analog runs: their tiled convs expose ``to_digital()``, aihwkit's ``AnalogLinear`` exposes
+    ``get_weights()``), for the analyses that read weights. A digital model comes back as is."""
+    def is_rapa_analog(module: nn.Module) -> bool:
+        return type(module).__module__.startswith("rapa.analog") and hasattr(module, "to_digital")
+
+    def convert(module: nn.Module) -> nn.Module:
+        if is_rapa_analog(module):
+            return module.to_digital()
+        if type(module).__name__ == "AnalogLinear" and hasattr(module, "get_weights"):
+            weight, bias = module.get_weights()
+            linear = nn.Linear(weight.shape[1], weight.shape[0], bias is not None)
+            with torch.no_grad():
+                linear.weight.copy_(weight)
+                if bias is not None:
+                    linear.bias.copy_(bias)
+            return linear.train(module.training)
+        for name, child in module.named_children():
+            setattr(module, name, convert(child))
+        return module
+
+    if not any(is_rapa_analog(m) or type(m).__name__ == "AnalogLinear" for m in model.modules()):
+        return model
+    import copy
+
+    return convert(copy.deepcopy(model))
 
 
 def stochastic_in_eval(model: nn.Module) -> bool:

@@ -50,7 +50,7 @@ def _methods(text: str) -> tuple[str, ...]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from rapa.analysis.common import json_safe, output_dir, positive_int, tiled_layers
+    from rapa.analysis.common import digital_twin, json_safe, output_dir, positive_int, tiled_layers
     from rapa.analysis.reduce import classification_error, reduce_errors
     from rapa.data import load_dataset
     from rapa.errors import RapaError
@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
                           ("--batch-size", args.batch_size)):
         positive_int(option, value)
     model, config, _ = load_run(args.run_dir, device=args.device)
+    model = digital_twin(model)  # analog runs: reduce the arrays' weights, evaluate digitally
     if not isinstance(model, ConvNet):
         raise RapaError(f"{args.run_dir} holds a {type(model).__name__}; reduce needs a digital ConvNet run")
     tiled_layers(model, require=True)  # RapaError "model has no tiled layer"

@@ -26,13 +26,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rapa.analysis.common import json_safe, output_dir, positive_int, tiled_layers
+    from rapa.analysis.common import digital_twin, json_safe, output_dir, positive_int, tiled_layers
     from rapa.analysis.similarity import filter_similarity, plot_filters
     from rapa.train import load_run
 
     positive_int("--filters", args.filters)
     positive_int("--max-tiles", args.max_tiles)
     model, config, _ = load_run(args.run_dir, device="cpu")
+    model = digital_twin(model)  # analog runs: the arrays' current weights
     result = filter_similarity(model)  # RapaError if nothing is tiled
     out = output_dir(args.out, args.run_dir)
     name, first = tiled_layers(model)[0]
