@@ -186,6 +186,7 @@ class _TiledConv2dFn(torch.autograd.Function):
         gw = wm.new_zeros(nt, cout, k) if need_w else None
         gb = wm.new_zeros(nt, cout) if need_b and has_bias else None
         gx = x.new_empty(n, h, w, c) if need_x else None  # (N, H, W, C)
+        gc_buf = None
         for n0, n1 in _image_chunks(n, nt * m * k * x.element_size(), x.device):
             g = gflat.index_select(0, dest[:, n0:n1].reshape(-1)).view(nt, -1, cout)  # (nt, nc*M, cout)
             r = patches.rows(n0, n1)
@@ -194,7 +195,10 @@ class _TiledConv2dFn(torch.autograd.Function):
             if gb is not None:
                 gb += g.sum(1)
             if gx is not None:
-                gc = torch.bmm(g, wm)  # (nt, nc*M, k)
+                p_c = g.shape[1]
+                if gc_buf is None or gc_buf.numel() < nt * p_c * k:
+                    gc_buf = wm.new_empty(nt * p_c * k)  # reused: a fresh one is page-faulted in
+                gc = torch.bmm(g, wm, out=gc_buf[: nt * p_c * k].view(nt, p_c, k))  # (nt, nc*M, k)
                 if mk is not None:
                     mc = mk if mk.shape[1] == 1 else mk[:, n0:n1]
                     gc = (gc.view(nt, n1 - n0, m, kh * kw, c) * mc).view(nt, -1, k)
