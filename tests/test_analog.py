@@ -246,14 +246,6 @@ def _digits_net() -> nn.Module:
 
     return Net()
 
-@pytest.fixture
-def one_thread():
-    """The simulator's many small OpenMP regions run fastest on one thread (busy CI boxes)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.mark.slow
 @pytest.mark.analog

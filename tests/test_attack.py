@@ -17,12 +17,7 @@ from rapa.cli import main
 from rapa.models import ConvNet
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _linear(seed=0, d=64, k=10) -> nn.Module:

@@ -18,12 +18,7 @@ from rapa.train import load_run
 TINY = ["--dataset", "digits", "--limit-train", "60", "--limit-test", "30", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def rapa_subprocess(*args: str) -> subprocess.CompletedProcess:

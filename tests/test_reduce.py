@@ -14,12 +14,7 @@ from rapa.errors import RapaError
 from rapa.models import ConvNet
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _net(tiles=(4, 4, 2), scheme="random", pooling="max", channels=(4, 5, 3), seed=0) -> ConvNet:

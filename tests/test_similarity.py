@@ -16,12 +16,7 @@ from rapa.models import ConvNet
 from rapa.tiled_conv import TiledConv2d
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only add overhead on a loaded machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _slow_similarity(weight: np.ndarray) -> float:

@@ -26,14 +26,7 @@ from rapa.train import analog_speedup, best_moving_average, evaluate, load_run, 
 TINY = dict(dataset="digits", limit_train=60, limit_test=30, votes=3, device="cpu", eval_batch_size=30)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Runs in this process and in subprocesses use the same single CPU thread (bitwise
-    equality of CPU results holds for a fixed thread count)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def conv_weights_reference(cin: int, channels, tiles) -> int:
