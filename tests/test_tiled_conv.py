@@ -49,6 +49,9 @@ def _recover_map(layer: TiledConv2d, x: torch.Tensor) -> torch.Tensor:
     dict(k=5, stride=1, padding=2, dilation=1, size=(7, 9)),
     dict(k=3, stride=2, padding=0, dilation=2, size=(11, 10)),
     dict(k=(3, 1), stride=(1, 2), padding=(1, 0), dilation=1, size=(6, 8)),
+    dict(k=3, stride=2, padding=1, dilation=1, size=(9, 8)),
+    dict(k=(3, 2), stride=(2, 3), padding=(2, 1), dilation=(2, 1), size=(10, 11)),
+    dict(k=(2, 3), stride=(3, 1), padding=(0, 3), dilation=(1, 3), size=(9, 7)),
 ])
 @pytest.mark.parametrize("bias", [True, False])
 def test_identical_tiles_equal_conv2d(scheme, geom, bias):
@@ -350,13 +353,17 @@ def test_dense_reference_agrees():
 
 
 @pytest.mark.parametrize("scheme,nt", [("random", 4), ("random", 5), ("image_pad", 4), ("perforated", 4)])
-def test_chunked_patch_gather_matches_per_pixel_reference(monkeypatch, scheme, nt):
-    # force one image per chunk: the CPU path gathers patches in chunks of images
-    monkeypatch.setattr(rapa.functional, "CPU_CHUNK_BYTES", 1)
+@pytest.mark.parametrize("per_chunk", [1, 2])
+def test_chunked_patch_gather_matches_per_pixel_reference(monkeypatch, scheme, nt, per_chunk):
+    # force chunks of one or two images (3 images: the last chunk is short): the CPU path
+    # gathers patches and scatters gradients chunk by chunk
     torch.manual_seed(0)
     layer = _layer(scheme, nt, cin=2, cout=3, k=3, padding=1)
     x = torch.randn(3, 2, 6, 5, requires_grad=True)
     index = layer.assignment(x)
+    per_image = index.shape[1] * index.shape[2] * 2 * 9 * x.element_size()  # bytes of patches
+    monkeypatch.setattr(rapa.functional, "CPU_CHUNK_BYTES", per_chunk * per_image + per_image // 2)
+    assert rapa.functional._chunk_size(3, per_image, x.device) == per_chunk
     s = schemes.index_to_tile_map(index, 30).expand(3, 30).reshape(3, 6, 5)
     y = layer(x, index=index)
     g = torch.randn_like(y)

@@ -8,7 +8,9 @@ gradient when the input does not need it. MAC count equals ``F.conv2d``'s.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Callable, Sequence
+
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -43,84 +45,185 @@ def rows_total(n: int, np_: int, has_empty: bool) -> int:
     return n * np_ + (1 if has_empty else 0)
 
 
-def _row_unfold(x: Tensor, kw: int, stride: tuple[int, int], padding: tuple[int, int],
-                dilation: tuple[int, int], ow: int) -> Tensor:
-    """Rows ``(N*Hp*ow, kw*C)``: for padded input row ``y`` and output column ``ox`` the
-    ``kw`` pixels (channels last) a kernel row reads. A patch is ``kh`` such rows."""
-    n, c, h, w = x.shape
-    ph, pw = padding
-    xp = x.new_zeros(n, h + 2 * ph, w + 2 * pw, c)  # (N, Hp, Wp, C) channels last
-    xp[:, ph:ph + h, pw:pw + w] = x.permute(0, 2, 3, 1)
-    ew = dilation[1] * (kw - 1) + 1
-    u = xp.unfold(2, ew, stride[1])[..., :: dilation[1]]  # (N, Hp, ow, C, kw)
-    return u.transpose(3, 4).reshape(n * (h + 2 * ph) * ow, kw * c)  # (N*Hp*ow, kw*C)
-
-
-def _row_fold(gu: Tensor, x_shape, kw: int, stride, padding, dilation, ow: int) -> Tensor:
-    """Adjoint of :func:`_row_unfold`: sum row gradients back onto the input, ``(N, H, W, C)``."""
-    n, c, h, w = x_shape
-    ph, pw = padding
-    hp, wp = h + 2 * ph, w + 2 * pw
-    gu = gu.view(n, hp, ow, kw, c)
-    gxp = gu.new_zeros(n, hp, wp, c)  # (N, Hp, Wp, C)
-    span = (ow - 1) * stride[1] + 1
-    for kx in range(kw):  # kernel columns, not patches
-        x0 = kx * dilation[1]
-        gxp[:, :, x0:x0 + span:stride[1]] += gu[:, :, :, kx]
-    return gxp[:, ph:ph + h, pw:pw + w]  # (N, H, W, C)
-
-
-# CPU: work on chunks of images whose patch matrix stays in cache and whose buffers are
-# reused (a large buffer is page-faulted in anew on every allocation); other devices: one chunk
+# CPU: work on chunks of images whose patch matrix stays in cache, with scratch buffers that
+# are reused; other devices: one chunk
 CPU_CHUNK_BYTES = 4 * 2**20
+MEMO_SIZE = 64  # shape-dependent index tables kept per thread
 
 
-def _image_chunks(n: int, per_image_bytes: int, device: torch.device) -> list[tuple[int, int]]:
-    """``(n0, n1)`` ranges of images processed together."""
-    step = n if device.type != "cpu" else max(1, CPU_CHUNK_BYTES // max(per_image_bytes, 1))
-    return [(n0, min(n, n0 + step)) for n0 in range(0, n, step)]
+class _Workspace(threading.local):
+    """Scratch buffers of the CPU chunk loop, kept per thread from call to call.
 
-
-class _Patches:
-    """Gathers the tile-major patch matrix ``(nt, nc*M, k)`` of a chunk of images.
-
-    ``rloc`` (nt, B, M, kh) is, for every slot and kernel row, the row of one image's
-    row-unfolded input that the patch reads; a chunk offsets it by image.
+    A freshly allocated buffer of a few MB is page-faulted in on first touch, which costs
+    more than the gather or matmul that fills it (measured: 1.1 ms against 0.1 ms for a
+    4 MB patch matrix). Buffers only ever hold data inside one call, so reusing them
+    across layers and calls is safe; they grow to the largest size seen.
     """
 
-    def __init__(self, rloc: Tensor, mk: Tensor | None, k: int, kw: int, stride, padding, dilation,
-                 ow: int, hp: int):
-        self.rloc, self.mk, self.k, self.kw = rloc, mk, k, kw
-        self.geom = (stride, padding, dilation, ow)
-        self.rows_per_image = hp * ow
-        self.buf: Tensor | None = None
+    def __init__(self) -> None:
+        self.bufs: dict[tuple[str, torch.dtype], Tensor] = {}
+        self.tables: dict[tuple, Any] = {}
 
-    def rows(self, n0: int, n1: int) -> Tensor:
-        """Rows ``(nt*nc*M*kh,)`` of the chunk's row-unfolded input read by its slots."""
-        rl = self.rloc if self.rloc.shape[1] == 1 else self.rloc[:, n0:n1]
-        off = torch.arange(n1 - n0, device=rl.device).view(1, -1, 1, 1) * self.rows_per_image
-        return (rl + off).reshape(-1)  # (nt*nc*M*kh,)
+    def get(self, role: str, numel: int, like: Tensor) -> Tensor:
+        """A flat scratch tensor of ``numel`` elements of ``like``'s dtype (fresh off the CPU)."""
+        if like.device.type != "cpu":
+            return like.new_empty(numel)
+        key = (role, like.dtype)
+        buf = self.bufs.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = self.bufs[key] = like.new_empty(numel)
+        return buf[:numel]
 
-    def gather(self, xc: Tensor, n0: int, n1: int, r: Tensor) -> Tensor:
-        """Patch matrix ``(nt, nc*M, k)`` of images ``xc = x[n0:n1]`` (a reused buffer)."""
-        stride, padding, dilation, ow = self.geom
-        u = _row_unfold(xc, self.kw, stride, padding, dilation, ow)  # (nc*Hp*ow, kw*C)
-        if self.buf is None or self.buf.shape[0] < r.numel():
-            self.buf = u.new_empty(r.numel(), u.shape[1])
-        nt = self.rloc.shape[0]
-        cols = torch.index_select(u, 0, r, out=self.buf[: r.numel()]).view(nt, -1, self.k)
-        if self.mk is not None:  # image_pad: zero the reads outside the pixel's region
-            mc = self.mk if self.mk.shape[1] == 1 else self.mk[:, n0:n1]
-            cols = (cols.view(nt, n1 - n0, -1, mc.shape[3], u.shape[1] // self.kw) * mc).view(nt, -1, self.k)
-        return cols
+    def arange(self, n: int, device: torch.device) -> Tensor:
+        """``torch.arange(n)`` (int64), read-only: cached on the CPU."""
+        if device.type != "cpu":
+            return torch.arange(n, device=device)
+        key = ("arange", torch.int64)
+        buf = self.bufs.get(key)
+        if buf is None or buf.numel() < n:
+            buf = self.bufs[key] = torch.arange(max(n, 1024))
+        return buf[:n]
+
+    def memo(self, key: tuple, make: Callable[[], Any]) -> Any:
+        """``make()``, kept for the next call with the same ``key`` (index tables that depend
+        on shapes only; read-only). The last :data:`MEMO_SIZE` keys are kept."""
+        value = self.tables.pop(key, None)
+        if value is None:
+            value = make()
+            while len(self.tables) >= MEMO_SIZE:
+                self.tables.pop(next(iter(self.tables)))
+        self.tables[key] = value  # most recent last
+        return value
+
+    def clear(self) -> None:
+        """Free this thread's buffers and tables."""
+        self.bufs.clear()
+        self.tables.clear()
+
+
+_workspace = _Workspace()
+
+
+def _chunk_size(n: int, per_image_bytes: int, device: torch.device) -> int:
+    """Images processed together: all of them off the CPU, a cache-sized chunk on it."""
+    return n if device.type != "cpu" else max(1, min(n, CPU_CHUNK_BYTES // max(per_image_bytes, 1)))
+
+
+def _chunk_order(a: Tensor, step: int) -> Tensor:
+    """Flatten ``a`` (N, nt, M) in the order the chunks process it: chunk by chunk of
+    ``step`` images, tile-major inside a chunk, ``(chunk, nt, image, M)``."""
+    n = a.shape[0]
+    q = n // step
+    parts = []
+    if q:
+        parts.append(a[: q * step].view(q, step, *a.shape[1:]).transpose(1, 2).reshape(-1))
+    if n > q * step:
+        parts.append(a[q * step:].transpose(0, 1).reshape(-1))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+class _Plan:
+    """Index arithmetic of one tiled convolution, flat in chunk order (:func:`_chunk_order`).
+
+    ``rows`` (L*kh,): the row of the gather source that every slot's kernel rows read;
+    ``dest`` (L,): the flat output pixel ``img*np + p`` of every slot (``N*np``: empty slot);
+    ``p`` (L,): the pixel every slot reads (empty slots read pixel ``np-1``).
+    """
+
+    def __init__(self, index: Tensor, n: int, padded_hw: tuple[int, int], out_size: tuple[int, int],
+                 kh: int, stride: tuple[int, int], dilation: tuple[int, int], step: int,
+                 covered: bool, strided: bool):
+        _, nt, m = index.shape
+        oh, ow = out_size
+        np_ = oh * ow
+        hp, wp = padded_hw
+        dev = index.device
+        idx_c = _chunk_order(index.expand(n, nt, m), step)  # (L,) pixel of every slot, np = empty
+        img_c = _workspace.memo(("img_c", n, nt, m, step, dev), lambda: _chunk_order(
+            torch.arange(n, device=dev).view(n, 1, 1).expand(n, nt, m), step))  # (L,) image of every slot
+        # a partition lists every pixel once, so it has empty slots iff nt*M != np
+        self.has_empty = nt * m != np_ if covered else bool((idx_c == np_).any())
+        self.p = idx_c.clamp(max=np_ - 1) if self.has_empty else idx_c
+        row_len = wp if strided else ow  # source rows per padded input row
+
+        def offsets() -> tuple[Tensor, Tensor]:
+            # the source row where a pixel's first kernel row starts, within one image; the
+            # offsets of the other kernel rows
+            oy = torch.arange(oh, device=dev).view(oh, 1) * stride[0]
+            ox = torch.arange(ow, device=dev).view(1, ow)
+            pix = (oy * wp + ox * stride[1] if strided else oy * ow + ox).view(-1)  # (np,)
+            return pix, torch.arange(kh, device=dev) * (dilation[0] * row_len)  # (np,), (kh,)
+
+        pix, ky = _workspace.memo(("pix", oh, ow, wp, kh, stride, dilation, strided, dev), offsets)
+        base = pix.index_select(0, self.p).add_(img_c, alpha=hp * row_len)  # (L,)
+        self.rows = (base.unsqueeze(1) + ky).view(-1)  # (L*kh,)
+        dest = torch.add(idx_c, img_c, alpha=np_)
+        if self.has_empty:
+            dest = torch.where(idx_c == np_, n * np_, dest)
+        self.dest = dest  # (L,)
+
+
+def _chunks(n: int, step: int, per: int) -> list[tuple[int, int, int, int]]:
+    """``(n0, n1, s0, s1)``: image range and slot range of every chunk (``per`` slots/image)."""
+    return [(n0, min(n, n0 + step), n0 * per, min(n, n0 + step) * per) for n0 in range(0, n, step)]
+
+
+def _pad_nhwc(x: Tensor, padding: tuple[int, int]) -> Tensor:
+    """Zero-padded channels-last copy of ``x`` (N, C, H, W) in scratch: ``(N, Hp, Wp, C)``."""
+    n, c, h, w = x.shape
+    ph, pw = padding
+    hp, wp = h + 2 * ph, w + 2 * pw
+    xp = _workspace.get("xp", n * hp * wp * c, x).view(n, hp, wp, c)  # (N, Hp, Wp, C)
+    if ph:
+        xp[:, :ph].zero_()
+        xp[:, ph + h:].zero_()
+    if pw:
+        xp[:, ph:ph + h, :pw].zero_()
+        xp[:, ph:ph + h, pw + w:].zero_()
+    xp[:, ph:ph + h, pw:pw + w] = x.permute(0, 2, 3, 1)
+    return xp
+
+
+def _gather_source(xp: Tensor, kw: int, stride: tuple[int, int], dilation: tuple[int, int],
+                   ow: int) -> tuple[Tensor, bool]:
+    """The matrix whose rows the patches are made of, and whether it is the strided view.
+
+    With dilation 1 across, a kernel row of a patch is ``kw*C`` contiguous numbers of the
+    padded channels-last input, so the source is an overlapping view of it (no copy);
+    otherwise it is the row-unfolded input ``(N*Hp*ow, kw*C)``."""
+    n, hp, wp, c = xp.shape
+    if dilation[1] == 1:
+        return xp.view(-1).as_strided((n * hp * wp - kw + 1, kw * c), (c, 1)), True
+    ew = dilation[1] * (kw - 1) + 1
+    u = xp.unfold(2, ew, stride[1])[..., :: dilation[1]]  # (N, Hp, ow, C, kw)
+    return u.transpose(3, 4).reshape(n * hp * ow, kw * c), False
+
+
+def _window_table(in_hw: tuple[int, int], out_size: tuple[int, int], kernel_size: tuple[int, int],
+                  stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
+                  device: torch.device) -> Tensor:
+    """For every input pixel and kernel offset, the output pixel whose patch reads that input
+    pixel at that offset, ``(H*W*kh*kw,)`` in ``(y, x, ky, kx)`` order; ``np`` where none does."""
+    (h, w), (oh, ow), (kh, kw) = in_hw, out_size, kernel_size
+    ty = torch.arange(h, device=device).view(h, 1, 1, 1) + padding[0] \
+        - torch.arange(kh, device=device).view(1, 1, kh, 1) * dilation[0]  # (H, 1, kh, 1): oy*sh
+    tx = torch.arange(w, device=device).view(1, w, 1, 1) + padding[1] \
+        - torch.arange(kw, device=device).view(1, 1, 1, kw) * dilation[1]  # (1, W, 1, kw): ox*sw
+    oy, ox = ty.div(stride[0], rounding_mode="floor"), tx.div(stride[1], rounding_mode="floor")
+    valid = (ty >= 0) & (ty % stride[0] == 0) & (oy < oh) & (tx >= 0) & (tx % stride[1] == 0) & (ox < ow)
+    return torch.where(valid, oy * ow + ox, oh * ow).view(-1)  # (H*W*kh*kw,)
 
 
 class _TiledConv2dFn(torch.autograd.Function):
-    """Autograd function of the gather-matmul-scatter RAPA convolution.
+    """Autograd function of the gather-matmul-gather RAPA convolution.
 
-    Patch entries are ordered ``(kh, kw, C)`` so that a patch is ``kh`` contiguous rows of
-    a row-unfolded channels-last input, gathered with one ``index_select`` (a memcpy per
-    row). Nothing of patch size is kept for the backward: it gathers the patches again.
+    Patch entries are ordered ``(kh, kw, C)`` so that a patch is ``kh`` rows of ``kw*C``
+    contiguous numbers of the padded channels-last input, gathered with one
+    ``index_select`` (a memcpy per row). Slots are processed in chunks of images, tile-major
+    inside a chunk: one batched matmul per chunk, then the chunk's output pixels are
+    gathered in order from its slots. Nothing of patch size is kept for the backward: it
+    gathers the patches again; the input gradient is gathered back to pixel order the same
+    way (each covered pixel has exactly one slot) and summed over the kernel window.
     """
 
     @staticmethod
@@ -132,79 +235,112 @@ class _TiledConv2dFn(torch.autograd.Function):
         k = c * kh * kw
         oh, ow = out_size
         np_ = oh * ow
-        b, _, m = index.shape  # index (B, nt, M), B in {1, N}; value np = empty slot
-        idx = index.transpose(0, 1).contiguous()  # (nt, B, M)
-        # a partition lists every pixel once, so it has empty slots iff nt*M != np
-        has_empty = nt * m != np_ if covered else bool((idx == np_).any())
-        p = idx.clamp(max=np_ - 1)  # (nt, B, M) pixel read (empty slots read pixel np-1)
-        ky = torch.arange(kh, device=x.device) * (dilation[0] * ow)  # (kh,)
-        rloc = (((p // ow) * stride[0]) * ow + p % ow).unsqueeze(-1) + ky  # (nt, B, M, kh)
-        # flat destination row of every slot in the (N*np [+1 empty], cout) output
-        nn_ = torch.arange(n, device=x.device).view(1, n, 1)  # (1, N, 1)
-        dest = (nn_ * np_ + idx).expand(nt, n, m)  # (nt, N, M)
-        if has_empty:
-            dest = torch.where(idx == np_, n * np_, dest)
-        mk = None if mask is None else mask[p].view(nt, b, m, kh * kw, 1)  # image_pad region mask
-        patches = _Patches(rloc, mk, k, kw, stride, padding, dilation, ow, h + 2 * padding[0])
+        m = index.shape[2]  # index (B, nt, M), B in {1, N}; value np = empty slot
+        step = _chunk_size(n, nt * m * k * x.element_size(), x.device)
+        xp = _pad_nhwc(x, padding)  # (N, Hp, Wp, C) scratch
+        src, strided = _gather_source(xp, kw, stride, dilation, ow)
+        plan = _Plan(index, n, xp.shape[1:3], out_size, kh, stride, dilation, step, covered, strided)
+        mk = None if mask is None else mask[plan.p].unsqueeze(-1)  # (L, kh*kw, 1) image_pad mask
 
-        wm = weight.permute(0, 1, 3, 4, 2).reshape(nt, cout, k)  # (nt, cout, k) in (kh, kw, C) order
-        out = (x.new_empty if covered else x.new_zeros)(rows_total(n, np_, has_empty), cout)
-        for n0, n1 in _image_chunks(n, nt * m * k * x.element_size(), x.device):
-            cols = patches.gather(x[n0:n1], n0, n1, patches.rows(n0, n1))  # (nt, nc*M, k)
+        wt = weight.permute(0, 3, 4, 2, 1).reshape(nt, k, cout)  # (nt, k, cout), k in (kh, kw, C) order
+        length = n * nt * m
+        # every output pixel's slot within its chunk (an uncovered pixel: the chunk's zero row)
+        inv = plan.dest.new_empty(n * np_ + 1) if covered else plan.dest.new_full((n * np_ + 1,), -1)
+        inv.scatter_(0, plan.dest, _workspace.arange(length, x.device))
+        def chunk_slots() -> tuple[Tensor, Tensor]:
+            n0s = torch.arange(n, device=x.device).div(step, rounding_mode="floor") * step
+            clen = (n - n0s).clamp_(max=step) * (nt * m)  # slots of the image's chunk
+            return (n0s * (nt * m)).unsqueeze(1), clen.unsqueeze(1)  # (N, 1) each
+
+        sbase, clen = _workspace.memo(("chunk_slots", n, step, nt * m, x.device), chunk_slots)
+        local = inv[: n * np_].view(n, np_) - sbase  # (N, np)
+        if not covered:
+            local = torch.where(local < 0, clen, local)
+        out = x.new_empty(n * np_, cout)  # (N*np, cout) pixel order
+        buf = _workspace.get("cols", step * nt * m * k, x).view(-1, kw * c)
+        y = _workspace.get("y", (step * nt * m + 1) * cout, x).view(-1, cout)  # a chunk's slots + a zero row
+        for n0, n1, s0, s1 in _chunks(n, step, nt * m):
+            cols = torch.index_select(src, 0, plan.rows[s0 * kh:s1 * kh], out=buf[: (s1 - s0) * kh])
+            cols = cols.view(nt, -1, k)  # (nt, nc*M, k)
+            if mk is not None:  # image_pad: zero the reads outside the pixel's region
+                cols = (cols.view(s1 - s0, kh * kw, c) * mk[s0:s1]).view(nt, -1, k)
+            yc = y[: s1 - s0].view(nt, -1, cout)  # (nt, nc*M, cout) tile-major
             if bias is not None:
-                y = torch.baddbmm(bias.unsqueeze(1), cols, wm.transpose(1, 2))  # (nt, nc*M, cout)
+                torch.baddbmm(bias.unsqueeze(1), cols, wt, out=yc)
             else:
-                y = torch.bmm(cols, wm.transpose(1, 2))  # (nt, nc*M, cout)
-            out.index_copy_(0, dest[:, n0:n1].reshape(-1), y.view(-1, cout))
-        out = out[: n * np_].view(n, oh, ow, cout).permute(0, 3, 1, 2)  # (N, cout, oh, ow) NHWC memory
+                torch.bmm(cols, wt, out=yc)
+            if not covered:
+                y[s1 - s0].zero_()
+            # the chunk's output pixels, in order, gathered from its slots (in cache)
+            torch.index_select(y, 0, local[n0:n1].view(-1), out=out[n0 * np_:n1 * np_])
+        out = out.view(n, oh, ow, cout).permute(0, 3, 1, 2)  # (N, cout, oh, ow) NHWC memory
 
-        ctx.save_for_backward(x, wm, dest, rloc, mk)
-        ctx.meta = (stride, padding, dilation, out_size, has_empty, bias is not None)
+        # for the input gradient: the slot map with a last column pointing at the zero row
+        # (in units of patch pieces: kh*kw pieces of C numbers per slot)
+        ext = torch.cat([local, clen], 1).mul_(kh * kw) if ctx.needs_input_grad[0] else None  # (N, np+1)
+        ctx.save_for_backward(x, wt, plan.rows, plan.dest, ext, mk)
+        ctx.meta = (stride, padding, dilation, out_size, plan.has_empty, bias is not None, step, kh,
+                    kw, covered)
         if x.is_contiguous(memory_format=torch.channels_last) and x.stride(1) == 1:
             return out  # the input is channels-last (also when C == 1): so is the output
         return out.contiguous()
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        x, wm, dest, rloc, mk = ctx.saved_tensors
-        stride, padding, dilation, out_size, has_empty, has_bias = ctx.meta
+        x, wt, rows, dest, ext, mk = ctx.saved_tensors
+        stride, padding, dilation, out_size, has_empty, has_bias, step, kh, kw, covered = ctx.meta
         n, c, h, w = x.shape
-        nt, cout, k = wm.shape
-        kh = rloc.shape[-1]
-        kw = k // (kh * c)
+        nt, k, cout = wt.shape
         oh, ow = out_size
         np_ = oh * ow
-        m = rloc.shape[2]
-        hp = h + 2 * padding[0]
+        m = dest.shape[0] // (n * nt)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        patches = _Patches(rloc, mk, k, kw, stride, padding, dilation, ow, hp)
 
-        # output gradient of every slot in tile-major order (empty slots read a zero row)
         gflat = grad_out.permute(0, 2, 3, 1).reshape(n * np_, cout)  # (N*np, cout)
-        if has_empty:
+        if has_empty:  # empty slots read a zero row
             gflat = torch.cat([gflat, gflat.new_zeros(1, cout)])
-        gw = wm.new_zeros(nt, cout, k) if need_w else None
-        gb = wm.new_zeros(nt, cout) if need_b and has_bias else None
-        gx = x.new_empty(n, h, w, c) if need_x else None  # (N, H, W, C)
-        gc_buf = None
-        for n0, n1 in _image_chunks(n, nt * m * k * x.element_size(), x.device):
-            g = gflat.index_select(0, dest[:, n0:n1].reshape(-1)).view(nt, -1, cout)  # (nt, nc*M, cout)
-            r = patches.rows(n0, n1)
+        gw = gb = gx = src = table = None
+        if need_w:
+            gw = wt.new_zeros(nt, cout, k)
+            src, _ = _gather_source(_pad_nhwc(x, padding), kw, stride, dilation, ow)
+        if need_b and has_bias:
+            gb = wt.new_zeros(nt, cout)
+        if need_x:
+            gx = x.new_empty(n, h, w, c)  # (N, H, W, C)
+            # for every input pixel of a chunk and kernel offset: the patch piece that reads it
+            # (as an entry of ext) and the piece's offset in its patch
+            def window() -> tuple[Tensor, Tensor]:
+                table = _window_table((h, w), out_size, (kh, kw), stride, padding, dilation, x.device)
+                img = torch.arange(step, device=x.device).view(step, 1) * (np_ + 1)
+                koff = torch.arange(kh * kw, device=x.device).repeat(step * h * w)
+                return (img + table).view(-1), koff  # (step*H*W*kh*kw,) each
+
+            table, koff = _workspace.memo(("window", step, (h, w), out_size, (kh, kw), stride, padding,
+                                           dilation, x.device), window)
+        for n0, n1, s0, s1 in _chunks(n, step, nt * m):
+            g = _workspace.get("g", (s1 - s0) * cout, gflat).view(s1 - s0, cout)
+            g = torch.index_select(gflat, 0, dest[s0:s1], out=g).view(nt, -1, cout)  # (nt, nc*M, cout)
             if gw is not None:
-                gw.baddbmm_(g.transpose(1, 2), patches.gather(x[n0:n1], n0, n1, r))  # (nt, cout, k)
+                buf = _workspace.get("cols", (s1 - s0) * k, x).view(-1, kw * c)
+                cols = torch.index_select(src, 0, rows[s0 * kh:s1 * kh], out=buf).view(nt, -1, k)
+                if mk is not None:
+                    cols = (cols.view(s1 - s0, kh * kw, c) * mk[s0:s1]).view(nt, -1, k)
+                gw.baddbmm_(g.transpose(1, 2), cols)  # (nt, cout, k)
             if gb is not None:
                 gb += g.sum(1)
             if gx is not None:
-                p_c = g.shape[1]
-                if gc_buf is None or gc_buf.numel() < nt * p_c * k:
-                    gc_buf = wm.new_empty(nt * p_c * k)  # reused: a fresh one is page-faulted in
-                gc = torch.bmm(g, wm, out=gc_buf[: nt * p_c * k].view(nt, p_c, k))  # (nt, nc*M, k)
-                if mk is not None:
-                    mc = mk if mk.shape[1] == 1 else mk[:, n0:n1]
-                    gc = (gc.view(nt, n1 - n0, m, kh * kw, c) * mc).view(nt, -1, k)
-                gu = gc.new_zeros((n1 - n0) * hp * ow, kw * c)  # (nc*Hp*ow, kw*C)
-                gu.index_add_(0, r, gc.view(-1, kw * c))
-                gx[n0:n1] = _row_fold(gu, (n1 - n0, c, h, w), kw, stride, padding, dilation, ow)
+                gc = _workspace.get("gc", (s1 - s0 + 1) * k, wt).view(-1, k)  # the slots + a zero row
+                torch.bmm(g, wt.transpose(1, 2), out=gc[: s1 - s0].view(nt, -1, k))  # (nt, nc*M, k)
+                if mk is not None:  # in place: gathered below
+                    gc[: s1 - s0].view(s1 - s0, kh * kw, c).mul_(mk[s0:s1])
+                gc[s1 - s0].zero_()
+                # every input pixel sums the kh*kw pieces of patch gradient that read it: one
+                # gather of C-sized pieces (absent ones read the zero row), one sum
+                e = (n1 - n0) * h * w * kh * kw
+                j = ext[n0:n1].view(-1).index_select(0, table[:e]).add_(koff[:e])  # (nc*H*W*kh*kw,)
+                pieces = _workspace.get("gn", e * c, wt).view(-1, c)
+                pieces = torch.index_select(gc.view(-1, c), 0, j, out=pieces)
+                torch.sum(pieces.view(-1, kh * kw, c), 1, out=gx[n0:n1].view(-1, c))
         grad_w = None if gw is None else gw.view(nt, cout, kh, kw, c).permute(0, 1, 4, 2, 3).contiguous()
         grad_x = None if gx is None else gx.permute(0, 3, 1, 2)  # (N, C, H, W) channels-last memory
         return grad_x, grad_w, gb, None, None, None, None, None, None, None
