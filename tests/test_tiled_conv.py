@@ -387,3 +387,80 @@ def test_chunked_patch_gather_matches_per_pixel_reference(monkeypatch, scheme, n
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(layer.weight.grad, w_ref.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_scratch_reuse_across_layers_calls_and_threads():
+    # the CPU path keeps scratch buffers and index tables per thread between calls: two layers
+    # of different shapes and dtypes, forwards interleaved before their backwards, and the
+    # same work on two threads at once must all match nn.Conv2d (identical tiles)
+    import threading
+
+    def case(seed: int, dtype: torch.dtype):
+        torch.manual_seed(seed)
+        convs = [nn.Conv2d(3, 8, 3, padding=1).to(dtype), nn.Conv2d(8, 5, 5, stride=2, padding=2).to(dtype)]
+        tiled = [TiledConv2d.from_conv2d(convs[0], 4, "random"), TiledConv2d.from_conv2d(convs[1], 9, "random")]
+        xs = [torch.randn(6, 3, 12, 10, dtype=dtype, requires_grad=True),
+              torch.randn(4, 8, 9, 11, dtype=dtype, requires_grad=True)]
+        ys = [layer(x) for layer, x in zip(tiled, xs)]  # both forwards before any backward
+        x_refs = [x.detach().clone().requires_grad_(True) for x in xs]
+        refs = [conv(x) for conv, x in zip(convs, x_refs)]
+        for y, ref in zip(reversed(ys), reversed(refs)):
+            g = torch.randn_like(ref)
+            y.backward(g)
+            ref.backward(g)
+        return ys, refs, xs, x_refs, tiled, convs
+
+    def check(result):
+        ys, refs, xs, x_refs, tiled, convs = result
+        tol = dict(rtol=1e-4, atol=1e-4) if ys[0].dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+        for y, ref, layer, conv in zip(ys, refs, tiled, convs):
+            torch.testing.assert_close(y, ref, **tol)
+            torch.testing.assert_close(layer.weight.grad.sum(0), conv.weight.grad, **tol)
+        for x, x_ref in zip(xs, x_refs):
+            torch.testing.assert_close(x.grad, x_ref.grad, **tol)
+
+    check(case(0, torch.float32))
+    check(case(1, torch.float64))
+    results, errors = {}, []
+
+    def work(i: int) -> None:
+        try:
+            for _ in range(6):
+                results[i] = case(10 + i, torch.float32)
+                check(results[i])
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for r in results.values():
+        check(r)
+
+
+def test_input_gradient_matches_per_pixel_reference_with_distinct_tiles():
+    # distinct tiles, stride and padding: the gathered input gradient against autograd
+    # through a per-pixel reference
+    torch.manual_seed(0)
+    layer = TiledConv2d(3, 4, 3, stride=2, padding=1, tiles=5, scheme="random")
+    x = torch.randn(3, 3, 9, 8, dtype=torch.float64, requires_grad=True)
+    layer = layer.double()
+    index = layer.assignment(x)
+    oh, ow = layer.output_size(9, 8)
+    s = schemes.index_to_tile_map(index, oh * ow).view(3, oh, ow)
+    y = layer(x, index=index)
+    g = torch.randn_like(y)
+    y.backward(g)
+    x_ref = x.detach().clone().requires_grad_(True)
+    w_ref = layer.weight.detach().clone().requires_grad_(True)
+    b_ref = layer.bias.detach().clone().requires_grad_(True)
+    ys = torch.stack([F.conv2d(x_ref, w_ref[j], b_ref[j], stride=2, padding=1) for j in range(5)])
+    ref = ys.gather(0, s.unsqueeze(0).unsqueeze(2).expand(1, 3, 4, oh, ow))[0]  # (N, cout, oh, ow)
+    torch.testing.assert_close(y, ref)
+    ref.backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(layer.weight.grad, w_ref.grad)
+    torch.testing.assert_close(layer.bias.grad, b_ref.grad)

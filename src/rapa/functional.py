@@ -1,9 +1,11 @@
 """Functional RAPA convolution: ``np`` patches times one of ``nt`` kernel matrices each.
 
-The fast path gathers every patch exactly once, straight into tile-major order
-``(nt, N*M, k)``, runs one batched matmul per tile, and scatters the outputs back. Its
-backward reuses the gathered patches for the weight gradient and skips the input
-gradient when the input does not need it. MAC count equals ``F.conv2d``'s.
+The fast path gathers every patch straight into tile-major order ``(nt, N*M, k)`` from
+an overlapping view of the padded channels-last input, runs one batched matmul over the
+tiles, and gathers the outputs back into pixel order. The backward gathers the patches
+again (nothing patch-sized is kept), and gathers the input gradient back the same way; it
+skips the input gradient when the input does not need it. MAC count equals ``F.conv2d``'s.
+On CPU the work goes in cache-sized chunks of images with per-thread scratch buffers.
 """
 
 from __future__ import annotations
@@ -38,11 +40,6 @@ def conv_output_size(h: int, w: int, kernel_size: _size2, stride: _size2 = 1,
     oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     return oh, ow
-
-
-def rows_total(n: int, np_: int, has_empty: bool) -> int:
-    """Rows of a flat (N*np, ...) scatter buffer, plus one to discard empty slots."""
-    return n * np_ + (1 if has_empty else 0)
 
 
 # CPU: work on chunks of images whose patch matrix stays in cache, with scratch buffers that

@@ -177,7 +177,7 @@ class ConvNet(nn.Module):
             indices = (None, None, None)
         elif len(indices) != 3:
             raise ValueError(f"indices has {len(indices)} entries: expected one per conv layer (3)")
-        # channels-last memory end to end: the tiled convs gather and scatter pixel rows, and
+        # channels-last memory end to end: the tiled convs gather pixel rows, and
         # NCHW would cost a transposition per layer and direction (the values are the same)
         x = channels_last(x)
         x = self.norm1(self.pool1(F.relu(self.conv1(x, indices[0]))))  # (N, c1, H/2, W/2)

@@ -13,7 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rapa.functional import conv_output_size, rows_total
+from rapa.functional import conv_output_size
+
+
+def rows_total(n: int, np_: int, has_empty: bool) -> int:
+    """Rows of a flat (N*np, ...) scatter buffer, plus one to discard empty slots."""
+    return n * np_ + (1 if has_empty else 0)
 
 
 class _GatherPatches(torch.autograd.Function):

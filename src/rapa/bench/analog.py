@@ -85,7 +85,7 @@ def build_nets(preset: str, size: int = 32, in_channels: int = 3, seed: int = 0)
 
 def run_analog_bench(preset: str = "rpu-baseline", batch: int = 10, size: int = 32,
                      repeats: int = 5, device: str = "cpu", threads: int = 1) -> AnalogBench:
-    """Time one training step of both nets (median of ``repeats``, interleaved), with
+    """Time one training step of both nets (fastest of ``repeats``, interleaved), with
     ``threads`` torch/OpenMP threads (0: leave the setting as it is)."""
     from rapa.analog import require_aihwkit
 
@@ -132,7 +132,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="rpu-baseline", help="analog preset (rpu-baseline, ideal, aihwkit:CLASS)")
     parser.add_argument("--batch", type=int, default=10, help="minibatch size (the paper: 10)")
     parser.add_argument("--size", type=int, default=32, help="input side (32: CIFAR, 28: digits)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps per net (median)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per net (fastest counts)")
     parser.add_argument("--device", default="cpu", help="cpu (the simulator of this aihwkit build)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch/OpenMP threads during the run (0: leave the default)")

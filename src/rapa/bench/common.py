@@ -1,8 +1,7 @@
-"""Shared timing helpers: interleaved repetitions, median times, device resolution."""
+"""Shared timing helpers: interleaved repetitions, fastest times, device resolution."""
 
 from __future__ import annotations
 
-import statistics
 import time
 from typing import Callable
 
@@ -24,8 +23,10 @@ def sync(device: torch.device) -> None:
 
 def time_interleaved(fns: dict[str, Callable[[], None]], device: torch.device, repeats: int = 5,
                      warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of every function, run round-robin so that noise on a shared
-    machine hits all of them alike."""
+    """Fastest seconds per call of every function, run round-robin so that noise on a shared
+    machine hits all of them alike. The minimum, not the median: on a shared machine noise
+    only ever adds time (other tenants, cache and memory-bandwidth contention, thread
+    wake-ups), so the fastest repetition is the best estimate of each function's own cost."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -38,7 +39,7 @@ def time_interleaved(fns: dict[str, Callable[[], None]], device: torch.device, r
             fn()
             sync(device)
             samples[name].append(time.perf_counter() - t)
-    return {name: statistics.median(v) for name, v in samples.items()}
+    return {name: min(v) for name, v in samples.items()}
 
 
 def geomean(values: list[float]) -> float:

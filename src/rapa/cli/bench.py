@@ -18,7 +18,7 @@ def register(sub) -> None:
     c = which.add_parser("conv", help="one conv layer: nn.Conv2d vs TiledConv2d vs the naive method")
     c.add_argument("--batch", type=int, nargs="+", default=[10, 128], help="batch sizes")
     c.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    c.add_argument("--repeats", type=int, default=5, help="timed repetitions per method (median)")
+    c.add_argument("--repeats", type=int, default=5, help="timed repetitions per method (fastest counts)")
     c.add_argument("--channels-last", action="store_true",
                    help="give every method NHWC (channels_last) inputs instead of NCHW")
     c.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
