@@ -464,3 +464,22 @@ def test_input_gradient_matches_per_pixel_reference_with_distinct_tiles():
     torch.testing.assert_close(x.grad, x_ref.grad)
     torch.testing.assert_close(layer.weight.grad, w_ref.grad)
     torch.testing.assert_close(layer.bias.grad, b_ref.grad)
+
+
+@pytest.mark.parametrize("np_,nt", [(64, 4), (63, 16)])
+def test_random_fixed_partition_is_a_function_of_the_seed(np_, nt):
+    # a random_fixed layer saves only its seed, so the partition must stay what the seed gave
+    # when the model was saved: the argsort of torch.rand keys drawn from that seed, dealt
+    # round-robin to the tiles (and, when np % nt != 0, the full columns to tiles tau)
+    seed = 1234
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.rand(1, np_, generator=g).argsort(dim=1)[0].tolist()
+    m = -(-np_ // nt)
+    expected = [[perm[r * nt + col] if r * nt + col < np_ else np_ for r in range(m)] for col in range(nt)]
+    if m * nt != np_:
+        tau = torch.rand(1, nt, generator=g).argsort(dim=1)[0].tolist()
+        expected = [expected[t] for t in tau]
+    side = math.isqrt(np_) if math.isqrt(np_) ** 2 == np_ else None
+    oh, ow = (side, side) if side else (7, 9)
+    got = schemes.assignment_index("random_fixed", nt, 5, oh, ow, fixed_seed=seed)
+    assert got.tolist() == [expected]

@@ -160,11 +160,6 @@ class _Plan:
         self.dest = dest  # (L,)
 
 
-def _chunks(n: int, step: int, per: int) -> list[tuple[int, int, int, int]]:
-    """``(n0, n1, s0, s1)``: image range and slot range of every chunk (``per`` slots/image)."""
-    return [(n0, min(n, n0 + step), n0 * per, min(n, n0 + step) * per) for n0 in range(0, n, step)]
-
-
 def _pad_nhwc(x: Tensor, padding: tuple[int, int]) -> Tensor:
     """Zero-padded channels-last copy of ``x`` (N, C, H, W) in scratch: ``(N, Hp, Wp, C)``."""
     n, c, h, w = x.shape
@@ -254,22 +249,32 @@ class _TiledConv2dFn(torch.autograd.Function):
         if not covered:
             local = torch.where(local < 0, clen, local)
         out = x.new_empty(n * np_, cout)  # (N*np, cout) pixel order
+        sizes = [min(step, n - n0) for n0 in range(0, n, step)]  # images per chunk
+        slots = [nc * nt * m for nc in sizes]
+        rows_c = plan.rows.split([sl * kh for sl in slots])
+        local_c = local.view(-1).split([nc * np_ for nc in sizes])
+        out_c = out.split([nc * np_ for nc in sizes])
+        mk_c = None if mk is None else mk.split(slots)
         buf = _workspace.get("cols", step * nt * m * k, x).view(-1, kw * c)
         y = _workspace.get("y", (step * nt * m + 1) * cout, x).view(-1, cout)  # a chunk's slots + a zero row
-        for n0, n1, s0, s1 in _chunks(n, step, nt * m):
-            cols = torch.index_select(src, 0, plan.rows[s0 * kh:s1 * kh], out=buf[: (s1 - s0) * kh])
-            cols = cols.view(nt, -1, k)  # (nt, nc*M, k)
-            if mk is not None:  # image_pad: zero the reads outside the pixel's region
-                cols = (cols.view(s1 - s0, kh * kw, c) * mk[s0:s1]).view(nt, -1, k)
-            yc = y[: s1 - s0].view(nt, -1, cout)  # (nt, nc*M, cout) tile-major
-            if bias is not None:
-                torch.baddbmm(bias.unsqueeze(1), cols, wt, out=yc)
+        b3 = None if bias is None else bias.unsqueeze(1)  # (nt, 1, cout)
+        views: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+        for q, sl in enumerate(slots):
+            if sl not in views:  # at most two sizes: full chunks, then the last one
+                if not covered:
+                    y[sl].zero_()  # the uncovered pixels' row
+                views[sl] = (buf[: sl * kh], buf[: sl * kh].view(nt, -1, k), y[: sl + 1],
+                             y[:sl].view(nt, -1, cout))
+            cols2, cols, ys, yc = views[sl]  # (sl*kh, kw*C), (nt, nc*M, k), (sl+1, cout), (nt, nc*M, cout)
+            torch.index_select(src, 0, rows_c[q], out=cols2)
+            if mk_c is not None:  # image_pad: zero the reads outside the pixel's region
+                cols = (cols.view(sl, kh * kw, c) * mk_c[q]).view(nt, -1, k)
+            if b3 is not None:
+                torch.baddbmm(b3, cols, wt, out=yc)
             else:
                 torch.bmm(cols, wt, out=yc)
-            if not covered:
-                y[s1 - s0].zero_()
             # the chunk's output pixels, in order, gathered from its slots (in cache)
-            torch.index_select(y, 0, local[n0:n1].view(-1), out=out[n0 * np_:n1 * np_])
+            torch.index_select(ys, 0, local_c[q], out=out_c[q])
         out = out.view(n, oh, ow, cout).permute(0, 3, 1, 2)  # (N, cout, oh, ow) NHWC memory
 
         # for the input gradient: the slot map with a last column pointing at the zero row
@@ -298,7 +303,7 @@ class _TiledConv2dFn(torch.autograd.Function):
             gflat = torch.cat([gflat, gflat.new_zeros(1, cout)])
         gw = gb = gx = src = table = None
         if need_w:
-            gw = wt.new_zeros(nt, cout, k)
+            gw = wt.new_zeros(nt, k, cout)  # the weight gradient, transposed like wt
             src, _ = _gather_source(_pad_nhwc(x, padding), kw, stride, dilation, ow)
         if need_b and has_bias:
             gb = wt.new_zeros(nt, cout)
@@ -314,31 +319,61 @@ class _TiledConv2dFn(torch.autograd.Function):
 
             table, koff = _workspace.memo(("window", step, (h, w), out_size, (kh, kw), stride, padding,
                                            dilation, x.device), window)
-        for n0, n1, s0, s1 in _chunks(n, step, nt * m):
-            g = _workspace.get("g", (s1 - s0) * cout, gflat).view(s1 - s0, cout)
-            g = torch.index_select(gflat, 0, dest[s0:s1], out=g).view(nt, -1, cout)  # (nt, nc*M, cout)
+        sizes = [min(step, n - n0) for n0 in range(0, n, step)]  # images per chunk
+        slots = [nc * nt * m for nc in sizes]
+        dest_c = dest.split(slots)
+        rows_c = rows.split([sl * kh for sl in slots])
+        mk_c = None if mk is None else mk.split(slots)
+        gbp = None if gb is None else wt.new_empty(len(sizes), nt, cout)  # per-chunk bias gradients
+        gmax = step * nt * m
+        gbuf = _workspace.get("g", gmax * cout, gflat)
+        if gw is not None:
+            cbuf = _workspace.get("cols", gmax * k, x).view(-1, kw * c)
+        if gx is not None:
+            ext_c = ext.view(-1).split([nc * (np_ + 1) for nc in sizes])
+            gx_c = gx.view(-1, c).split([nc * h * w for nc in sizes])
+            gcbuf = _workspace.get("gc", (gmax + 1) * k, wt).view(-1, k)  # a chunk's slots + a zero row
+            emax = step * h * w * kh * kw
+            jbuf = _workspace.get("j", emax, table)
+            pbuf = _workspace.get("gn", emax * c, wt).view(-1, c)
+            wm = wt.transpose(1, 2)  # (nt, cout, k)
+        views: dict[int, tuple] = {}
+        for q, (nc, sl) in enumerate(zip(sizes, slots)):
+            if sl not in views:  # at most two sizes: full chunks, then the last one
+                g2 = gbuf[: sl * cout].view(sl, cout)
+                g3 = g2.view(nt, -1, cout)  # (nt, nc*M, cout)
+                v = [g2, g3, g3.transpose(1, 2)]
+                if gw is not None:
+                    v += [cbuf[: sl * kh], cbuf[: sl * kh].view(nt, -1, k)]
+                if gx is not None:
+                    gcbuf[sl].zero_()  # the zero row that absent pieces read
+                    e = nc * h * w * kh * kw
+                    v += [gcbuf[:sl].view(nt, -1, k), gcbuf[: sl + 1].view(-1, c), jbuf[:e], table[:e],
+                          koff[:e], pbuf[:e], pbuf[:e].view(-1, kh * kw, c)]
+                views[sl] = tuple(v)
+            g2, g3, g3t = views[sl][:3]
+            torch.index_select(gflat, 0, dest_c[q], out=g2)  # output gradient of every slot
             if gw is not None:
-                buf = _workspace.get("cols", (s1 - s0) * k, x).view(-1, kw * c)
-                cols = torch.index_select(src, 0, rows[s0 * kh:s1 * kh], out=buf).view(nt, -1, k)
-                if mk is not None:
-                    cols = (cols.view(s1 - s0, kh * kw, c) * mk[s0:s1]).view(nt, -1, k)
-                gw.baddbmm_(g.transpose(1, 2), cols)  # (nt, cout, k)
-            if gb is not None:
-                gb += g.sum(1)
+                cols2, cols = views[sl][3:5]
+                torch.index_select(src, 0, rows_c[q], out=cols2)
+                if mk_c is not None:
+                    cols = (cols.view(sl, kh * kw, c) * mk_c[q]).view(nt, -1, k)
+                gw.baddbmm_(cols.transpose(1, 2), g3)  # (nt, k, cout)
+            if gbp is not None:
+                torch.sum(g3, 1, out=gbp[q])
             if gx is not None:
-                gc = _workspace.get("gc", (s1 - s0 + 1) * k, wt).view(-1, k)  # the slots + a zero row
-                torch.bmm(g, wt.transpose(1, 2), out=gc[: s1 - s0].view(nt, -1, k))  # (nt, nc*M, k)
-                if mk is not None:  # in place: gathered below
-                    gc[: s1 - s0].view(s1 - s0, kh * kw, c).mul_(mk[s0:s1])
-                gc[s1 - s0].zero_()
+                gc, pieces_src, j, tab, ko, pieces2, pieces3 = views[sl][-7:]
+                torch.bmm(g3, wm, out=gc)  # (nt, nc*M, k) patch gradients
+                if mk_c is not None:  # in place: gathered below
+                    gc.view(sl, kh * kw, c).mul_(mk_c[q])
                 # every input pixel sums the kh*kw pieces of patch gradient that read it: one
                 # gather of C-sized pieces (absent ones read the zero row), one sum
-                e = (n1 - n0) * h * w * kh * kw
-                j = ext[n0:n1].view(-1).index_select(0, table[:e]).add_(koff[:e])  # (nc*H*W*kh*kw,)
-                pieces = _workspace.get("gn", e * c, wt).view(-1, c)
-                pieces = torch.index_select(gc.view(-1, c), 0, j, out=pieces)
-                torch.sum(pieces.view(-1, kh * kw, c), 1, out=gx[n0:n1].view(-1, c))
-        grad_w = None if gw is None else gw.view(nt, cout, kh, kw, c).permute(0, 1, 4, 2, 3).contiguous()
+                torch.index_select(ext_c[q], 0, tab, out=j).add_(ko)
+                torch.index_select(pieces_src, 0, j, out=pieces2)
+                torch.sum(pieces3, 1, out=gx_c[q])
+        if gbp is not None:
+            gb = gbp.sum(0)
+        grad_w = None if gw is None else gw.view(nt, kh, kw, c, cout).permute(0, 4, 3, 1, 2).contiguous()
         grad_x = None if gx is None else gx.permute(0, 3, 1, 2)  # (N, C, H, W) channels-last memory
         return grad_x, grad_w, gb, None, None, None, None, None, None, None
 

@@ -85,20 +85,24 @@ def random_partition_index(
     nt: int,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
+    canonical: bool = False,
 ) -> Tensor:
     """Gather index ``(b, nt, M)`` of ``b`` independent uniformly random balanced partitions.
 
     Every tile gets ``floor(np/nt)`` or ``ceil(np/nt)`` pixels (sizes differ by at most 1),
     which tiles get the extra pixel is random too; empty slots hold ``np``.
+    ``canonical=True`` draws the permutations by sorting ``torch.rand`` keys on any device,
+    so that a seeded generator always gives the same partition (``random_fixed`` layers
+    save only their seed); otherwise the fastest draw for the device is used.
     """
     m = -(-np_ // nt)  # ceil(np/nt) = M
     rem = np_ - (m - 1) * nt  # tiles that get M pixels (1..nt)
-    perm = _rand_perm(b, np_, generator, device)  # (b, np)
+    perm = _rand_perm(b, np_, generator, device, canonical)  # (b, np)
     if m * nt != np_:
         perm = torch.cat([perm, perm.new_full((b, m * nt - np_), np_)], dim=1)  # (b, M*nt)
     cols = perm.view(b, m, nt).transpose(1, 2)  # (b, nt, M): column c of the rank grid
     if rem < nt:  # give the full columns to a random set of tiles
-        tau = _rand_perm(b, nt, generator, device)  # (b, nt)
+        tau = _rand_perm(b, nt, generator, device, canonical)  # (b, nt)
         cols = cols.gather(1, tau.unsqueeze(2).expand(b, nt, m))
     return cols.contiguous()
 
@@ -168,7 +172,7 @@ def assignment_index(
         if fixed_seed is None:
             raise ValueError("scheme='random_fixed' needs fixed_seed")
         g = torch.Generator().manual_seed(int(fixed_seed))
-        return random_partition_index(1, np_, nt, g).to(device)
+        return random_partition_index(1, np_, nt, g, canonical=True).to(device)
     return tile_map_to_index(grid_tile_map(scheme, nt, oh, ow, device), nt)
 
 
@@ -212,15 +216,16 @@ def region_mask(nt: int, h: int, w: int, oh: int, ow: int, kernel_size: tuple[in
     return ((same_y & same_x) | ~inside).reshape(oh * ow, kh * kw)
 
 
-def _rand_perm(b: int, n: int, generator: torch.Generator | None, device) -> Tensor:
+def _rand_perm(b: int, n: int, generator: torch.Generator | None, device,
+               canonical: bool = False) -> Tensor:
     """``b`` independent uniformly random permutations of ``range(n)``, shape ``(b, n)``.
 
     On the CPU one ``randperm`` per row (a shuffle, several times faster than sorting
-    random keys); elsewhere the argsort of random keys, one kernel for the whole batch.
+    random keys); elsewhere, or when ``canonical``, the argsort of ``torch.rand`` keys.
     """
     gen_dev = torch.device("cpu") if generator is None else generator.device
     dev = gen_dev if device is None else torch.device(device)
-    if dev.type == "cpu" and gen_dev.type == "cpu":
+    if dev.type == "cpu" and gen_dev.type == "cpu" and not canonical:
         out = torch.empty(b, n, dtype=torch.long)
         for row in out:  # rows, not patches: b calls of a compiled shuffle
             torch.randperm(n, generator=generator, out=row)
