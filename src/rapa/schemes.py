@@ -98,8 +98,6 @@ def random_partition_index(
     m = -(-np_ // nt)  # ceil(np/nt) = M
     rem = np_ - (m - 1) * nt  # tiles that get M pixels (1..nt)
     perm = _rand_perm(b, np_, generator, device, canonical)  # (b, np)
-    if m * nt == np_ and not canonical:  # equal blocks of a uniform permutation: no copy
-        return perm.view(b, nt, m)
     if m * nt != np_:
         perm = torch.cat([perm, perm.new_full((b, m * nt - np_), np_)], dim=1)  # (b, M*nt)
     cols = perm.view(b, m, nt).transpose(1, 2)  # (b, nt, M): column c of the rank grid
