@@ -483,3 +483,15 @@ def test_random_fixed_partition_is_a_function_of_the_seed(np_, nt):
     oh, ow = (side, side) if side else (7, 9)
     got = schemes.assignment_index("random_fixed", nt, 5, oh, ow, fixed_seed=seed)
     assert got.tolist() == [expected]
+
+
+def test_clear_workspace_frees_scratch_and_results_stay_correct():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    layer = TiledConv2d.from_conv2d(conv, 4, "random")
+    x = torch.randn(2, 3, 8, 8)
+    layer(x)
+    assert rapa.functional._workspace.bufs
+    rapa.functional.clear_workspace()
+    assert not rapa.functional._workspace.bufs and not rapa.functional._workspace.tables
+    torch.testing.assert_close(layer(x), conv(x), rtol=1e-5, atol=1e-5)

@@ -101,6 +101,14 @@ class _Workspace(threading.local):
 _workspace = _Workspace()
 
 
+def clear_workspace() -> None:
+    """Free the calling thread's scratch buffers and index tables of the CPU path.
+
+    They are kept between calls for speed and grow to the largest batch seen (the padded
+    input of a layer, and about ``CPU_CHUNK_BYTES`` per buffer otherwise)."""
+    _workspace.clear()
+
+
 def _chunk_size(n: int, per_image_bytes: int, device: torch.device) -> int:
     """Images processed together: all of them off the CPU, a cache-sized chunk on it."""
     return n if device.type != "cpu" else max(1, min(n, CPU_CHUNK_BYTES // max(per_image_bytes, 1)))
