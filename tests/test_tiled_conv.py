@@ -495,3 +495,29 @@ def test_clear_workspace_frees_scratch_and_results_stay_correct():
     rapa.functional.clear_workspace()
     assert not rapa.functional._workspace.bufs and not rapa.functional._workspace.tables
     torch.testing.assert_close(layer(x), conv(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scheme,nt", [("random", 5), ("image_pad", 4), ("perforated", 4)])
+def test_other_devices_path_one_chunk_fresh_buffers(monkeypatch, scheme, nt):
+    # off the CPU the layer runs the whole batch as one chunk with fresh buffers and no
+    # cached tables; run that path here (no GPU in CI) and compare with the CPU path
+    torch.manual_seed(0)
+    layer = _layer(scheme, nt, cin=2, cout=3, k=3, padding=1)
+    x = torch.randn(5, 2, 7, 6, requires_grad=True)
+    index = layer.assignment(x)
+    y = layer(x, index=index)
+    g = torch.randn_like(y)
+    y.backward(g)
+    grads = x.grad.clone(), layer.weight.grad.clone(), layer.bias.grad.clone()
+    ws = rapa.functional._workspace
+    monkeypatch.setattr(rapa.functional, "_chunk_size", lambda n, per_image, device: n)
+    monkeypatch.setattr(ws, "get", lambda role, numel, like: like.new_empty(numel))
+    monkeypatch.setattr(ws, "arange", lambda n, device: torch.arange(n, device=device))
+    monkeypatch.setattr(ws, "memo", lambda key, make: make())
+    x2 = x.detach().clone().requires_grad_(True)
+    layer.zero_grad()
+    y2 = layer(x2, index=index)
+    y2.backward(g)
+    torch.testing.assert_close(y2, y)
+    for a, b in zip((x2.grad, layer.weight.grad, layer.bias.grad), grads):
+        torch.testing.assert_close(a, b)
