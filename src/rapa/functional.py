@@ -289,8 +289,8 @@ class _TiledConv2dFn(torch.autograd.Function):
         # (in units of patch pieces: kh*kw pieces of C numbers per slot)
         ext = torch.cat([local, clen], 1).mul_(kh * kw) if ctx.needs_input_grad[0] else None  # (N, np+1)
         ctx.save_for_backward(x, wt, plan.rows, plan.dest, ext, mk)
-        ctx.meta = (stride, padding, dilation, out_size, plan.has_empty, bias is not None, step, kh,
-                    kw, covered)
+        ctx.meta = (stride, padding, dilation, out_size, plan.has_empty, bias is not None, step, sizes,
+                    kh, kw, covered)
         if x.is_contiguous(memory_format=torch.channels_last) and x.stride(1) == 1:
             return out  # the input is channels-last (also when C == 1): so is the output
         return out.contiguous()
@@ -298,7 +298,7 @@ class _TiledConv2dFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         x, wt, rows, dest, ext, mk = ctx.saved_tensors
-        stride, padding, dilation, out_size, has_empty, has_bias, step, kh, kw, covered = ctx.meta
+        stride, padding, dilation, out_size, has_empty, has_bias, step, sizes, kh, kw, covered = ctx.meta
         n, c, h, w = x.shape
         nt, k, cout = wt.shape
         oh, ow = out_size
@@ -309,12 +309,10 @@ class _TiledConv2dFn(torch.autograd.Function):
         gflat = grad_out.permute(0, 2, 3, 1).reshape(n * np_, cout)  # (N*np, cout)
         if has_empty:  # empty slots read a zero row
             gflat = torch.cat([gflat, gflat.new_zeros(1, cout)])
-        gw = gb = gx = src = table = None
+        gw = gx = src = table = None
         if need_w:
             gw = wt.new_zeros(nt, k, cout)  # the weight gradient, transposed like wt
             src, _ = _gather_source(_pad_nhwc(x, padding), kw, stride, dilation, ow)
-        if need_b and has_bias:
-            gb = wt.new_zeros(nt, cout)
         if need_x:
             gx = x.new_empty(n, h, w, c)  # (N, H, W, C)
             # for every input pixel of a chunk and kernel offset: the patch piece that reads it
@@ -327,12 +325,11 @@ class _TiledConv2dFn(torch.autograd.Function):
 
             table, koff = _workspace.memo(("window", step, (h, w), out_size, (kh, kw), stride, padding,
                                            dilation, x.device), window)
-        sizes = [min(step, n - n0) for n0 in range(0, n, step)]  # images per chunk
-        slots = [nc * nt * m for nc in sizes]
+        slots = [nc * nt * m for nc in sizes]  # sizes: images per chunk, as in the forward
         dest_c = dest.split(slots)
         rows_c = rows.split([sl * kh for sl in slots])
         mk_c = None if mk is None else mk.split(slots)
-        gbp = None if gb is None else wt.new_empty(len(sizes), nt, cout)  # per-chunk bias gradients
+        gbp = wt.new_empty(len(sizes), nt, cout) if need_b and has_bias else None  # per chunk
         gmax = step * nt * m
         gbuf = _workspace.get("g", gmax * cout, gflat)
         if gw is not None:
@@ -350,7 +347,7 @@ class _TiledConv2dFn(torch.autograd.Function):
             if sl not in views:  # at most two sizes: full chunks, then the last one
                 g2 = gbuf[: sl * cout].view(sl, cout)
                 g3 = g2.view(nt, -1, cout)  # (nt, nc*M, cout)
-                v = [g2, g3, g3.transpose(1, 2)]
+                v = [g2, g3]
                 if gw is not None:
                     v += [cbuf[: sl * kh], cbuf[: sl * kh].view(nt, -1, k)]
                 if gx is not None:
@@ -359,10 +356,10 @@ class _TiledConv2dFn(torch.autograd.Function):
                     v += [gcbuf[:sl].view(nt, -1, k), gcbuf[: sl + 1].view(-1, c), jbuf[:e], table[:e],
                           koff[:e], pbuf[:e], pbuf[:e].view(-1, kh * kw, c)]
                 views[sl] = tuple(v)
-            g2, g3, g3t = views[sl][:3]
+            g2, g3 = views[sl][:2]
             torch.index_select(gflat, 0, dest_c[q], out=g2)  # output gradient of every slot
             if gw is not None:
-                cols2, cols = views[sl][3:5]
+                cols2, cols = views[sl][2:4]
                 torch.index_select(src, 0, rows_c[q], out=cols2)
                 if mk_c is not None:
                     cols = (cols.view(sl, kh * kw, c) * mk_c[q]).view(nt, -1, k)
@@ -379,8 +376,7 @@ class _TiledConv2dFn(torch.autograd.Function):
                 torch.index_select(ext_c[q], 0, tab, out=j).add_(ko)
                 torch.index_select(pieces_src, 0, j, out=pieces2)
                 torch.sum(pieces3, 1, out=gx_c[q])
-        if gbp is not None:
-            gb = gbp.sum(0)
+        gb = None if gbp is None else gbp.sum(0)
         grad_w = None if gw is None else gw.view(nt, kh, kw, c, cout).permute(0, 4, 3, 1, 2).contiguous()
         grad_x = None if gx is None else gx.permute(0, 3, 1, 2)  # (N, C, H, W) channels-last memory
         return grad_x, grad_w, gb, None, None, None, None, None, None, None
