@@ -12,3 +12,25 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def digits_runs(tmp_path_factory):
+    """Two tiny trained runs on the embedded digits, ``<root>/tiled`` (tiles (4, 4, 1)) and
+    ``<root>/base`` (untiled), for the analysis commands' tests (attack, reduce, similarity):
+    one epoch, 60 training and 30 test images, a learning rate high enough to move the
+    weights off their initialisation."""
+    from rapa.config import TrainConfig
+    from rapa.train import train
+
+    root = tmp_path_factory.mktemp("digits_runs")
+    common = dict(dataset="digits", epochs=1, limit_train=60, limit_test=30, channels=(4, 4, 4), device="cpu",
+                  votes=1, lr=0.05, warmup_epochs=0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(TrainConfig(tiles=(4, 4, 1), **common), root / "tiled", progress=False)
+        train(TrainConfig(tiles=None, **common), root / "base", progress=False)
+    finally:
+        torch.set_num_threads(before)
+    return root

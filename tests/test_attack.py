@@ -184,22 +184,8 @@ def test_check_snrs():
         robustness_curve(_linear(), (torch.zeros(1, 1, 8, 8), torch.zeros(1, dtype=torch.long)), [200])
 
 
-@pytest.fixture(scope="module")
-def run_dirs(tmp_path_factory):
-    from rapa.config import TrainConfig
-    from rapa.train import train
-
-    root = tmp_path_factory.mktemp("attack_runs")
-    common = dict(dataset="digits", epochs=1, limit_train=60, limit_test=20, channels=(4, 4, 4), device="cpu",
-                  votes=1, lr=0.05, warmup_epochs=0)
-    torch.set_num_threads(1)
-    train(TrainConfig(tiles=(4, 4, 1), **common), root / "tiled", progress=False)
-    train(TrainConfig(tiles=None, **common), root / "base", progress=False)
-    return root
-
-
-def test_cli_attack(run_dirs, tmp_path, capsys):
-    rc = main(["attack", str(run_dirs / "tiled"), "--baseline", str(run_dirs / "base"), "--snr", "10,30,50",
+def test_cli_attack(digits_runs, tmp_path, capsys):
+    rc = main(["attack", str(digits_runs / "tiled"), "--baseline", str(digits_runs / "base"), "--snr", "10,30,50",
                "--limit", "20", "--eot", "2", "--pgd-steps", "2", "--device", "cpu", "--out", str(tmp_path)])
     assert rc == 0
     out = capsys.readouterr().out
@@ -220,8 +206,8 @@ def test_cli_attack(run_dirs, tmp_path, capsys):
     assert (tmp_path / "attack.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_cli_attack_errors(run_dirs, tmp_path, capsys):
-    tiled = str(run_dirs / "tiled")
+def test_cli_attack_errors(digits_runs, tmp_path, capsys):
+    tiled = str(digits_runs / "tiled")
     for argv, msg in ((["--snr", "10,500"], "outside the range"), (["--snr", "ten"], "comma-separated"),
                       (["--baseline", str(tmp_path / "none")], "no run directory"),
                       (["--attacks", "cw"], "cw"), (["--eot", "0"], "--eot")):

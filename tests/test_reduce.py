@@ -172,21 +172,8 @@ def test_random_fixed_state_is_dropped():
     assert all(t.device.type == "cpu" for t in reduced.state_dict().values())
 
 
-@pytest.fixture(scope="module")
-def run_dirs(tmp_path_factory):
-    from rapa.config import TrainConfig
-    from rapa.train import train
-
-    root = tmp_path_factory.mktemp("reduce_runs")
-    common = dict(dataset="digits", epochs=1, limit_train=40, limit_test=30, channels=(4, 4, 4), device="cpu", votes=1)
-    torch.set_num_threads(1)
-    train(TrainConfig(tiles=(4, 4, 1), **common), root / "tiled", progress=False)
-    train(TrainConfig(tiles=None, **common), root / "base", progress=False)
-    return root
-
-
-def test_cli_reduce(run_dirs, tmp_path, capsys):
-    assert main(["reduce", str(run_dirs / "tiled"), "--out", str(tmp_path), "--device", "cpu",
+def test_cli_reduce(digits_runs, tmp_path, capsys):
+    assert main(["reduce", str(digits_runs / "tiled"), "--out", str(tmp_path), "--device", "cpu",
                  "--limit-train", "20"]) == 0
     out = capsys.readouterr().out
     res = json.loads((tmp_path / "reduce.json").read_text())
@@ -196,16 +183,16 @@ def test_cli_reduce(run_dirs, tmp_path, capsys):
     assert res["methods"][res["best_method"]] == res["best_error"]
     assert res["test_images"] == 30 and res["train_images"] == 20
     assert "maxpool_winner" in out and "best" in out
-    assert main(["reduce", str(run_dirs / "tiled"), "--out", str(tmp_path), "--methods", "norm,first_tile",
+    assert main(["reduce", str(digits_runs / "tiled"), "--out", str(tmp_path), "--methods", "norm,first_tile",
                  "--device", "cpu"]) == 0
     assert set(json.loads((tmp_path / "reduce.json").read_text())["methods"]) == {"norm", "first_tile"}
 
 
-def test_cli_reduce_errors(run_dirs, tmp_path, capsys):
-    assert main(["reduce", str(run_dirs / "base"), "--device", "cpu"]) == 2
+def test_cli_reduce_errors(digits_runs, tmp_path, capsys):
+    assert main(["reduce", str(digits_runs / "base"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "model has no tiled layer" in err and "Traceback" not in err and err.count("\n") == 1
     assert main(["reduce", str(tmp_path / "nothing")]) == 2
     assert "no run directory" in capsys.readouterr().err
-    assert main(["reduce", str(run_dirs / "tiled"), "--methods", "magic"]) == 2
+    assert main(["reduce", str(digits_runs / "tiled"), "--methods", "magic"]) == 2
     assert "magic" in capsys.readouterr().err

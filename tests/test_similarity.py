@@ -115,41 +115,28 @@ def test_filter_grid_and_png(tmp_path):
     assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(scope="module")
-def run_dirs(tmp_path_factory):
-    from rapa.config import TrainConfig
-    from rapa.train import train
-
-    root = tmp_path_factory.mktemp("similarity_runs")
-    common = dict(dataset="digits", epochs=1, limit_train=40, limit_test=20, channels=(4, 4, 4), device="cpu", votes=1)
-    torch.set_num_threads(1)
-    train(TrainConfig(tiles=(4, 4, 1), **common), root / "tiled", progress=False)
-    train(TrainConfig(tiles=None, **common), root / "base", progress=False)
-    return root
-
-
-def test_cli_similarity(run_dirs, tmp_path, capsys):
-    assert main(["similarity", str(run_dirs / "tiled"), "--out", str(tmp_path)]) == 0
+def test_cli_similarity(digits_runs, tmp_path, capsys):
+    assert main(["similarity", str(digits_runs / "tiled"), "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "conv1" in out and "overall" in out
     res = json.loads((tmp_path / "similarity.json").read_text())
     from rapa.train import load_run
 
-    model, _, _ = load_run(run_dirs / "tiled")
+    model, _, _ = load_run(digits_runs / "tiled")
     assert res["overall"] == pytest.approx(np.mean([_slow_similarity(model.conv1.weight.detach().numpy()),
                                                     _slow_similarity(model.conv2.weight.detach().numpy())]))
     assert (tmp_path / "filters.png").stat().st_size > 0
 
 
-def test_cli_similarity_errors(run_dirs, tmp_path, capsys):
-    assert main(["similarity", str(run_dirs / "base"), "--out", str(tmp_path)]) == 2
+def test_cli_similarity_errors(digits_runs, tmp_path, capsys):
+    assert main(["similarity", str(digits_runs / "base"), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "model has no tiled layer" in err and "Traceback" not in err and err.count("\n") == 1
     assert main(["similarity", str(tmp_path / "missing")]) == 2
     assert "no run directory" in capsys.readouterr().err
     bad = tmp_path / "old"
     bad.mkdir()
-    cfg = json.loads((run_dirs / "tiled" / "config.json").read_text())
+    cfg = json.loads((digits_runs / "tiled" / "config.json").read_text())
     (bad / "config.json").write_text(json.dumps({**cfg, "version": 999}))
     assert main(["similarity", str(bad)]) == 2
     assert "version" in capsys.readouterr().err
