@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -13,8 +13,8 @@ from torch import Tensor
 from rapa.errors import RapaError
 from rapa.tiled_conv import TiledConv2d
 
-__all__ = ["digital_twin", "frozen_eval", "iter_batches", "json_safe", "model_device", "output_dir", "positive_int",
-           "stochastic_in_eval", "tiled_layers"]
+__all__ = ["digital_twin", "frozen_eval", "iter_batches", "json_safe", "model_device", "name_list", "output_dir",
+           "positive_int", "stochastic_in_eval", "tiled_layers"]
 
 NO_TILED_LAYER = "model has no tiled layer"
 
@@ -145,6 +145,17 @@ def positive_int(option: str, value: int | None) -> int | None:
     if value is not None and value < 1:
         raise RapaError(f"{option} must be >= 1, got {value}")
     return value
+
+
+def name_list(option: str, text: str, allowed: Sequence[str]) -> tuple[str, ...]:
+    """The comma-separated names of ``text``, each one of ``allowed``; else RapaError naming
+    ``option``, the unknown names (or the empty list) and the choices."""
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    unknown = [t for t in names if t not in allowed]
+    if unknown or not names:
+        raise RapaError(f"{option} {text!r}: unknown {', '.join(unknown) or 'empty list'}; "
+                        f"choose among {', '.join(allowed)}")
+    return names
 
 
 def output_dir(out: str | Path | None, run_dir: str | Path) -> Path:

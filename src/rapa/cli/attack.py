@@ -55,18 +55,6 @@ def _floats(option: str, text: str) -> tuple[float, ...]:
         raise RapaError(f"{option}: {exc}") from None
 
 
-def _attacks(text: str) -> tuple[str, ...]:
-    from rapa.analysis.attack import ATTACKS
-    from rapa.errors import RapaError
-
-    attacks = tuple(a.strip() for a in text.split(",") if a.strip())
-    unknown = [a for a in attacks if a not in ATTACKS]
-    if unknown or not attacks:
-        raise RapaError(f"--attacks {text!r}: unknown {', '.join(unknown) or 'empty list'}; "
-                        f"choose among {', '.join(ATTACKS)}")
-    return attacks
-
-
 def _label(run_dir: Path, config) -> str:
     tiles = ",".join(map(str, config.tiles)) if config.tiles else "untiled"
     return f"{run_dir.name} ({config.scheme} {tiles})" if config.tiles else f"{run_dir.name} (untiled)"
@@ -75,14 +63,15 @@ def _label(run_dir: Path, config) -> str:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from rapa.analysis.attack import HUMAN_THRESHOLD_DB, accuracy_at, gap_reduction, plot_robustness, robustness_curve
-    from rapa.analysis.common import json_safe, output_dir, positive_int
+    from rapa.analysis.attack import (ATTACKS, HUMAN_THRESHOLD_DB, accuracy_at, gap_reduction, plot_robustness,
+                                      robustness_curve)
+    from rapa.analysis.common import json_safe, name_list, output_dir, positive_int
     from rapa.data import load_dataset
     from rapa.errors import RapaError
     from rapa.train import load_run
 
     snrs = _floats("--snr", args.snr)
-    attacks = _attacks(args.attacks)
+    attacks = name_list("--attacks", args.attacks, ATTACKS)
     for option, value in (("--eot", args.eot), ("--pgd-steps", args.pgd_steps), ("--limit", args.limit),
                           ("--batch-size", args.batch_size)):
         positive_int(option, value)

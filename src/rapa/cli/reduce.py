@@ -35,29 +35,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _methods(text: str) -> tuple[str, ...]:
-    from rapa.analysis.reduce import METHODS
-    from rapa.errors import RapaError
-
-    methods = tuple(m.strip() for m in text.split(",") if m.strip())
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise RapaError(f"--methods {text!r}: unknown {', '.join(unknown) or 'empty list'}; "
-                        f"choose among {', '.join(METHODS)}")
-    return methods
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from rapa.analysis.common import digital_twin, json_safe, output_dir, positive_int, tiled_layers
-    from rapa.analysis.reduce import classification_error, reduce_errors
+    from rapa.analysis.common import digital_twin, json_safe, name_list, output_dir, positive_int, tiled_layers
+    from rapa.analysis.reduce import METHODS, classification_error, reduce_errors
     from rapa.data import load_dataset
     from rapa.errors import RapaError
     from rapa.models import ConvNet
     from rapa.train import load_run
 
-    methods = _methods(args.methods)
+    methods = name_list("--methods", args.methods, METHODS)
     for option, value in (("--limit-train", args.limit_train), ("--limit-test", args.limit_test),
                           ("--batch-size", args.batch_size)):
         positive_int(option, value)
