@@ -34,3 +34,27 @@ def digits_runs(tmp_path_factory):
     finally:
         torch.set_num_threads(before)
     return root
+
+
+@pytest.fixture(params=["native", "torch"])
+def backend(request, monkeypatch):
+    """Run a test on both CPU implementations of the tiled convolution: the native kernels
+    (skipped where no C++ compiler can build them) and the pure-PyTorch path."""
+    from rapa import native
+
+    if request.param == "native":
+        monkeypatch.setenv(native.ENV_SWITCH, "1")
+        if not native.available():
+            pytest.skip(f"native kernels unavailable: {native._state.get('error')}")
+    else:
+        monkeypatch.setenv(native.ENV_SWITCH, "0")
+    return request.param
+
+
+@pytest.fixture
+def torch_path(monkeypatch):
+    """Force the pure-PyTorch implementation of the tiled convolution (its internals are
+    what the test exercises)."""
+    from rapa import native
+
+    monkeypatch.setenv(native.ENV_SWITCH, "0")

@@ -54,7 +54,7 @@ def _recover_map(layer: TiledConv2d, x: torch.Tensor) -> torch.Tensor:
     dict(k=(2, 3), stride=(3, 1), padding=(0, 3), dilation=(1, 3), size=(9, 7)),
 ])
 @pytest.mark.parametrize("bias", [True, False])
-def test_identical_tiles_equal_conv2d(scheme, geom, bias):
+def test_identical_tiles_equal_conv2d(scheme, geom, bias, backend):
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 4, geom["k"], geom["stride"], geom["padding"], geom["dilation"], bias=bias)
     layer = TiledConv2d.from_conv2d(conv, 1 if scheme == "none" else 4, scheme)
@@ -74,7 +74,7 @@ def test_identical_tiles_equal_conv2d(scheme, geom, bias):
         torch.testing.assert_close(layer.bias.grad.sum(0), conv.bias.grad, rtol=1e-4, atol=1e-4)
 
 
-def test_channels_last_input_keeps_memory_format():
+def test_channels_last_input_keeps_memory_format(backend):
     conv = nn.Conv2d(3, 4, 3, padding=1)
     layer = TiledConv2d.from_conv2d(conv, 4, "random")
     x = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)
@@ -207,7 +207,7 @@ def _per_pixel_reference(x, weight, bias, s, k, padding):
 
 @pytest.mark.parametrize("scheme,nt", [("random", 4), ("random", 3), ("alternate", 4),
                                        ("image_overlap", 9), ("perforated", 3)])
-def test_gradients_against_per_pixel_reference(scheme, nt):
+def test_gradients_against_per_pixel_reference(scheme, nt, backend):
     torch.manual_seed(0)
     layer = _layer(scheme, nt, cin=2, cout=3, k=3, padding=1)
     x = torch.randn(3, 2, 6, 5, requires_grad=True)
@@ -231,7 +231,7 @@ def test_gradients_against_per_pixel_reference(scheme, nt):
             assert layer.weight.grad[j].abs().sum() == 0
 
 
-def test_no_input_gradient_when_not_needed():
+def test_no_input_gradient_when_not_needed(backend):
     layer = _layer("random", 4)
     x = torch.randn(2, 2, 8, 8)
     y = layer(x)
@@ -239,7 +239,7 @@ def test_no_input_gradient_when_not_needed():
     assert x.grad is None and layer.weight.grad is not None
 
 
-def test_perforated_keeps_fraction_in_training_and_all_in_eval():
+def test_perforated_keeps_fraction_in_training_and_all_in_eval(backend):
     torch.manual_seed(0)
     layer = _layer("perforated", 4, cin=1, cout=1, k=1)
     with torch.no_grad():
@@ -342,7 +342,7 @@ def test_convert_per_layer_and_errors():
         rapa.convert(_PaperNet(), tiles="balanced")
 
 
-def test_dense_reference_agrees():
+def test_dense_reference_agrees(backend):
     torch.manual_seed(0)
     layer = _layer("random", 4, k=3, padding=1)
     x = torch.randn(3, 2, 8, 8)
@@ -354,7 +354,7 @@ def test_dense_reference_agrees():
 
 @pytest.mark.parametrize("scheme,nt", [("random", 4), ("random", 5), ("image_pad", 4), ("perforated", 4)])
 @pytest.mark.parametrize("per_chunk", [1, 2])
-def test_chunked_patch_gather_matches_per_pixel_reference(monkeypatch, scheme, nt, per_chunk):
+def test_chunked_patch_gather_matches_per_pixel_reference(monkeypatch, scheme, nt, per_chunk, torch_path):
     # force chunks of one or two images (3 images: the last chunk is short): the CPU path
     # gathers patches and scatters gradients chunk by chunk
     torch.manual_seed(0)
@@ -389,7 +389,7 @@ def test_chunked_patch_gather_matches_per_pixel_reference(monkeypatch, scheme, n
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-5)
 
 
-def test_scratch_reuse_across_layers_calls_and_threads():
+def test_scratch_reuse_across_layers_calls_and_threads(backend):
     # the CPU path keeps scratch buffers and index tables per thread between calls: two layers
     # of different shapes and dtypes, forwards interleaved before their backwards, and the
     # same work on two threads at once must all match nn.Conv2d (identical tiles)
@@ -485,7 +485,7 @@ def test_random_fixed_partition_is_a_function_of_the_seed(np_, nt):
     assert got.tolist() == [expected]
 
 
-def test_clear_workspace_frees_scratch_and_results_stay_correct():
+def test_clear_workspace_frees_scratch_and_results_stay_correct(torch_path):
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 4, 3, padding=1)
     layer = TiledConv2d.from_conv2d(conv, 4, "random")
@@ -498,7 +498,7 @@ def test_clear_workspace_frees_scratch_and_results_stay_correct():
 
 
 @pytest.mark.parametrize("scheme,nt", [("random", 5), ("image_pad", 4), ("perforated", 4)])
-def test_other_devices_path_one_chunk_fresh_buffers(monkeypatch, scheme, nt):
+def test_other_devices_path_one_chunk_fresh_buffers(monkeypatch, scheme, nt, torch_path):
     # off the CPU the layer runs the whole batch as one chunk with fresh buffers and no
     # cached tables; run that path here (no GPU in CI) and compare with the CPU path
     torch.manual_seed(0)

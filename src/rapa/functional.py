@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.utils import _pair
 
-from rapa import schemes
+from rapa import native, schemes
 
 _size2 = int | Sequence[int]
 
@@ -421,6 +421,9 @@ def tiled_conv2d(
         mask = schemes.region_mask(nt, x.shape[2], x.shape[3], oh, ow, (kh, kw), stride, padding,
                                    dilation, x.device).to(x.dtype)
     covered = scheme != "perforated"  # every other scheme's index is a partition of the pixels
+    if native.supports(x, weight, mask):
+        return native.NativeTiledConv2dFn.apply(x, weight, bias, index, stride, padding, dilation,
+                                                (oh, ow), covered)
     return _TiledConv2dFn.apply(x, weight, bias, index, mask, stride, padding, dilation, (oh, ow),
                                 covered)
 

@@ -1,0 +1,341 @@
+// Native CPU kernels of the RAPA convolution (float32, channels-last), loaded by rapa/native.py.
+//
+// A tiled convolution computes every output pixel p of image b with one of nt kernel matrices,
+// t = the tile that the assignment index gives p. The index (B, nt, M) lists, for every image
+// b (B = 1: the same list for all images) and tile t, the M pixels that t computes; a value
+// outside [0, np) is an empty slot. A group (b, t) is therefore a small GEMM with one weight
+// matrix: out[p, :] = bias[t] + patch(p) . W[t], patch(p) of length K = kh*kw*C read in
+// (kh, kw, C) order straight from the padded channels-last input (an "implicit GEMM": no
+// patch matrix is ever written). A patch is `nseg` contiguous segments of that input: one
+// per kernel row (kw*C numbers) when the dilation across is 1, one per kernel offset (C
+// numbers) otherwise.
+//
+// Register-blocked micro-kernels use GCC/Clang vector extensions, so one source compiles to
+// AVX-512, AVX2 or SSE/NEON code (-march=native). Work is split with OpenMP into static,
+// contiguous ranges (groups for the forward and weight gradient, images for the input
+// gradient, which accumulates into overlapping windows); per-thread partial weight gradients
+// are summed by the caller in a fixed order, so results are deterministic for a given
+// thread count. Built against the libgomp that torch has loaded, it shares torch's threads.
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX512F__)
+#define RAPA_VW 16
+#ifndef RAPA_ACC
+#define RAPA_ACC 24  // accumulator registers of a micro-kernel (of 32)
+#endif
+#elif defined(__AVX__)
+#define RAPA_VW 8
+#ifndef RAPA_ACC
+#define RAPA_ACC 12  // (of 16)
+#endif
+#else
+#define RAPA_VW 4
+#ifndef RAPA_ACC
+#define RAPA_ACC 12
+#endif
+#endif
+
+namespace {
+
+constexpr int VW = RAPA_VW;
+constexpr int NVMAX = 4;       // vectors of output channels per micro-kernel call
+constexpr int64_t PB = 256;    // pixels per chunk of the weight and input gradients
+typedef float vf __attribute__((vector_size(VW * sizeof(float))));
+
+inline vf vload(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
+inline void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+
+struct Geo {  // the layout of geo[], shared with rapa/native.py
+  int64_t n, c, hp, wp, kh, kw, sh, sw, dh, dw, oh, ow, nt, cout, cp, kp, bsz, m, nth;
+  explicit Geo(const int64_t* g)
+      : n(g[0]), c(g[1]), hp(g[2]), wp(g[3]), kh(g[4]), kw(g[5]), sh(g[6]), sw(g[7]), dh(g[8]),
+        dw(g[9]), oh(g[10]), ow(g[11]), nt(g[12]), cout(g[13]), cp(g[14]), kp(g[15]), bsz(g[16]),
+        m(g[17]), nth(g[18]) {}
+  int64_t np() const { return oh * ow; }
+  int64_t k() const { return kh * kw * c; }
+};
+
+struct Segs {  // the contiguous runs of the padded input that make a patch
+  int64_t nseg, len;
+  std::vector<int64_t> off;  // (nseg,) offset of each run from the patch's first number
+  explicit Segs(const Geo& g) {
+    if (g.dw == 1) {
+      nseg = g.kh, len = g.kw * g.c;
+      for (int64_t i = 0; i < g.kh; ++i) off.push_back(i * g.dh * g.wp * g.c);
+    } else {
+      nseg = g.kh * g.kw, len = g.c;
+      for (int64_t i = 0; i < g.kh; ++i)
+        for (int64_t j = 0; j < g.kw; ++j) off.push_back((i * g.dh * g.wp + j * g.dw) * g.c);
+    }
+  }
+};
+
+inline void split(int64_t items, int tid, int nth, int64_t* i0, int64_t* i1) {
+  *i0 = items * tid / nth;
+  *i1 = items * (tid + 1) / nth;
+}
+
+// Fill pix with the valid pixels of group (b, t) and base with the offset of each one's patch
+// in the padded input; return how many there are.
+inline int64_t group(const Geo& g, const int64_t* index, int64_t b, int64_t t, int64_t* pix,
+                     int64_t* base) {
+  const int64_t* row = index + ((g.bsz == 1 ? 0 : b) * g.nt + t) * g.m;
+  const int64_t np = g.np();
+  int64_t cnt = 0;
+  for (int64_t i = 0; i < g.m; ++i) {
+    const int64_t p = row[i];
+    if (p < 0 || p >= np) continue;  // empty slot
+    const int64_t oy = p / g.ow, ox = p - oy * g.ow;
+    pix[cnt] = p;
+    base[cnt++] = ((b * g.hp + oy * g.sh) * g.wp + ox * g.sw) * g.c;
+  }
+  return cnt;
+}
+
+// Calls f(std::integral_constant<int, v>) for the v in [1, MAX] that equals n.
+template <int MAX, class F>
+inline void dispatch(int64_t n, F&& f) {
+  if constexpr (MAX > 0) {
+    if (n == MAX) f(std::integral_constant<int, MAX>{});
+    else dispatch<MAX - 1>(n, f);
+  }
+}
+
+constexpr int rows_for(int nv) { return std::min(12, RAPA_ACC / nv); }
+
+// Forward: MR pixels x NV*VW channels. a: the MR patches' first numbers; w: (K, cp) at the
+// column block; out rows get `valid` channels.
+template <int MR, int NV>
+void fwd_block(const float* xp, const int64_t* base, const Segs& sg, const float* w, int64_t cp,
+               const float* bias, float* out, const int64_t* pix, int64_t orow, int64_t cout,
+               int64_t valid) {
+  vf acc[MR][NV];
+  for (int v = 0; v < NV; ++v) {
+    const vf b0 = bias ? vload(bias + v * VW) : vf{};
+    for (int r = 0; r < MR; ++r) acc[r][v] = b0;
+  }
+  const float* wk = w;
+  for (int64_t s = 0; s < sg.nseg; ++s) {
+    const float* ap[MR];
+    for (int r = 0; r < MR; ++r) ap[r] = xp + base[r] + sg.off[s];
+    for (int64_t e = 0; e < sg.len; ++e, wk += cp) {
+      vf wv[NV];
+      for (int v = 0; v < NV; ++v) wv[v] = vload(wk + v * VW);
+      for (int r = 0; r < MR; ++r) {
+        const float x = ap[r][e];
+        for (int v = 0; v < NV; ++v) acc[r][v] += wv[v] * x;
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    float* dst = out + (orow + pix[r]) * cout;
+    if (valid == NV * VW) {
+      for (int v = 0; v < NV; ++v) vstore(dst + v * VW, acc[r][v]);
+    } else {
+      float tmp[NV * VW];
+      for (int v = 0; v < NV; ++v) vstore(tmp + v * VW, acc[r][v]);
+      std::memcpy(dst, tmp, valid * sizeof(float));
+    }
+  }
+}
+
+// Weight gradient: MK consecutive patch entries (k0..k0+MK, one segment) x NV*VW channels,
+// summed over cnt pixels and added to gw (MK rows of cp).
+template <int MK, int NV>
+void gw_block(const float* xp, const int64_t* base, int64_t koff, const float* G, int64_t cp,
+              int64_t cnt, float* gw) {
+  vf acc[MK][NV] = {};
+  for (int64_t r = 0; r < cnt; ++r) {
+    const float* ar = xp + base[r] + koff;
+    vf gv[NV];
+    for (int v = 0; v < NV; ++v) gv[v] = vload(G + r * cp + v * VW);
+    for (int j = 0; j < MK; ++j) {
+      const float x = ar[j];
+      for (int v = 0; v < NV; ++v) acc[j][v] += gv[v] * x;
+    }
+  }
+  for (int j = 0; j < MK; ++j)
+    for (int v = 0; v < NV; ++v) vstore(gw + j * cp + v * VW, vload(gw + j * cp + v * VW) + acc[j][v]);
+}
+
+// Input gradient: the patch gradients of MR pixels for SV*VW patch entries,
+// T[r, :] = G[r, :cout] . W2[:, kv block] (W2 (cout, kp) at the block).
+template <int MR, int SV>
+void gx_block(const float* G, int64_t cp, int64_t cout, const float* w2, int64_t kp, float* T) {
+  vf acc[MR][SV] = {};
+  for (int64_t n = 0; n < cout; ++n) {
+    vf wv[SV];
+    for (int v = 0; v < SV; ++v) wv[v] = vload(w2 + n * kp + v * VW);
+    for (int r = 0; r < MR; ++r) {
+      const float gg = G[r * cp + n];
+      for (int v = 0; v < SV; ++v) acc[r][v] += wv[v] * gg;
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < SV; ++v) vstore(T + r * kp + v * VW, acc[r][v]);
+}
+
+// Copy the output-gradient rows of cnt pixels of image b into G (cnt, cp), zero-padded.
+inline void pack_g(const Geo& g, const float* grad, int64_t b, const int64_t* pix, int64_t cnt,
+                   float* G) {
+  const int64_t np = g.np();
+  for (int64_t r = 0; r < cnt; ++r) {
+    std::memcpy(G + r * g.cp, grad + (b * np + pix[r]) * g.cout, g.cout * sizeof(float));
+    std::fill(G + r * g.cp + g.cout, G + (r + 1) * g.cp, 0.f);
+  }
+}
+
+struct Scratch {  // per-thread buffers, kept between calls (OpenMP threads persist)
+  std::vector<int64_t> pix, base;
+  std::vector<float> G, T;
+};
+thread_local Scratch scratch;
+
+}  // namespace
+
+extern "C" {
+
+int rapa_vector_width() { return VW; }
+
+// out (N*np, cout): written for every listed pixel (the caller zeroes it if some are not).
+// w: (nt, K, cp); bias: (nt, cp) or null.
+int rapa_tiled_conv_fwd(const int64_t* geo, const float* xp, const float* w, const float* bias,
+                        const int64_t* index, float* out) {
+  const Geo g(geo);
+  const Segs sg(g);
+  const int64_t k = g.k(), np = g.np();
+#pragma omp parallel num_threads(g.nth)
+  {
+    int64_t i0, i1;
+    split(g.n * g.nt, omp_get_thread_num(), omp_get_num_threads(), &i0, &i1);
+    Scratch& sc = scratch;
+    sc.pix.resize(g.m), sc.base.resize(g.m);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / g.nt, t = i % g.nt;
+      const int64_t cnt = group(g, index, b, t, sc.pix.data(), sc.base.data());
+      for (int64_t c0 = 0; c0 < g.cp; c0 += NVMAX * VW) {
+        const int64_t nv = std::min<int64_t>(NVMAX, (g.cp - c0) / VW);
+        const int64_t valid = std::min<int64_t>(nv * VW, g.cout - c0);
+        const float* wt = w + t * k * g.cp + c0;
+        const float* bt = bias ? bias + t * g.cp + c0 : nullptr;
+        dispatch<NVMAX>(nv, [&](auto NVc) {
+          constexpr int NV = decltype(NVc)::value, MR = rows_for(NV);
+          for (int64_t r0 = 0; r0 < cnt; r0 += MR) {
+            dispatch<MR>(std::min<int64_t>(MR, cnt - r0), [&](auto R) {
+              fwd_block<decltype(R)::value, NV>(xp, sc.base.data() + r0, sg, wt, g.cp, bt,
+                                                out + c0, sc.pix.data() + r0, b * np, g.cout, valid);
+            });
+          }
+        });
+      }
+    }
+  }
+  return 0;
+}
+
+// gw_part (nth, nt, K, cp) and gb_part (nth, nt, cp): zeroed by the caller, each thread adds
+// into its own slice; either may be null.
+int rapa_tiled_conv_bwd_w(const int64_t* geo, const float* xp, const float* grad,
+                          const int64_t* index, float* gw_part, float* gb_part) {
+  const Geo g(geo);
+  const Segs sg(g);
+  const int64_t k = g.k();
+#pragma omp parallel num_threads(g.nth)
+  {
+    const int tid = omp_get_thread_num();
+    int64_t i0, i1;
+    split(g.n * g.nt, tid, omp_get_num_threads(), &i0, &i1);
+    Scratch& sc = scratch;
+    sc.pix.resize(g.m), sc.base.resize(g.m), sc.G.resize(PB * g.cp);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / g.nt, t = i % g.nt;
+      const int64_t cnt = group(g, index, b, t, sc.pix.data(), sc.base.data());
+      for (int64_t r0 = 0; r0 < cnt; r0 += PB) {
+        const int64_t rc = std::min(PB, cnt - r0);
+        const int64_t* base = sc.base.data() + r0;
+        float* G = sc.G.data();
+        pack_g(g, grad, b, sc.pix.data() + r0, rc, G);
+        if (gb_part) {
+          float* gb = gb_part + (tid * g.nt + t) * g.cp;
+          for (int64_t r = 0; r < rc; ++r)
+            for (int64_t j = 0; j < g.cout; ++j) gb[j] += G[r * g.cp + j];
+        }
+        if (!gw_part) continue;
+        float* gwt = gw_part + (tid * g.nt + t) * k * g.cp;
+        for (int64_t c0 = 0; c0 < g.cp; c0 += NVMAX * VW) {
+          const int64_t nv = std::min<int64_t>(NVMAX, (g.cp - c0) / VW);
+          dispatch<NVMAX>(nv, [&](auto NVc) {
+            constexpr int NV = decltype(NVc)::value, MK = rows_for(NV);
+            for (int64_t s = 0; s < sg.nseg; ++s) {
+              for (int64_t e0 = 0; e0 < sg.len; e0 += MK) {
+                dispatch<MK>(std::min<int64_t>(MK, sg.len - e0), [&](auto J) {
+                  gw_block<decltype(J)::value, NV>(xp, base, sg.off[s] + e0, G + c0, g.cp, rc,
+                                                   gwt + (s * sg.len + e0) * g.cp + c0);
+                });
+              }
+            }
+          });
+        }
+      }
+    }
+  }
+  return 0;
+}
+
+// gxp (N, Hp, Wp, C): zeroed by the caller; every listed pixel's patch gradient is added into
+// its window. w2: (nt, cout, kp), the weights transposed, K zero-padded to kp.
+int rapa_tiled_conv_bwd_x(const int64_t* geo, const float* grad, const float* w2,
+                          const int64_t* index, float* gxp) {
+  const Geo g(geo);
+  const Segs sg(g);
+  constexpr int MR = RAPA_ACC / 4, SVMAX = 4;
+#pragma omp parallel num_threads(g.nth)
+  {
+    int64_t b0, b1;
+    split(g.n, omp_get_thread_num(), omp_get_num_threads(), &b0, &b1);
+    Scratch& sc = scratch;
+    sc.pix.resize(g.m), sc.base.resize(g.m), sc.G.resize(PB * g.cp), sc.T.resize(MR * g.kp);
+    float* T = sc.T.data();
+    for (int64_t b = b0; b < b1; ++b) {  // images do not share windows: one thread each
+      for (int64_t t = 0; t < g.nt; ++t) {
+        const int64_t cnt = group(g, index, b, t, sc.pix.data(), sc.base.data());
+        const float* w2t = w2 + t * g.cout * g.kp;
+        for (int64_t q0 = 0; q0 < cnt; q0 += PB) {
+          const int64_t qc = std::min(PB, cnt - q0);
+          float* G = sc.G.data();
+          pack_g(g, grad, b, sc.pix.data() + q0, qc, G);
+          for (int64_t r0 = 0; r0 < qc; r0 += MR) {
+            const int64_t rows = std::min<int64_t>(MR, qc - r0);
+            for (int64_t v0 = 0; v0 < g.kp / VW; v0 += SVMAX) {
+              const int64_t sv = std::min<int64_t>(SVMAX, g.kp / VW - v0);
+              dispatch<MR>(rows, [&](auto R) {
+                dispatch<SVMAX>(sv, [&](auto S) {
+                  gx_block<decltype(R)::value, decltype(S)::value>(G + r0 * g.cp, g.cp, g.cout,
+                                                                   w2t + v0 * VW, g.kp, T + v0 * VW);
+                });
+              });
+            }
+            for (int64_t r = 0; r < rows; ++r) {  // add the patch gradients into the window
+              const float* src = T + r * g.kp;
+              const int64_t at = sc.base[q0 + r0 + r];
+              for (int64_t s = 0; s < sg.nseg; ++s) {
+                float* dst = gxp + at + sg.off[s];
+                const float* sr = src + s * sg.len;
+                for (int64_t e = 0; e < sg.len; ++e) dst[e] += sr[e];
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+  return 0;
+}
+
+}  // extern "C"

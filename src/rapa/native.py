@@ -1,0 +1,210 @@
+"""Native CPU kernels of the tiled convolution (``csrc/tiled_conv.cpp``), built on first use.
+
+The pure-PyTorch path of :func:`rapa.functional.tiled_conv2d` gathers patches into a matrix
+and calls batched GEMMs; on CPU that costs about twice a direct convolution. The native
+kernels compute each (image, tile) group as an implicit GEMM straight from the padded
+channels-last input, with register-blocked vector code and torch's own OpenMP threads, so the
+tiled layer costs about what ``nn.Conv2d`` costs. They cover float32 on the CPU without the
+``image_pad`` mask; everything else, and any machine where the build fails, takes the
+PyTorch path (same results up to float rounding).
+
+The source is compiled once per CPU type with the C++ compiler ``$CXX`` (default ``c++``,
+``-O3 -march=native -fopenmp``) into ``$RAPA_NATIVE_DIR`` (default ``~/.cache/rapa/native``);
+the build takes a few seconds. ``RAPA_NATIVE=0`` turns the native path off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import rapa.functional as RF
+
+SOURCE = Path(__file__).parent / "csrc" / "tiled_conv.cpp"
+ENV_SWITCH = "RAPA_NATIVE"  # "0": use the PyTorch path
+ENV_DIR = "RAPA_NATIVE_DIR"
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "lib": the loaded library, or "error": why there is none
+
+
+def _cpu_id() -> str:
+    """What ``-march=native`` depends on: the CPU's model and feature flags."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags", "Features"))]
+        return "\n".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def build_dir() -> Path:
+    """Where built libraries are kept: ``$RAPA_NATIVE_DIR`` or ``~/.cache/rapa/native``."""
+    env = os.environ.get(ENV_DIR)
+    return Path(env).expanduser() if env else Path("~/.cache/rapa/native").expanduser()
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+
+
+def build(force: bool = False) -> Path:
+    """Compile the kernels for this CPU (cached by source, compiler, flags and CPU); return the
+    shared library's path. Raises ``RuntimeError`` with the compiler's output if it fails."""
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (set $CXX or install g++)")
+    src = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([src, cxx.encode(), " ".join(FLAGS).encode(),
+                                     _cpu_id().encode(), torch.__version__.encode()])).hexdigest()[:16]
+    path = build_dir() / f"rapa_tiled_conv_{key}.so"
+    if path.exists() and not force:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+    os.close(fd)
+    try:
+        res = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"building {SOURCE.name} with {cxx} failed:\n{res.stderr[-4000:]}")
+        os.replace(tmp, path)  # atomic: concurrent builders (e.g. Ray workers) do not collide
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, building them on first use; ``None`` (with one warning) if they
+    cannot be built here."""
+    if "lib" in _state or "error" in _state:
+        return _state.get("lib")  # type: ignore[return-value]
+    with _lock:
+        if "lib" not in _state and "error" not in _state:
+            try:
+                lib = ctypes.CDLL(str(build()))
+                for name in ("rapa_tiled_conv_fwd", "rapa_tiled_conv_bwd_w", "rapa_tiled_conv_bwd_x"):
+                    getattr(lib, name).argtypes = [ctypes.c_void_p] * (5 if name.endswith("bwd_x") else 6)
+                    getattr(lib, name).restype = ctypes.c_int
+                _state["lib"] = lib
+            except (RuntimeError, OSError) as err:
+                _state["error"] = str(err)
+                warnings.warn(f"rapa: native CPU kernels unavailable, using the PyTorch path "
+                              f"(slower): {err}", RuntimeWarning, stacklevel=3)
+    return _state.get("lib")  # type: ignore[return-value]
+
+
+def available() -> bool:
+    """Whether the native kernels are built and loaded (building them if needed)."""
+    return library() is not None
+
+
+def enabled() -> bool:
+    """Whether :func:`rapa.functional.tiled_conv2d` uses the native kernels for CPU float32:
+    not switched off by ``RAPA_NATIVE=0``, and built."""
+    return os.environ.get(ENV_SWITCH, "1") != "0" and available()
+
+
+def supports(x: Tensor, weight: Tensor, mask: Tensor | None) -> bool:
+    """Whether this call can take the native path."""
+    return (mask is None and x.device.type == "cpu" and x.dtype == torch.float32
+            and weight.dtype == torch.float32 and enabled())
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _round(v: int, m: int) -> int:
+    return -(-v // m) * m
+
+
+class NativeTiledConv2dFn(torch.autograd.Function):
+    """Autograd function of the tiled convolution on the native kernels (CPU, float32).
+
+    Same arguments and results as :class:`rapa.functional._TiledConv2dFn` without the mask.
+    Saves only ``x``, ``weight`` and the index; the backward re-reads the padded input.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor,
+                stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
+                out_size: tuple[int, int], covered: bool) -> Tensor:
+        lib = library()
+        n, c, h, w = x.shape
+        nt, cout, _, kh, kw = weight.shape
+        oh, ow = out_size
+        k = c * kh * kw
+        vw = lib.rapa_vector_width()
+        cp, kp = _round(cout, vw), _round(k, vw)
+        index = index.contiguous()
+        xp = RF._pad_nhwc(x, padding)  # (N, Hp, Wp, C) scratch
+        wt = F.pad(weight.permute(0, 3, 4, 2, 1).reshape(nt, k, cout), (0, cp - cout))  # (nt, K, cp)
+        bp = None if bias is None else F.pad(bias, (0, cp - cout)).contiguous()  # (nt, cp)
+        out = (x.new_empty if covered else x.new_zeros)(n, oh, ow, cout)  # (N, oh, ow, cout)
+        geo = _geo(n, c, xp.shape[1], xp.shape[2], kh, kw, stride, dilation, out_size, nt, cout,
+                   cp, kp, index)
+        lib.rapa_tiled_conv_fwd(geo, _ptr(xp), _ptr(wt), _ptr(bp), _ptr(index), _ptr(out))
+        ctx.save_for_backward(x, weight, index)
+        ctx.meta = (stride, padding, dilation, out_size, bias is not None)
+        out = out.permute(0, 3, 1, 2)  # (N, cout, oh, ow) NHWC memory
+        if x.is_contiguous(memory_format=torch.channels_last) and x.stride(1) == 1:
+            return out
+        return out.contiguous()
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        lib = library()
+        x, weight, index = ctx.saved_tensors
+        stride, padding, dilation, out_size, has_bias = ctx.meta
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_b = need_b and has_bias
+        n, c, h, w = x.shape
+        nt, cout, _, kh, kw = weight.shape
+        k = c * kh * kw
+        vw = lib.rapa_vector_width()
+        cp, kp = _round(cout, vw), _round(k, vw)
+        hp, wp = h + 2 * padding[0], w + 2 * padding[1]
+        g = grad_out.permute(0, 2, 3, 1).contiguous()  # (N, oh, ow, cout)
+        geo = _geo(n, c, hp, wp, kh, kw, stride, dilation, out_size, nt, cout, cp, kp, index)
+        nth = geo[18]
+        gx = gw = gb = None
+        if need_w or need_b:
+            xp = RF._pad_nhwc(x, padding) if need_w else None
+            gwp = x.new_zeros(nth, nt, k, cp) if need_w else None  # per-thread partial sums
+            gbp = x.new_zeros(nth, nt, cp) if need_b else None
+            lib.rapa_tiled_conv_bwd_w(geo, _ptr(xp), _ptr(g), _ptr(index), _ptr(gwp), _ptr(gbp))
+            if need_w:  # (nt, K, cout) in (kh, kw, C) order -> (nt, cout, C, kh, kw)
+                gw = gwp.sum(0)[..., :cout].reshape(nt, kh, kw, c, cout).permute(0, 4, 3, 1, 2).contiguous()
+            if need_b:
+                gb = gbp.sum(0)[:, :cout].contiguous()
+        if need_x:
+            w2 = F.pad(weight.permute(0, 1, 3, 4, 2).reshape(nt, cout, k), (0, kp - k))  # (nt, cout, kp)
+            gxp = RF._workspace.get("gxp", n * hp * wp * c, x).view(n, hp, wp, c).zero_()
+            lib.rapa_tiled_conv_bwd_x(geo, _ptr(g), _ptr(w2), _ptr(index), _ptr(gxp))
+            gx = x.new_empty(n, h, w, c)  # (N, H, W, C)
+            gx.copy_(gxp[:, padding[0]:padding[0] + h, padding[1]:padding[1] + w])
+            gx = gx.permute(0, 3, 1, 2)  # (N, C, H, W) channels-last memory
+        return gx, gw, gb, None, None, None, None, None, None
+
+
+def _geo(n: int, c: int, hp: int, wp: int, kh: int, kw: int, stride: tuple[int, int],
+         dilation: tuple[int, int], out_size: tuple[int, int], nt: int, cout: int, cp: int,
+         kp: int, index: Tensor) -> ctypes.Array:
+    """The int64 geometry block the kernels read (layout of ``Geo`` in the C++ source)."""
+    vals = (n, c, hp, wp, kh, kw, stride[0], stride[1], dilation[0], dilation[1], out_size[0],
+            out_size[1], nt, cout, cp, kp, index.shape[0], index.shape[2], torch.get_num_threads())
+    return (ctypes.c_int64 * len(vals))(*vals)

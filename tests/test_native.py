@@ -1,0 +1,154 @@
+"""The native CPU kernels of the tiled convolution against per-tile ``F.conv2d`` references."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rapa
+from rapa import native, schemes
+
+
+@pytest.fixture
+def lib(monkeypatch):
+    monkeypatch.setenv(native.ENV_SWITCH, "1")
+    if not native.available():
+        pytest.skip(f"native kernels unavailable: {native._state.get('error')}")
+    return native.library()
+
+
+def _reference(x, weight, bias, tile_map, stride, padding, dilation):
+    """Every tile's ordinary convolution, then each pixel's tile (-1: output 0)."""
+    nt = weight.shape[0]
+    ys = torch.stack([F.conv2d(x, weight[j], None if bias is None else bias[j], stride, padding, dilation)
+                      for j in range(nt)])  # (nt, N, cout, oh, ow)
+    n, cout, oh, ow = ys.shape[1:]
+    sel = tile_map.clamp(min=0).view(-1, oh, ow).expand(n, oh, ow)
+    out = ys.gather(0, sel.view(1, n, 1, oh, ow).expand(1, n, cout, oh, ow))[0]
+    return out * (tile_map >= 0).view(-1, 1, oh, ow).to(out.dtype)
+
+
+GEOMS = [  # cin, cout, kernel, stride, padding, dilation, size, tiles
+    (3, 32, 5, 1, 2, 1, (12, 12), 16),   # the paper's conv1 (K = 75: tails of the blocks)
+    (32, 32, 5, 1, 2, 1, (8, 8), 4),     # conv2
+    (1, 5, 3, 1, 1, 1, (9, 7), 4),       # one input channel, channels not a vector multiple
+    (4, 70, 3, 2, 1, 1, (11, 10), 3),    # more than one block of output channels
+    (5, 17, (3, 2), (2, 3), (2, 1), (2, 1), (10, 11), 5),
+    (6, 8, (2, 3), (3, 1), (0, 3), (1, 3), (9, 7), 2),  # dilation across: one segment per offset
+]
+
+
+@pytest.mark.parametrize("geom", GEOMS)
+@pytest.mark.parametrize("scheme", ["random", "random_fixed", "alternate", "perforated"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_native_matches_per_tile_conv2d(lib, geom, scheme, bias):
+    cin, cout, k, stride, padding, dilation, size, nt = geom
+    if scheme == "alternate":
+        nt = 4  # a grid scheme: a square number of tiles
+    torch.manual_seed(0)
+    layer = rapa.TiledConv2d(cin, cout, k, stride, padding, dilation, bias=bias, tiles=nt, scheme=scheme)
+    x = torch.randn(3, cin, *size, requires_grad=True)
+    index = layer.assignment(x)
+    y = layer(x, index=index)
+    assert type(y.grad_fn).__name__ == "NativeTiledConv2dFnBackward"
+    oh, ow = y.shape[-2:]
+    tile_map = schemes.index_to_tile_map(index, oh * ow)
+    xr = x.detach().clone().requires_grad_(True)
+    wr = layer.weight.detach().clone().requires_grad_(True)
+    br = None if layer.bias is None else layer.bias.detach().clone().requires_grad_(True)
+    ref = _reference(xr, wr, br, tile_map, layer.stride, layer.padding, layer.dilation)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    g = torch.randn_like(ref)
+    y.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(layer.weight.grad, wr.grad, rtol=1e-4, atol=1e-3)
+    if bias:
+        torch.testing.assert_close(layer.bias.grad, br.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_only_the_needed_gradients(lib):
+    torch.manual_seed(0)
+    layer = rapa.TiledConv2d(3, 6, 3, padding=1, tiles=4)
+    x = torch.randn(2, 3, 8, 8)
+    index = layer.assignment(x)
+    tile_map = schemes.index_to_tile_map(index, 64)
+    layer.weight.requires_grad_(False)  # the bias alone
+    layer(x, index=index).sum().backward()
+    ref = torch.stack([(tile_map == j).sum() for j in range(4)]).float().view(4, 1).expand(4, 6)
+    torch.testing.assert_close(layer.bias.grad, ref)
+    assert layer.weight.grad is None and x.grad is None
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_thread_counts_agree_and_runs_are_deterministic(lib, threads):
+    torch.manual_seed(0)
+    layer = rapa.TiledConv2d(8, 16, 3, padding=1, tiles=4)
+    x = torch.randn(7, 8, 10, 10, requires_grad=True)  # 7 images: uneven shares
+    index = layer.assignment(x)
+    before = torch.get_num_threads()
+
+    def run(nth):
+        torch.set_num_threads(nth)
+        try:
+            x.grad = layer.weight.grad = layer.bias.grad = None
+            y = layer(x, index=index)
+            y.backward(torch.ones_like(y))
+            return y.detach(), x.grad, layer.weight.grad, layer.bias.grad
+        finally:
+            torch.set_num_threads(before)
+
+    one, many, again = run(1), run(threads), run(threads)
+    for a, b, c in zip(one, many, again):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert torch.equal(b, c)  # the same thread count: bitwise the same
+
+
+def test_falls_back_to_pytorch_path():
+    torch.manual_seed(0)
+    layer = rapa.TiledConv2d(2, 3, 3, padding=1, tiles=4, scheme="image_pad")
+    x = torch.randn(2, 2, 8, 8)
+    assert type(layer(x).grad_fn).__name__ == "_TiledConv2dFnBackward"  # the mask: PyTorch path
+    layer = rapa.TiledConv2d(2, 3, 3, padding=1, tiles=4).double()
+    assert type(layer(x.double()).grad_fn).__name__ == "_TiledConv2dFnBackward"
+    old = os.environ.get(native.ENV_SWITCH)
+    os.environ[native.ENV_SWITCH] = "0"
+    try:
+        assert type(layer.float()(x).grad_fn).__name__ == "_TiledConv2dFnBackward"
+    finally:
+        if old is None:
+            del os.environ[native.ENV_SWITCH]
+        else:
+            os.environ[native.ENV_SWITCH] = old
+
+
+def test_failed_build_warns_and_uses_pytorch_path(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("CXX", "false")  # a compiler that always fails
+    monkeypatch.setenv(native.ENV_DIR, str(tmp_path))
+    monkeypatch.setenv(native.ENV_SWITCH, "1")
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(2, 3, 3, padding=1)
+    layer = rapa.TiledConv2d.from_conv2d(conv, 4, "random")
+    x = torch.randn(2, 2, 8, 8)
+    with pytest.warns(RuntimeWarning, match="native CPU kernels unavailable"):
+        y = layer(x)
+    assert "failed" in native._state["error"]
+    torch.testing.assert_close(y, conv(x), rtol=1e-5, atol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once only
+        layer(x)
+    assert not native.enabled() and not list(tmp_path.glob("*.so"))
+
+
+def test_build_is_cached_per_source_and_cpu(lib, tmp_path, monkeypatch):
+    monkeypatch.setenv(native.ENV_DIR, str(tmp_path))
+    path = native.build()
+    assert path.parent == tmp_path and path.exists()
+    stamp = path.stat().st_mtime_ns
+    assert native.build() == path and path.stat().st_mtime_ns == stamp  # not rebuilt
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary files left
