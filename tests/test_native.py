@@ -152,3 +152,23 @@ def test_build_is_cached_per_source_and_cpu(lib, tmp_path, monkeypatch):
     stamp = path.stat().st_mtime_ns
     assert native.build() == path and path.stat().st_mtime_ns == stamp  # not rebuilt
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary files left
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["x86-64-v3", "x86-64"])  # AVX2 (8 floats), SSE (4 floats)
+def test_narrower_vector_builds_match_reference(lib, arch, tmp_path):
+    # the kernels' blocking depends on the vector width: build them for older x86 CPUs and run
+    # the reference tests on those builds (this CPU runs their instructions too)
+    import platform
+    import subprocess
+    import sys
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86 targets")
+    env = dict(os.environ, RAPA_NATIVE_ARCH=arch, RAPA_NATIVE_DIR=str(tmp_path), RAPA_NATIVE="1")
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                          "-k", "matches_per_tile or only_the_needed"], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "passed" in res.stdout and "skipped" not in res.stdout
+    assert len(list(tmp_path.glob("*.so"))) == 1  # built for that target

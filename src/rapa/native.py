@@ -9,7 +9,8 @@ tiled layer costs about what ``nn.Conv2d`` costs. They cover float32 on the CPU 
 PyTorch path (same results up to float rounding).
 
 The source is compiled once per CPU type with the C++ compiler ``$CXX`` (default ``c++``,
-``-O3 -march=native -fopenmp``) into ``$RAPA_NATIVE_DIR`` (default ``~/.cache/rapa/native``);
+``-O3 -march=native -fopenmp``; ``$RAPA_NATIVE_ARCH`` replaces ``native``, e.g. ``x86-64-v3``
+for a cluster of mixed CPUs) into ``$RAPA_NATIVE_DIR`` (default ``~/.cache/rapa/native``);
 the build takes a few seconds. ``RAPA_NATIVE=0`` turns the native path off.
 """
 
@@ -35,8 +36,10 @@ import rapa.functional as RF
 SOURCE = Path(__file__).parent / "csrc" / "tiled_conv.cpp"
 ENV_SWITCH = "RAPA_NATIVE"  # "0": use the PyTorch path
 ENV_DIR = "RAPA_NATIVE_DIR"
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+ENV_ARCH = "RAPA_NATIVE_ARCH"  # the -march target, default "native"
+FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 
+_ARGS = {"rapa_tiled_conv_fwd": 7, "rapa_tiled_conv_bwd_w": 7, "rapa_tiled_conv_bwd_x": 6}
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "lib": the loaded library, or "error": why there is none
 
@@ -67,8 +70,9 @@ def build(force: bool = False) -> Path:
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set $CXX or install g++)")
+    flags = (*FLAGS, f"-march={os.environ.get(ENV_ARCH) or 'native'}")
     src = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([src, cxx.encode(), " ".join(FLAGS).encode(),
+    key = hashlib.sha256(b"\0".join([src, cxx.encode(), " ".join(flags).encode(),
                                      _cpu_id().encode(), torch.__version__.encode()])).hexdigest()[:16]
     path = build_dir() / f"rapa_tiled_conv_{key}.so"
     if path.exists() and not force:
@@ -77,7 +81,7 @@ def build(force: bool = False) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
     try:
-        res = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        res = subprocess.run([cxx, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"building {SOURCE.name} with {cxx} failed:\n{res.stderr[-4000:]}")
         os.replace(tmp, path)  # atomic: concurrent builders (e.g. Ray workers) do not collide
@@ -96,8 +100,8 @@ def library() -> ctypes.CDLL | None:
         if "lib" not in _state and "error" not in _state:
             try:
                 lib = ctypes.CDLL(str(build()))
-                for name in ("rapa_tiled_conv_fwd", "rapa_tiled_conv_bwd_w", "rapa_tiled_conv_bwd_x"):
-                    getattr(lib, name).argtypes = [ctypes.c_void_p] * (5 if name.endswith("bwd_x") else 6)
+                for name, nargs in _ARGS.items():
+                    getattr(lib, name).argtypes = [ctypes.c_void_p] * nargs
                     getattr(lib, name).restype = ctypes.c_int
                 _state["lib"] = lib
             except (RuntimeError, OSError) as err:
@@ -151,13 +155,14 @@ class NativeTiledConv2dFn(torch.autograd.Function):
         vw = lib.rapa_vector_width()
         cp, kp = _round(cout, vw), _round(k, vw)
         index = index.contiguous()
-        xp = RF._pad_nhwc(x, padding)  # (N, Hp, Wp, C) scratch
+        xh = _nhwc(x)  # (N, H, W, C)
+        hp, wp = h + 2 * padding[0], w + 2 * padding[1]
+        xp = RF._workspace.get("xp", n * hp * wp * c, x)  # scratch for the padded input
         wt = F.pad(weight.permute(0, 3, 4, 2, 1).reshape(nt, k, cout), (0, cp - cout))  # (nt, K, cp)
         bp = None if bias is None else F.pad(bias, (0, cp - cout)).contiguous()  # (nt, cp)
         out = (x.new_empty if covered else x.new_zeros)(n, oh, ow, cout)  # (N, oh, ow, cout)
-        geo = _geo(n, c, xp.shape[1], xp.shape[2], kh, kw, stride, dilation, out_size, nt, cout,
-                   cp, kp, index)
-        lib.rapa_tiled_conv_fwd(geo, _ptr(xp), _ptr(wt), _ptr(bp), _ptr(index), _ptr(out))
+        geo = _geo(x, kh, kw, stride, padding, dilation, out_size, nt, cout, cp, kp, index)
+        lib.rapa_tiled_conv_fwd(geo, _ptr(xh), _ptr(xp), _ptr(wt), _ptr(bp), _ptr(index), _ptr(out))
         ctx.save_for_backward(x, weight, index)
         ctx.meta = (stride, padding, dilation, out_size, bias is not None)
         out = out.permute(0, 3, 1, 2)  # (N, cout, oh, ow) NHWC memory
@@ -179,32 +184,40 @@ class NativeTiledConv2dFn(torch.autograd.Function):
         cp, kp = _round(cout, vw), _round(k, vw)
         hp, wp = h + 2 * padding[0], w + 2 * padding[1]
         g = grad_out.permute(0, 2, 3, 1).contiguous()  # (N, oh, ow, cout)
-        geo = _geo(n, c, hp, wp, kh, kw, stride, dilation, out_size, nt, cout, cp, kp, index)
+        geo = _geo(x, kh, kw, stride, padding, dilation, out_size, nt, cout, cp, kp, index)
         nth = geo[18]
         gx = gw = gb = None
         if need_w or need_b:
-            xp = RF._pad_nhwc(x, padding) if need_w else None
+            xh = _nhwc(x) if need_w else None
+            xp = RF._workspace.get("xp", n * hp * wp * c, x) if need_w else None
             gwp = x.new_zeros(nth, nt, k, cp) if need_w else None  # per-thread partial sums
             gbp = x.new_zeros(nth, nt, cp) if need_b else None
-            lib.rapa_tiled_conv_bwd_w(geo, _ptr(xp), _ptr(g), _ptr(index), _ptr(gwp), _ptr(gbp))
+            lib.rapa_tiled_conv_bwd_w(geo, _ptr(xh), _ptr(xp), _ptr(g), _ptr(index), _ptr(gwp), _ptr(gbp))
             if need_w:  # (nt, K, cout) in (kh, kw, C) order -> (nt, cout, C, kh, kw)
                 gw = gwp.sum(0)[..., :cout].reshape(nt, kh, kw, c, cout).permute(0, 4, 3, 1, 2).contiguous()
             if need_b:
                 gb = gbp.sum(0)[:, :cout].contiguous()
         if need_x:
             w2 = F.pad(weight.permute(0, 1, 3, 4, 2).reshape(nt, cout, k), (0, kp - k))  # (nt, cout, kp)
-            gxp = RF._workspace.get("gxp", n * hp * wp * c, x).view(n, hp, wp, c).zero_()
-            lib.rapa_tiled_conv_bwd_x(geo, _ptr(g), _ptr(w2), _ptr(index), _ptr(gxp))
+            gxp = RF._workspace.get("gxp", n * hp * wp * c, x)  # scratch: the padded gradient
             gx = x.new_empty(n, h, w, c)  # (N, H, W, C)
-            gx.copy_(gxp[:, padding[0]:padding[0] + h, padding[1]:padding[1] + w])
+            lib.rapa_tiled_conv_bwd_x(geo, _ptr(g), _ptr(w2), _ptr(index), _ptr(gxp), _ptr(gx))
             gx = gx.permute(0, 3, 1, 2)  # (N, C, H, W) channels-last memory
         return gx, gw, gb, None, None, None, None, None, None
 
 
-def _geo(n: int, c: int, hp: int, wp: int, kh: int, kw: int, stride: tuple[int, int],
+def _nhwc(x: Tensor) -> Tensor:
+    """``x`` (N, C, H, W) as a contiguous ``(N, H, W, C)`` tensor (a view if channels-last)."""
+    return x.permute(0, 2, 3, 1).contiguous()
+
+
+def _geo(x: Tensor, kh: int, kw: int, stride: tuple[int, int], padding: tuple[int, int],
          dilation: tuple[int, int], out_size: tuple[int, int], nt: int, cout: int, cp: int,
          kp: int, index: Tensor) -> ctypes.Array:
     """The int64 geometry block the kernels read (layout of ``Geo`` in the C++ source)."""
+    n, c, h, w = x.shape
+    hp, wp = h + 2 * padding[0], w + 2 * padding[1]
     vals = (n, c, hp, wp, kh, kw, stride[0], stride[1], dilation[0], dilation[1], out_size[0],
-            out_size[1], nt, cout, cp, kp, index.shape[0], index.shape[2], torch.get_num_threads())
+            out_size[1], nt, cout, cp, kp, index.shape[0], index.shape[2], torch.get_num_threads(),
+            h, w, padding[0], padding[1])
     return (ctypes.c_int64 * len(vals))(*vals)
