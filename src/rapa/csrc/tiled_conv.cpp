@@ -29,7 +29,7 @@
 // kernel. Tuned on Zen 4 (AVX-512, 32 registers); AVX2/SSE/NEON have 16.
 #if defined(__AVX512F__)
 #define RAPA_VW 16
-#define RAPA_FWD_ACC 24
+#define RAPA_FWD_ACC 16
 #define RAPA_GW_ACC 20
 #define RAPA_GX_MR 8
 #define RAPA_GX_SV 3
@@ -53,6 +53,15 @@ constexpr int64_t PB = 256;    // pixels per chunk of the weight and input gradi
 typedef float vf __attribute__((vector_size(VW * sizeof(float))));
 
 inline vf vload(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
+// A vector loaded once and kept in a register: GCC would otherwise fold the load into every
+// FMA that uses it (one load per FMA, which makes the load ports the bottleneck).
+inline vf vload_reg(const float* p) {
+  vf v = vload(p);
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  asm("" : "+x"(v));
+#endif
+  return v;
+}
 inline void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 
 struct Geo {  // the layout of geo[], shared with rapa/native.py
@@ -120,28 +129,27 @@ inline void dispatch(int64_t n, F&& f) {
 constexpr int rows_for(int nv) { return std::min(12, RAPA_FWD_ACC / nv); }
 constexpr int krows_for(int nv) { return std::min(12, RAPA_GW_ACC / nv); }
 
-// Forward: MR pixels x NV*VW channels. a: the MR patches' first numbers; w: (K, cp) at the
-// column block; out rows get `valid` channels.
+// Forward: MR pixels x NV*VW channels. base: the MR patches' offsets in xp; koff (K,): the
+// offset of every patch entry from its patch's first number; w: (K, cp) at the column block;
+// out rows get `valid` channels. One flat loop over K keeps the accumulators in registers.
 template <int MR, int NV>
-void fwd_block(const float* xp, const int64_t* base, const Segs& sg, const float* w, int64_t cp,
-               const float* bias, float* out, const int64_t* pix, int64_t orow, int64_t cout,
-               int64_t valid) {
+void fwd_block(const float* xp, const int64_t* base, const int64_t* koff, int64_t k, const float* w,
+               int64_t cp, const float* bias, float* out, const int64_t* pix, int64_t orow,
+               int64_t cout, int64_t valid) {
   vf acc[MR][NV];
   for (int v = 0; v < NV; ++v) {
     const vf b0 = bias ? vload(bias + v * VW) : vf{};
     for (int r = 0; r < MR; ++r) acc[r][v] = b0;
   }
-  const float* wk = w;
-  for (int64_t s = 0; s < sg.nseg; ++s) {
-    const float* ap[MR];
-    for (int r = 0; r < MR; ++r) ap[r] = xp + base[r] + sg.off[s];
-    for (int64_t e = 0; e < sg.len; ++e, wk += cp) {
-      vf wv[NV];
-      for (int v = 0; v < NV; ++v) wv[v] = vload(wk + v * VW);
-      for (int r = 0; r < MR; ++r) {
-        const float x = ap[r][e];
-        for (int v = 0; v < NV; ++v) acc[r][v] += wv[v] * x;
-      }
+  const float* a[MR];
+  for (int r = 0; r < MR; ++r) a[r] = xp + base[r];
+  for (int64_t q = 0; q < k; ++q, w += cp) {
+    const int64_t o = koff[q];
+    vf wv[NV];
+    for (int v = 0; v < NV; ++v) wv[v] = vload_reg(w + v * VW);
+    for (int r = 0; r < MR; ++r) {
+      const float x = a[r][o];
+      for (int v = 0; v < NV; ++v) acc[r][v] += wv[v] * x;
     }
   }
   for (int r = 0; r < MR; ++r) {
@@ -165,7 +173,7 @@ void gw_block(const float* xp, const int64_t* base, int64_t koff, const float* G
   for (int64_t r = 0; r < cnt; ++r) {
     const float* ar = xp + base[r] + koff;
     vf gv[NV];
-    for (int v = 0; v < NV; ++v) gv[v] = vload(G + r * cp + v * VW);
+    for (int v = 0; v < NV; ++v) gv[v] = vload_reg(G + r * cp + v * VW);
     for (int j = 0; j < MK; ++j) {
       const float x = ar[j];
       for (int v = 0; v < NV; ++v) acc[j][v] += gv[v] * x;
@@ -182,7 +190,7 @@ void gx_block(const float* G, int64_t cp, int64_t cout, const float* w2, int64_t
   vf acc[MR][SV] = {};
   for (int64_t n = 0; n < cout; ++n) {
     vf wv[SV];
-    for (int v = 0; v < SV; ++v) wv[v] = vload(w2 + n * kp + v * VW);
+    for (int v = 0; v < SV; ++v) wv[v] = vload_reg(w2 + n * kp + v * VW);
     for (int r = 0; r < MR; ++r) {
       const float gg = G[r * cp + n];
       for (int v = 0; v < SV; ++v) acc[r][v] += wv[v] * gg;
@@ -217,7 +225,7 @@ inline void pack_g(const Geo& g, const float* grad, int64_t b, const int64_t* pi
 }
 
 struct Scratch {  // per-thread buffers, kept between calls (OpenMP threads persist)
-  std::vector<int64_t> pix, base, pbase;
+  std::vector<int64_t> pix, base, pbase, koff;
   std::vector<float> G, T;
 };
 thread_local Scratch scratch;
@@ -245,6 +253,9 @@ int rapa_tiled_conv_fwd(const int64_t* geo, const float* x, float* xp, const flo
     Scratch& sc = scratch;
     sc.pix.resize(g.m), sc.base.resize(g.m);
     pixel_bases(g, sc.pbase);
+    sc.koff.resize(k);
+    for (int64_t q = 0; q < sg.nseg; ++q)
+      for (int64_t e = 0; e < sg.len; ++e) sc.koff[q * sg.len + e] = sg.off[q] + e;
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / g.nt, t = i % g.nt;
       const int64_t cnt = group(g, index, sc.pbase.data(), b, t, sc.pix.data(), sc.base.data());
@@ -257,7 +268,7 @@ int rapa_tiled_conv_fwd(const int64_t* geo, const float* x, float* xp, const flo
           constexpr int NV = decltype(NVc)::value, MR = rows_for(NV);
           for (int64_t r0 = 0; r0 < cnt; r0 += MR) {
             dispatch<MR>(std::min<int64_t>(MR, cnt - r0), [&](auto R) {
-              fwd_block<decltype(R)::value, NV>(xp, sc.base.data() + r0, sg, wt, g.cp, bt,
+              fwd_block<decltype(R)::value, NV>(xp, sc.base.data() + r0, sc.koff.data(), k, wt, g.cp, bt,
                                                 out + c0, sc.pix.data() + r0, b * np, g.cout, valid);
             });
           }
