@@ -102,11 +102,13 @@ _workspace = _Workspace()
 
 
 def clear_workspace() -> None:
-    """Free the calling thread's scratch buffers and index tables of the CPU path.
+    """Free the calling thread's scratch buffers and index tables of the CPU path, and the
+    native kernels' per-thread scratch.
 
     They are kept between calls for speed and grow to the largest batch seen (the padded
     input of a layer, and about ``CPU_CHUNK_BYTES`` per buffer otherwise)."""
     _workspace.clear()
+    native.clear_scratch()
 
 
 def _chunk_size(n: int, per_image_bytes: int, device: torch.device) -> int:

@@ -16,6 +16,7 @@ the build takes a few seconds. ``RAPA_NATIVE=0`` turns the native path off.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -26,6 +27,7 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -103,6 +105,8 @@ def library() -> ctypes.CDLL | None:
                 for name, nargs in _ARGS.items():
                     getattr(lib, name).argtypes = [ctypes.c_void_p] * nargs
                     getattr(lib, name).restype = ctypes.c_int
+                lib.rapa_clear_scratch.argtypes = [ctypes.c_int64]
+                lib.rapa_clear_scratch.restype = None
                 _state["lib"] = lib
             except (RuntimeError, OSError) as err:
                 _state["error"] = str(err)
@@ -120,6 +124,39 @@ def enabled() -> bool:
     """Whether :func:`rapa.functional.tiled_conv2d` uses the native kernels for CPU float32:
     not switched off by ``RAPA_NATIVE=0``, and built."""
     return os.environ.get(ENV_SWITCH, "1") != "0" and available()
+
+
+def clear_scratch() -> None:
+    """Free the native kernels' per-thread scratch (of the calling thread and torch's threads)."""
+    lib = _state.get("lib")
+    if lib is not None:
+        lib.rapa_clear_scratch(torch.get_num_threads())  # type: ignore[attr-defined]
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Within the block, tiled convolutions take the PyTorch path (sets ``RAPA_NATIVE=0``
+    for the process, so not meant for concurrent threads); for comparisons and debugging."""
+    old = os.environ.get(ENV_SWITCH)
+    os.environ[ENV_SWITCH] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(ENV_SWITCH, None)
+        else:
+            os.environ[ENV_SWITCH] = old
+
+
+def describe() -> str:
+    """Which CPU implementation float32 tiled convolutions use here, for reports."""
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return f"PyTorch path ({ENV_SWITCH}=0)"
+    lib = library()
+    if lib is None:
+        return f"PyTorch path (native kernels unavailable: {str(_state.get('error')).splitlines()[0]})"
+    arch = os.environ.get(ENV_ARCH) or "native"
+    return f"native kernels (-march={arch}, {lib.rapa_vector_width()} floats per vector)"
 
 
 def supports(x: Tensor, weight: Tensor, mask: Tensor | None) -> bool:
@@ -185,18 +222,13 @@ class NativeTiledConv2dFn(torch.autograd.Function):
         hp, wp = h + 2 * padding[0], w + 2 * padding[1]
         g = grad_out.permute(0, 2, 3, 1).contiguous()  # (N, oh, ow, cout)
         geo = _geo(x, kh, kw, stride, padding, dilation, out_size, nt, cout, cp, kp, index)
-        nth = geo[18]
         gx = gw = gb = None
         if need_w or need_b:
             xh = _nhwc(x) if need_w else None
             xp = RF._workspace.get("xp", n * hp * wp * c, x) if need_w else None
-            gwp = x.new_zeros(nth, nt, k, cp) if need_w else None  # per-thread partial sums
-            gbp = x.new_zeros(nth, nt, cp) if need_b else None
-            lib.rapa_tiled_conv_bwd_w(geo, _ptr(xh), _ptr(xp), _ptr(g), _ptr(index), _ptr(gwp), _ptr(gbp))
-            if need_w:  # (nt, K, cout) in (kh, kw, C) order -> (nt, cout, C, kh, kw)
-                gw = gwp.sum(0)[..., :cout].reshape(nt, kh, kw, c, cout).permute(0, 4, 3, 1, 2).contiguous()
-            if need_b:
-                gb = gbp.sum(0)[:, :cout].contiguous()
+            gw = x.new_empty(nt, cout, c, kh, kw) if need_w else None
+            gb = x.new_empty(nt, cout) if need_b else None
+            lib.rapa_tiled_conv_bwd_w(geo, _ptr(xh), _ptr(xp), _ptr(g), _ptr(index), _ptr(gw), _ptr(gb))
         if need_x:
             w2 = F.pad(weight.permute(0, 1, 3, 4, 2).reshape(nt, cout, k), (0, kp - k))  # (nt, cout, kp)
             gxp = RF._workspace.get("gxp", n * hp * wp * c, x)  # scratch: the padded gradient

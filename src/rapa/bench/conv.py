@@ -3,6 +3,8 @@
 For the paper's three layer shapes it measures forward+backward time and peak memory of
 ``nn.Conv2d``, ``TiledConv2d`` (``random`` and ``none``) and the naive method, which
 convolves with all ``nt`` kernels and picks one output per pixel (``nt`` times the MACs).
+On the CPU, ``random`` runs on the native kernels where they build (:mod:`rapa.native`);
+``random-pt`` is the same layer on the pure-PyTorch path.
 The first layer's input does not require a gradient (it is the image), as in a network.
 CPU peak memory is the growth of the resident set during one forward+backward (gradients
 included), measured in a fresh subprocess per case; on CUDA it is ``max_memory_allocated``.
@@ -19,6 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
+from rapa import native
 from rapa.bench.common import geomean, resolve_device, sync, time_interleaved
 from rapa.functional import tiled_conv2d_dense
 from rapa.tiled_conv import TiledConv2d
@@ -29,7 +32,7 @@ PAPER_SHAPES: tuple[tuple[int, int, int, int, bool], ...] = (
     (32, 32, 16, 4, True),
     (32, 64, 8, 1, True),
 )
-METHODS: tuple[str, ...] = ("conv2d", "none", "random", "naive")
+METHODS: tuple[str, ...] = ("conv2d", "none", "random", "random-pt", "naive")
 
 
 @dataclass
@@ -54,6 +57,13 @@ def _make(method: str, cin: int, cout: int, nt: int, device: torch.device):
     layer = TiledConv2d.from_conv2d(conv, nt, "random")
     if method == "random":
         return layer
+    if method == "random-pt":  # the forward picks the implementation, and so the backward
+        def pytorch_path(x):
+            with native.disabled():
+                return layer(x)
+
+        pytorch_path.parameters = layer.parameters  # type: ignore[attr-defined]
+        return pytorch_path
 
     def naive(x):
         s = layer.tile_map(x)  # (N, np): same draw as the layer would use
@@ -149,23 +159,25 @@ def run_conv_bench(batches=(10, 128), device: str = "auto", repeats: int = 5,
 
 def format_conv_bench(cases: list[ConvCase], device: str, memory_format: str = "NCHW") -> str:
     """A table of times and ratios, and the summary the targets are stated in."""
+    impl = native.describe() if str(device).startswith("cpu") else str(device)
     lines = [f"RAPA conv layer, forward+backward, device={device}, inputs {memory_format} "
-             f"(ratios are to nn.Conv2d)",
-             f"{'layer':<18}{'batch':>6}{'nt':>4}{'conv2d ms':>11}{'none':>7}{'random':>8}{'naive':>8}"
-             f"{'naive/rand':>11}{'mem rand':>9}{'mem naive':>10}"]
+             f"(ratios are to nn.Conv2d)", f"random: {impl}; random-pt: the PyTorch path",
+             f"{'layer':<18}{'batch':>6}{'nt':>4}{'conv2d ms':>11}{'none':>7}{'random':>8}{'rand-pt':>8}"
+             f"{'naive':>8}{'naive/rand':>11}{'mem rand':>9}{'mem naive':>10}"]
     for c in cases:
         s = c.seconds
         mem = (f"{c.peak_bytes['random'] / max(c.peak_bytes['conv2d'], 1):>9.2f}"
                f"{c.peak_bytes['naive'] / max(c.peak_bytes['conv2d'], 1):>10.2f}") if c.peak_bytes else ""
         lines.append(f"{c.shape:<18}{c.batch:>6}{c.nt:>4}{s['conv2d'] * 1e3:>11.2f}"
                      f"{s['none'] / s['conv2d']:>7.2f}{s['random'] / s['conv2d']:>8.2f}"
-                     f"{s['naive'] / s['conv2d']:>8.2f}{s['naive'] / s['random']:>11.2f}{mem}")
+                     f"{s['random-pt'] / s['conv2d']:>8.2f}{s['naive'] / s['conv2d']:>8.2f}{s['naive'] / s['random']:>11.2f}{mem}")
     for batch in sorted({c.batch for c in cases}):
         cs = [c for c in cases if c.batch == batch]
         g = geomean([c.seconds["random"] / c.seconds["conv2d"] for c in cs])
         gn = geomean([c.seconds["none"] / c.seconds["conv2d"] for c in cs])
+        gp = geomean([c.seconds["random-pt"] / c.seconds["conv2d"] for c in cs])
         lines.append(f"batch {batch}: geomean random/conv2d = {g:.2f}x (target <= 2), "
-                     f"none/conv2d = {gn:.2f}x (target <= 1.1)")
+                     f"none/conv2d = {gn:.2f}x (target <= 1.1), random-pt/conv2d = {gp:.2f}x")
     for c in cases:
         if c.nt == 16:
             lines.append(f"batch {c.batch}, 16 tiles: naive/random = "

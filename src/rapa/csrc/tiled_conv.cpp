@@ -226,7 +226,7 @@ inline void pack_g(const Geo& g, const float* grad, int64_t b, const int64_t* pi
 
 struct Scratch {  // per-thread buffers, kept between calls (OpenMP threads persist)
   std::vector<int64_t> pix, base, pbase, koff;
-  std::vector<float> G, T;
+  std::vector<float> G, T, gw, gb;
 };
 thread_local Scratch scratch;
 
@@ -279,25 +279,30 @@ int rapa_tiled_conv_fwd(const int64_t* geo, const float* x, float* xp, const flo
   return 0;
 }
 
-// gw_part (nth, nt, K, cp) and gb_part (nth, nt, cp): zeroed by the caller, each thread adds
-// into its own slice; either may be null (x and xp are only read for gw_part).
+// gw (nt, cout, C, kh, kw) and gb (nt, cout): the weight and bias gradients, either may be null
+// (x and xp are only read for gw). Each thread sums its groups into its own scratch; after a
+// barrier the threads sum those partials in thread order (deterministic for a thread count)
+// into gw, rows split among them.
 int rapa_tiled_conv_bwd_w(const int64_t* geo, const float* x, float* xp, const float* grad,
-                          const int64_t* index, float* gw_part, float* gb_part) {
+                          const int64_t* index, float* gw, float* gb) {
   const Geo g(geo);
   const Segs sg(g);
   const int64_t k = g.k();
+  std::vector<float*> part_w(g.nth), part_b(g.nth);
 #pragma omp parallel num_threads(g.nth)
   {
-    if (gw_part) {
+    if (gw) {
 #pragma omp for schedule(static)
       for (int64_t b = 0; b < g.n; ++b) pad_image(g, x, b, xp);
     }
-    const int tid = omp_get_thread_num();
+    const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
     int64_t i0, i1;
-    split(g.n * g.nt, tid, omp_get_num_threads(), &i0, &i1);
+    split(g.n * g.nt, tid, nth, &i0, &i1);
     Scratch& sc = scratch;
     sc.pix.resize(g.m), sc.base.resize(g.m), sc.G.resize(PB * g.cp);
     pixel_bases(g, sc.pbase);
+    if (gw) sc.gw.assign(g.nt * k * g.cp, 0.f), part_w[tid] = sc.gw.data();
+    if (gb) sc.gb.assign(g.nt * g.cp, 0.f), part_b[tid] = sc.gb.data();
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / g.nt, t = i % g.nt;
       const int64_t cnt = group(g, index, sc.pbase.data(), b, t, sc.pix.data(), sc.base.data());
@@ -306,13 +311,13 @@ int rapa_tiled_conv_bwd_w(const int64_t* geo, const float* x, float* xp, const f
         const int64_t* base = sc.base.data() + r0;
         float* G = sc.G.data();
         pack_g(g, grad, b, sc.pix.data() + r0, rc, G);
-        if (gb_part) {
-          float* gb = gb_part + (tid * g.nt + t) * g.cp;
+        if (gb) {
+          float* gbt = sc.gb.data() + t * g.cp;
           for (int64_t r = 0; r < rc; ++r)
-            for (int64_t j = 0; j < g.cout; ++j) gb[j] += G[r * g.cp + j];
+            for (int64_t j = 0; j < g.cout; ++j) gbt[j] += G[r * g.cp + j];
         }
-        if (!gw_part) continue;
-        float* gwt = gw_part + (tid * g.nt + t) * k * g.cp;
+        if (!gw) continue;
+        float* gwt = sc.gw.data() + t * k * g.cp;
         for (int64_t c0 = 0; c0 < g.cp; c0 += NVMAX * VW) {
           const int64_t nv = std::min<int64_t>(NVMAX, (g.cp - c0) / VW);
           dispatch<NVMAX>(nv, [&](auto NVc) {
@@ -329,8 +334,36 @@ int rapa_tiled_conv_bwd_w(const int64_t* geo, const float* x, float* xp, const f
         }
       }
     }
+#pragma omp barrier
+    if (gw) {  // rows (t, q) of K entries in (kh, kw, C) order -> gw[t, n, c, i, j]
+      const int64_t khw = g.kh * g.kw;
+      split(g.nt * k, tid, nth, &i0, &i1);
+      for (int64_t row = i0; row < i1; ++row) {
+        const int64_t t = row / k, q = row % k, c = q % g.c, ij = q / g.c;
+        float* dst = gw + (t * g.cout * g.c + c) * khw + ij;
+        for (int64_t n = 0; n < g.cout; ++n) {
+          float acc = 0.f;
+          for (int j = 0; j < nth; ++j) acc += part_w[j][row * g.cp + n];
+          dst[n * g.c * khw] = acc;
+        }
+      }
+    }
+    if (gb) {
+      split(g.nt * g.cout, tid, nth, &i0, &i1);
+      for (int64_t e = i0; e < i1; ++e) {
+        float acc = 0.f;
+        for (int j = 0; j < nth; ++j) acc += part_b[j][(e / g.cout) * g.cp + e % g.cout];
+        gb[e] = acc;
+      }
+    }
   }
   return 0;
+}
+
+// Free the scratch of the calling thread and of nth OpenMP threads.
+void rapa_clear_scratch(int64_t nth) {
+#pragma omp parallel num_threads(nth)
+  scratch = Scratch();
 }
 
 // gx (N, H, W, C): every listed pixel's patch gradient summed over its window, accumulated in
