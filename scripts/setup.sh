@@ -25,6 +25,17 @@ if ! python -c "import torch, rapa" 2>/dev/null || [ -n "$extras" ]; then
   pip_q -e ".${extras:+[$extras]}"
 fi
 python -c "import torch; assert torch.__version__.startswith('2.'), torch.__version__"
+# the tiled convolution's native CPU kernels are compiled with the system C++ compiler (a few
+# seconds, cached in ~/.cache/rapa/native); without one rapa warns and runs the slower
+# PyTorch path
+if [ -z "${CXX:-}" ] && ! command -v c++ >/dev/null && ! command -v g++ >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq g++ >/dev/null
+  else
+    echo "setup.sh: no C++ compiler (apt-get install g++): rapa will use its slower PyTorch path" >&2
+  fi
+fi
+python -c "import rapa.native as n; print('rapa tiled conv on CPU:', n.describe())"
 if [ "$analog" = 1 ] && ! python -c "import aihwkit" 2>/dev/null; then
   # aihwkit 1.2.0 is a source package: it compiles against OpenBLAS (about 4 minutes)
   if [ ! -e /usr/include/x86_64-linux-gnu/cblas.h ] && [ ! -e /usr/include/openblas/cblas.h ] \

@@ -39,6 +39,9 @@ GEOMS = [  # cin, cout, kernel, stride, padding, dilation, size, tiles
     (4, 70, 3, 2, 1, 1, (11, 10), 3),    # more than one block of output channels
     (5, 17, (3, 2), (2, 3), (2, 1), (2, 1), (10, 11), 5),
     (6, 8, (2, 3), (3, 1), (0, 3), (1, 3), (9, 7), 2),  # dilation across: one segment per offset
+    (1, 16, 1, 1, 0, 1, (5, 6), 3),      # 1x1 kernel, one channel
+    (1, 32, 5, 1, 2, 1, (10, 9), 4),     # grey images (conv1 on Fashion-MNIST): the weight
+                                         # rearranged is a strided view, channels fill vectors
 ]
 
 
@@ -192,3 +195,14 @@ def test_clear_workspace_frees_native_scratch_and_results_stay_correct(lib):
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(layer.weight.grad.sum(0), conv.weight.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_index_of_wrong_shape_is_refused(lib):
+    layer = rapa.TiledConv2d(2, 3, 3, padding=1, tiles=4)
+    x = torch.randn(3, 2, 6, 6)
+    index = layer.assignment(x)
+    for bad in (index[:2], index[:, :3], index[0]):
+        with pytest.raises(ValueError, match="index of shape"):
+            layer(x, index=bad)
+    # int32 indices work like int64 ones
+    torch.testing.assert_close(layer(x, index=index.int()), layer(x, index=index))

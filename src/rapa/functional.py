@@ -1,6 +1,8 @@
 """Functional RAPA convolution: ``np`` patches times one of ``nt`` kernel matrices each.
 
-The fast path gathers every patch straight into tile-major order ``(nt, N*M, k)`` from
+On the CPU in float32, :func:`tiled_conv2d` runs on the native kernels of :mod:`rapa.native`
+where they build; this module holds the PyTorch path that every other case takes. It
+gathers every patch straight into tile-major order ``(nt, N*M, k)`` from
 an overlapping view of the padded channels-last input, runs one batched matmul over the
 tiles, and gathers the outputs back into pixel order. The backward gathers the patches
 again (nothing patch-sized is kept), and gathers the input gradient back the same way; it
@@ -418,6 +420,11 @@ def tiled_conv2d(
                                          x.device, fixed_seed)
     if index is None:  # one kernel for every pixel: an ordinary convolution
         return F.conv2d(x, weight[0], None if bias is None else bias[0], stride, padding, dilation)
+    if index.dim() != 3 or index.shape[0] not in (1, x.shape[0]) or index.shape[1] != nk:
+        raise ValueError(f"index of shape {tuple(index.shape)}: expected (B, {nk}, M) with B = 1 "
+                         f"or the batch size {x.shape[0]}")
+    if index.dtype != torch.int64:
+        index = index.long()
     mask = None
     if scheme == "image_pad":
         mask = schemes.region_mask(nt, x.shape[2], x.shape[3], oh, ow, (kh, kw), stride, padding,

@@ -4,14 +4,15 @@ The pure-PyTorch path of :func:`rapa.functional.tiled_conv2d` gathers patches in
 and calls batched GEMMs; on CPU that costs about twice a direct convolution. The native
 kernels compute each (image, tile) group as an implicit GEMM straight from the padded
 channels-last input, with register-blocked vector code and torch's own OpenMP threads, so the
-tiled layer costs about what ``nn.Conv2d`` costs. They cover float32 on the CPU without the
-``image_pad`` mask; everything else, and any machine where the build fails, takes the
-PyTorch path (same results up to float rounding).
+tiled layer costs 1.1-1.35x what ``nn.Conv2d`` costs (README, Benchmarks). They cover float32
+on the CPU without the ``image_pad`` mask; everything else, and any machine where the build
+fails, takes the PyTorch path (same results up to float rounding).
 
 The source is compiled once per CPU type with the C++ compiler ``$CXX`` (default ``c++``,
 ``-O3 -march=native -fopenmp``; ``$RAPA_NATIVE_ARCH`` replaces ``native``, e.g. ``x86-64-v3``
 for a cluster of mixed CPUs) into ``$RAPA_NATIVE_DIR`` (default ``~/.cache/rapa/native``);
-the build takes a few seconds. ``RAPA_NATIVE=0`` turns the native path off.
+the build takes a few seconds. These are read when the kernels are first loaded.
+``RAPA_NATIVE=0`` turns the native path off (read at every call).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -83,7 +85,8 @@ def build(force: bool = False) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
     try:
-        res = subprocess.run([cxx, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        res = subprocess.run([*shlex.split(cxx), *flags, str(SOURCE), "-o", tmp], capture_output=True,
+                             text=True, timeout=600)
         if res.returncode != 0:
             raise RuntimeError(f"building {SOURCE.name} with {cxx} failed:\n{res.stderr[-4000:]}")
         os.replace(tmp, path)  # atomic: concurrent builders (e.g. Ray workers) do not collide
@@ -108,7 +111,7 @@ def library() -> ctypes.CDLL | None:
                 lib.rapa_clear_scratch.argtypes = [ctypes.c_int64]
                 lib.rapa_clear_scratch.restype = None
                 _state["lib"] = lib
-            except (RuntimeError, OSError) as err:
+            except (RuntimeError, OSError, subprocess.SubprocessError) as err:
                 _state["error"] = str(err)
                 warnings.warn(f"rapa: native CPU kernels unavailable, using the PyTorch path "
                               f"(slower): {err}", RuntimeWarning, stacklevel=3)
@@ -166,7 +169,13 @@ def supports(x: Tensor, weight: Tensor, mask: Tensor | None) -> bool:
 
 
 def _ptr(t: Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
+    """The address the kernels read or write; they assume dense row-major memory."""
+    if t is None:
+        return None
+    if not t.is_contiguous():
+        raise RuntimeError(f"rapa.native: a non-contiguous tensor of shape {tuple(t.shape)} and "
+                           f"strides {t.stride()} reached the kernels (a bug in rapa)")
+    return t.data_ptr()
 
 
 def _round(v: int, m: int) -> int:
@@ -191,11 +200,11 @@ class NativeTiledConv2dFn(torch.autograd.Function):
         k = c * kh * kw
         vw = lib.rapa_vector_width()
         cp, kp = _round(cout, vw), _round(k, vw)
-        index = index.contiguous()
+        index = index.to(torch.int64).contiguous()
         xh = _nhwc(x)  # (N, H, W, C)
         hp, wp = h + 2 * padding[0], w + 2 * padding[1]
         xp = RF._workspace.get("xp", n * hp * wp * c, x)  # scratch for the padded input
-        wt = F.pad(weight.permute(0, 3, 4, 2, 1).reshape(nt, k, cout), (0, cp - cout))  # (nt, K, cp)
+        wt = F.pad(weight.permute(0, 3, 4, 2, 1).reshape(nt, k, cout), (0, cp - cout)).contiguous()  # (nt, K, cp)
         bp = None if bias is None else F.pad(bias, (0, cp - cout)).contiguous()  # (nt, cp)
         out = (x.new_empty if covered else x.new_zeros)(n, oh, ow, cout)  # (N, oh, ow, cout)
         geo = _geo(x, kh, kw, stride, padding, dilation, out_size, nt, cout, cp, kp, index)
@@ -230,7 +239,7 @@ class NativeTiledConv2dFn(torch.autograd.Function):
             gb = x.new_empty(nt, cout) if need_b else None
             lib.rapa_tiled_conv_bwd_w(geo, _ptr(xh), _ptr(xp), _ptr(g), _ptr(index), _ptr(gw), _ptr(gb))
         if need_x:
-            w2 = F.pad(weight.permute(0, 1, 3, 4, 2).reshape(nt, cout, k), (0, kp - k))  # (nt, cout, kp)
+            w2 = F.pad(weight.permute(0, 1, 3, 4, 2).reshape(nt, cout, k), (0, kp - k)).contiguous()  # (nt, cout, kp)
             gxp = RF._workspace.get("gxp", n * hp * wp * c, x)  # scratch: the padded gradient
             gx = x.new_empty(n, h, w, c)  # (N, H, W, C)
             lib.rapa_tiled_conv_bwd_x(geo, _ptr(g), _ptr(w2), _ptr(index), _ptr(gxp), _ptr(gx))

@@ -14,8 +14,9 @@
 // AVX-512, AVX2 or SSE/NEON code (-march=native). Work is split with OpenMP into static,
 // contiguous ranges (groups for the forward and weight gradient, images for the input
 // gradient, which accumulates into overlapping windows); per-thread partial weight gradients
-// are summed by the caller in a fixed order, so results are deterministic for a given
-// thread count. Built against the libgomp that torch has loaded, it shares torch's threads.
+// are summed in thread order, so results are bitwise reproducible for a given thread count.
+// Linked to libgomp.so.1, which torch's wheel has already loaded, the kernels run on torch's
+// own OpenMP threads (no second thread pool competing for the cores).
 #include <omp.h>
 
 #include <algorithm>
