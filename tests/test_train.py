@@ -178,6 +178,11 @@ def test_run_directory_contents(tmp_path):
     for key in ("final_test_error", "vote_test_error", "adaptive_test_error"):
         assert 0 <= summary[key] <= 1
     assert summary["images_per_s"] > 0 and summary["wall_seconds"] >= summary["train_seconds"] > 0
+    # provenance: which implementation of the tiled layers ran (they round differently)
+    from rapa import native
+
+    expected = "native kernels" if native.available() else "PyTorch path"
+    assert summary["tiled_conv"].startswith(expected)
 
     with pytest.raises(RapaError, match="already holds a run"):
         train(config, tmp_path, progress=False)

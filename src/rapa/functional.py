@@ -405,7 +405,8 @@ def tiled_conv2d(
     ``bias`` is (nt, cout). Every output pixel is computed by one tile, chosen by
     ``scheme`` (SPEC §1). ``tiles`` defaults to ``weight.shape[0]`` (for ``perforated``
     it is the perforation factor). A precomputed gather ``index`` (B, nt, M) from
-    :mod:`rapa.schemes` overrides the scheme's draw.
+    :mod:`rapa.schemes` overrides the scheme's draw. CPU float32 calls run on the native
+    kernels of :mod:`rapa.native` where they build; other calls on the PyTorch path.
     """
     nk = weight.shape[0]
     nt = nk if tiles is None else tiles

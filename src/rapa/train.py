@@ -383,7 +383,19 @@ def _summary(config: TrainConfig, model: nn.Module, history: list[dict[str, Any]
         "analog_speedup": analog_speedup(nps, config.tiles if config.scheme != "none" else None),
         "wall_seconds": round(wall, 3), "train_seconds": round(train_seconds, 3),
         "images_per_s": seen / train_seconds if train_seconds > 0 else None,
+        "tiled_conv": _implementation(config),
     }
+
+
+def _implementation(config: TrainConfig) -> str | None:
+    """Which implementation ran the tiled layers (provenance: the two round differently)."""
+    if not config.tiles or config.scheme == "none" or config.analog is not None:
+        return None
+    if torch.device(config.device).type != "cpu":
+        return f"PyTorch path on {config.device}"
+    from rapa import native
+
+    return native.describe()
 
 
 def load_run(run_dir: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, TrainConfig, dict | None]:
