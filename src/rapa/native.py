@@ -204,7 +204,7 @@ class NativeTiledConv2dFn(torch.autograd.Function):
         xh = _nhwc(x)  # (N, H, W, C)
         hp, wp = h + 2 * padding[0], w + 2 * padding[1]
         xp = RF._workspace.get("xp", n * hp * wp * c, x)  # scratch for the padded input
-        wt = F.pad(weight.permute(0, 3, 4, 2, 1).reshape(nt, k, cout), (0, cp - cout)).contiguous()  # (nt, K, cp)
+        wt = _rearranged(weight.permute(0, 3, 4, 2, 1), cp)  # (nt, kh, kw, C, cp) = (nt, K, cp)
         bp = None if bias is None else F.pad(bias, (0, cp - cout)).contiguous()  # (nt, cp)
         out = (x.new_empty if covered else x.new_zeros)(n, oh, ow, cout)  # (N, oh, ow, cout)
         geo = _geo(x, kh, kw, stride, padding, dilation, out_size, nt, cout, cp, kp, index)
@@ -239,12 +239,23 @@ class NativeTiledConv2dFn(torch.autograd.Function):
             gb = x.new_empty(nt, cout) if need_b else None
             lib.rapa_tiled_conv_bwd_w(geo, _ptr(xh), _ptr(xp), _ptr(g), _ptr(index), _ptr(gw), _ptr(gb))
         if need_x:
-            w2 = F.pad(weight.permute(0, 1, 3, 4, 2).reshape(nt, cout, k), (0, kp - k)).contiguous()  # (nt, cout, kp)
+            w2 = weight.new_zeros(nt, cout, kp) if kp != k else weight.new_empty(nt, cout, k)
+            w2[..., :k].view(nt, cout, kh, kw, c).copy_(weight.permute(0, 1, 3, 4, 2))  # (nt, cout, kp)
             gxp = RF._workspace.get("gxp", n * hp * wp * c, x)  # scratch: the padded gradient
             gx = x.new_empty(n, h, w, c)  # (N, H, W, C)
             lib.rapa_tiled_conv_bwd_x(geo, _ptr(g), _ptr(w2), _ptr(index), _ptr(gxp), _ptr(gx))
             gx = gx.permute(0, 3, 1, 2)  # (N, C, H, W) channels-last memory
         return gx, gw, gb, None, None, None, None, None, None
+
+
+def _rearranged(w: Tensor, width: int) -> Tensor:
+    """A dense copy of the view ``w`` with its last dimension zero-padded to ``width``, in one
+    copy (the kernels read rows of whole vectors)."""
+    if w.shape[-1] == width:
+        return w.contiguous()
+    out = w.new_zeros(*w.shape[:-1], width)
+    out[..., : w.shape[-1]] = w
+    return out
 
 
 def _nhwc(x: Tensor) -> Tensor:
