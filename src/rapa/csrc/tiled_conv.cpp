@@ -50,7 +50,8 @@ namespace {
 
 constexpr int VW = RAPA_VW;
 constexpr int NVMAX = 4;       // vectors of output channels per micro-kernel call
-constexpr int64_t PB = 256;    // pixels per chunk of the weight and input gradients
+constexpr int64_t PB = 256;    // pixels per chunk of the weight gradient
+constexpr int64_t PBX = 64;    // pixels per chunk of the input gradient
 typedef float vf __attribute__((vector_size(VW * sizeof(float))));
 
 inline vf vload(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
@@ -379,7 +380,7 @@ int rapa_tiled_conv_bwd_x(const int64_t* geo, const float* grad, const float* w2
     int64_t b0, b1;
     split(g.n, omp_get_thread_num(), omp_get_num_threads(), &b0, &b1);
     Scratch& sc = scratch;
-    sc.pix.resize(g.m), sc.base.resize(g.m), sc.G.resize(PB * g.cp), sc.T.resize(MR * g.kp);
+    sc.pix.resize(g.m), sc.base.resize(g.m), sc.G.resize(PBX * g.cp), sc.T.resize(PBX * g.kp);
     pixel_bases(g, sc.pbase);
     float* T = sc.T.data();
     const int64_t row = g.wp * g.c, inner = g.w * g.c;
@@ -389,29 +390,32 @@ int rapa_tiled_conv_bwd_x(const int64_t* geo, const float* grad, const float* w2
       for (int64_t t = 0; t < g.nt; ++t) {
         const int64_t cnt = group(g, index, sc.pbase.data(), b, t, sc.pix.data(), sc.base.data());
         const float* w2t = w2 + t * g.cout * g.kp;
-        for (int64_t q0 = 0; q0 < cnt; q0 += PB) {
-          const int64_t qc = std::min(PB, cnt - q0);
+        // chunks of PBX pixels: each block of SVMAX*VW patch entries of the weights (cout rows)
+        // stays in L1 while every row block of the chunk uses it; T holds the chunk's patch
+        // gradients (in L2) until they are added into their windows
+        for (int64_t q0 = 0; q0 < cnt; q0 += PBX) {
+          const int64_t qc = std::min(PBX, cnt - q0);
           float* G = sc.G.data();
           pack_g(g, grad, b, sc.pix.data() + q0, qc, G);
-          for (int64_t r0 = 0; r0 < qc; r0 += MR) {
-            const int64_t rows = std::min<int64_t>(MR, qc - r0);
-            for (int64_t v0 = 0; v0 < g.kp / VW; v0 += SVMAX) {
-              const int64_t sv = std::min<int64_t>(SVMAX, g.kp / VW - v0);
-              dispatch<MR>(rows, [&](auto R) {
+          for (int64_t v0 = 0; v0 < g.kp / VW; v0 += SVMAX) {
+            const int64_t sv = std::min<int64_t>(SVMAX, g.kp / VW - v0);
+            for (int64_t r0 = 0; r0 < qc; r0 += MR) {
+              dispatch<MR>(std::min<int64_t>(MR, qc - r0), [&](auto R) {
                 dispatch<SVMAX>(sv, [&](auto S) {
                   gx_block<decltype(R)::value, decltype(S)::value>(G + r0 * g.cp, g.cp, g.cout,
-                                                                   w2t + v0 * VW, g.kp, T + v0 * VW);
+                                                                   w2t + v0 * VW, g.kp,
+                                                                   T + r0 * g.kp + v0 * VW);
                 });
               });
             }
-            for (int64_t r = 0; r < rows; ++r) {  // add the patch gradients into the window
-              const float* src = T + r * g.kp;
-              const int64_t at = sc.base[q0 + r0 + r];
-              for (int64_t s = 0; s < sg.nseg; ++s) {
-                float* dst = gxp + at + sg.off[s];
-                const float* sr = src + s * sg.len;
-                for (int64_t e = 0; e < sg.len; ++e) dst[e] += sr[e];
-              }
+          }
+          for (int64_t r = 0; r < qc; ++r) {  // add the patch gradients into the windows
+            const float* src = T + r * g.kp;
+            const int64_t at = sc.base[q0 + r];
+            for (int64_t s = 0; s < sg.nseg; ++s) {
+              float* dst = gxp + at + sg.off[s];
+              const float* sr = src + s * sg.len;
+              for (int64_t e = 0; e < sg.len; ++e) dst[e] += sr[e];
             }
           }
         }
