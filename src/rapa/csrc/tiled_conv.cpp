@@ -25,11 +25,14 @@
 #include <type_traits>
 #include <vector>
 
-// Vector width (floats) and register blocking: accumulators of the forward and weight-gradient
-// kernels (rows = min(12, ACC / vectors of channels)), rows x vectors of the input-gradient
-// kernel. Tuned on Zen 4 (AVX-512, 32 registers); AVX2/SSE/NEON have 16.
+// Vector width (floats) and register blocking: vectors of output channels per micro-kernel
+// call (NVMAX), accumulators of the forward and weight-gradient kernels (rows = min(12, ACC /
+// vectors of channels)), rows x vectors of the input-gradient kernel. Tuned on Zen 4: AVX-512
+// has 32 registers; with 16 (AVX2, SSE, NEON) two vectors of channels per call keep the
+// accumulators, weights and broadcasts in registers (four halve the speed: spills).
 #if defined(__AVX512F__)
 #define RAPA_VW 16
+#define RAPA_NVMAX 4
 #define RAPA_FWD_ACC 16
 #define RAPA_GW_ACC 20
 #define RAPA_GX_MR 8
@@ -40,6 +43,7 @@
 #else
 #define RAPA_VW 4
 #endif
+#define RAPA_NVMAX 2
 #define RAPA_FWD_ACC 12
 #define RAPA_GW_ACC 12
 #define RAPA_GX_MR 4
@@ -49,7 +53,7 @@
 namespace {
 
 constexpr int VW = RAPA_VW;
-constexpr int NVMAX = 4;       // vectors of output channels per micro-kernel call
+constexpr int NVMAX = RAPA_NVMAX;  // vectors of output channels per micro-kernel call
 constexpr int64_t PB = 256;    // pixels per chunk of the weight gradient
 constexpr int64_t PBX = 64;    // pixels per chunk of the input gradient
 typedef float vf __attribute__((vector_size(VW * sizeof(float))));
