@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import shlex
@@ -32,7 +33,6 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 import rapa.functional as RF
@@ -197,20 +197,16 @@ class NativeTiledConv2dFn(torch.autograd.Function):
         n, c, h, w = x.shape
         nt, cout, _, kh, kw = weight.shape
         oh, ow = out_size
-        k = c * kh * kw
-        vw = lib.rapa_vector_width()
-        cp, kp = _round(cout, vw), _round(k, vw)
         index = index.to(torch.int64).contiguous()
+        geo = _Geometry(x, weight, index, stride, padding, dilation, out_size, lib.rapa_vector_width())
         xh = _nhwc(x)  # (N, H, W, C)
-        hp, wp = h + 2 * padding[0], w + 2 * padding[1]
-        xp = RF._workspace.get("xp", n * hp * wp * c, x)  # scratch for the padded input
-        wt = _rearranged(weight.permute(0, 3, 4, 2, 1), cp)  # (nt, kh, kw, C, cp) = (nt, K, cp)
-        bp = None if bias is None else F.pad(bias, (0, cp - cout)).contiguous()  # (nt, cp)
+        xp = RF._workspace.get("xp", geo.padded_numel, x)  # scratch for the padded input
+        wt = _padded(weight.permute(0, 3, 4, 2, 1), 4, geo.cp)  # (nt, kh, kw, C, cp) = (nt, K, cp)
+        bp = None if bias is None else _padded(bias, 1, geo.cp)  # (nt, cp)
         out = (x.new_empty if covered else x.new_zeros)(n, oh, ow, cout)  # (N, oh, ow, cout)
-        geo = _geo(x, kh, kw, stride, padding, dilation, out_size, nt, cout, cp, kp, index)
-        lib.rapa_tiled_conv_fwd(geo, _ptr(xh), _ptr(xp), _ptr(wt), _ptr(bp), _ptr(index), _ptr(out))
+        lib.rapa_tiled_conv_fwd(geo.block, _ptr(xh), _ptr(xp), _ptr(wt), _ptr(bp), _ptr(index), _ptr(out))
         ctx.save_for_backward(x, weight, index)
-        ctx.meta = (stride, padding, dilation, out_size, bias is not None)
+        ctx.geo, ctx.has_bias = geo, bias is not None
         out = out.permute(0, 3, 1, 2)  # (N, cout, oh, ow) NHWC memory
         if x.is_contiguous(memory_format=torch.channels_last) and x.stride(1) == 1:
             return out
@@ -220,41 +216,34 @@ class NativeTiledConv2dFn(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         lib = library()
         x, weight, index = ctx.saved_tensors
-        stride, padding, dilation, out_size, has_bias = ctx.meta
+        geo = ctx.geo
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        need_b = need_b and has_bias
+        need_b = need_b and ctx.has_bias
         n, c, h, w = x.shape
         nt, cout, _, kh, kw = weight.shape
-        k = c * kh * kw
-        vw = lib.rapa_vector_width()
-        cp, kp = _round(cout, vw), _round(k, vw)
-        hp, wp = h + 2 * padding[0], w + 2 * padding[1]
         g = grad_out.permute(0, 2, 3, 1).contiguous()  # (N, oh, ow, cout)
-        geo = _geo(x, kh, kw, stride, padding, dilation, out_size, nt, cout, cp, kp, index)
         gx = gw = gb = None
         if need_w or need_b:
             xh = _nhwc(x) if need_w else None
-            xp = RF._workspace.get("xp", n * hp * wp * c, x) if need_w else None
+            xp = RF._workspace.get("xp", geo.padded_numel, x) if need_w else None
             gw = x.new_empty(nt, cout, c, kh, kw) if need_w else None
             gb = x.new_empty(nt, cout) if need_b else None
-            lib.rapa_tiled_conv_bwd_w(geo, _ptr(xh), _ptr(xp), _ptr(g), _ptr(index), _ptr(gw), _ptr(gb))
+            lib.rapa_tiled_conv_bwd_w(geo.block, _ptr(xh), _ptr(xp), _ptr(g), _ptr(index), _ptr(gw), _ptr(gb))
         if need_x:
-            w2 = weight.new_zeros(nt, cout, kp) if kp != k else weight.new_empty(nt, cout, k)
-            w2[..., :k].view(nt, cout, kh, kw, c).copy_(weight.permute(0, 1, 3, 4, 2))  # (nt, cout, kp)
-            gxp = RF._workspace.get("gxp", n * hp * wp * c, x)  # scratch: the padded gradient
+            w2 = _padded(weight.permute(0, 1, 3, 4, 2), 2, geo.kp)  # (nt, cout, kp), K in (kh, kw, C) order
+            gxp = RF._workspace.get("gxp", geo.padded_numel, x)  # scratch: the padded gradient
             gx = x.new_empty(n, h, w, c)  # (N, H, W, C)
-            lib.rapa_tiled_conv_bwd_x(geo, _ptr(g), _ptr(w2), _ptr(index), _ptr(gxp), _ptr(gx))
+            lib.rapa_tiled_conv_bwd_x(geo.block, _ptr(g), _ptr(w2), _ptr(index), _ptr(gxp), _ptr(gx))
             gx = gx.permute(0, 3, 1, 2)  # (N, C, H, W) channels-last memory
         return gx, gw, gb, None, None, None, None, None, None
 
 
-def _rearranged(w: Tensor, width: int) -> Tensor:
-    """A dense copy of the view ``w`` with its last dimension zero-padded to ``width``, in one
-    copy (the kernels read rows of whole vectors)."""
-    if w.shape[-1] == width:
-        return w.contiguous()
-    out = w.new_zeros(*w.shape[:-1], width)
-    out[..., : w.shape[-1]] = w
+def _padded(w: Tensor, lead: int, width: int) -> Tensor:
+    """A dense copy of the view ``w`` in one copy: its dimensions after the first ``lead``
+    merged into one and zero-padded to ``width`` (the kernels read rows of whole vectors)."""
+    inner = math.prod(w.shape[lead:])
+    out = (w.new_zeros if width != inner else w.new_empty)(*w.shape[:lead], width)
+    out[..., :inner].view(w.shape).copy_(w)
     return out
 
 
@@ -263,13 +252,19 @@ def _nhwc(x: Tensor) -> Tensor:
     return x.permute(0, 2, 3, 1).contiguous()
 
 
-def _geo(x: Tensor, kh: int, kw: int, stride: tuple[int, int], padding: tuple[int, int],
-         dilation: tuple[int, int], out_size: tuple[int, int], nt: int, cout: int, cp: int,
-         kp: int, index: Tensor) -> ctypes.Array:
-    """The int64 geometry block the kernels read (layout of ``Geo`` in the C++ source)."""
-    n, c, h, w = x.shape
-    hp, wp = h + 2 * padding[0], w + 2 * padding[1]
-    vals = (n, c, hp, wp, kh, kw, stride[0], stride[1], dilation[0], dilation[1], out_size[0],
-            out_size[1], nt, cout, cp, kp, index.shape[0], index.shape[2], torch.get_num_threads(),
-            h, w, padding[0], padding[1])
-    return (ctypes.c_int64 * len(vals))(*vals)
+class _Geometry:
+    """Sizes of one call, and the int64 block the kernels read (layout of ``Geo`` in the C++
+    source); made by the forward and kept for the backward."""
+
+    def __init__(self, x: Tensor, weight: Tensor, index: Tensor, stride: tuple[int, int],
+                 padding: tuple[int, int], dilation: tuple[int, int], out_size: tuple[int, int],
+                 vw: int):
+        n, c, h, w = x.shape
+        nt, cout, _, kh, kw = weight.shape
+        hp, wp = h + 2 * padding[0], w + 2 * padding[1]
+        self.cp, self.kp = _round(cout, vw), _round(c * kh * kw, vw)  # padded to whole vectors
+        self.padded_numel = n * hp * wp * c
+        vals = (n, c, hp, wp, kh, kw, stride[0], stride[1], dilation[0], dilation[1], out_size[0],
+                out_size[1], nt, cout, self.cp, self.kp, index.shape[0], index.shape[2],
+                torch.get_num_threads(), h, w, padding[0], padding[1])
+        self.block = (ctypes.c_int64 * len(vals))(*vals)

@@ -233,6 +233,16 @@ inline void pack_g(const Geo& g, const float* grad, int64_t b, const int64_t* pi
 struct Scratch {  // per-thread buffers, kept between calls (OpenMP threads persist)
   std::vector<int64_t> pix, base, pbase, koff;
   std::vector<float> G, T, gw, gb;
+
+  // Room for one group's pixels and patch offsets, and the pixel offsets of this geometry.
+  void prepare(const Geo& g) {
+    pix.resize(g.m), base.resize(g.m);
+    pixel_bases(g, pbase);
+  }
+  // The valid pixels of group (b, t) into pix and base; how many there are.
+  int64_t group_of(const Geo& g, const int64_t* index, int64_t b, int64_t t) {
+    return group(g, index, pbase.data(), b, t, pix.data(), base.data());
+  }
 };
 thread_local Scratch scratch;
 
@@ -257,14 +267,13 @@ int rapa_tiled_conv_fwd(const int64_t* geo, const float* x, float* xp, const flo
     int64_t i0, i1;
     split(g.n * g.nt, omp_get_thread_num(), omp_get_num_threads(), &i0, &i1);
     Scratch& sc = scratch;
-    sc.pix.resize(g.m), sc.base.resize(g.m);
-    pixel_bases(g, sc.pbase);
+    sc.prepare(g);
     sc.koff.resize(k);
     for (int64_t q = 0; q < sg.nseg; ++q)
       for (int64_t e = 0; e < sg.len; ++e) sc.koff[q * sg.len + e] = sg.off[q] + e;
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / g.nt, t = i % g.nt;
-      const int64_t cnt = group(g, index, sc.pbase.data(), b, t, sc.pix.data(), sc.base.data());
+      const int64_t cnt = sc.group_of(g, index, b, t);
       for (int64_t c0 = 0; c0 < g.cp; c0 += NVMAX * VW) {
         const int64_t nv = std::min<int64_t>(NVMAX, (g.cp - c0) / VW);
         const int64_t valid = std::min<int64_t>(nv * VW, g.cout - c0);
@@ -305,13 +314,13 @@ int rapa_tiled_conv_bwd_w(const int64_t* geo, const float* x, float* xp, const f
     int64_t i0, i1;
     split(g.n * g.nt, tid, nth, &i0, &i1);
     Scratch& sc = scratch;
-    sc.pix.resize(g.m), sc.base.resize(g.m), sc.G.resize(PB * g.cp);
-    pixel_bases(g, sc.pbase);
+    sc.prepare(g);
+    sc.G.resize(PB * g.cp);
     if (gw) sc.gw.assign(g.nt * k * g.cp, 0.f), part_w[tid] = sc.gw.data();
     if (gb) sc.gb.assign(g.nt * g.cp, 0.f), part_b[tid] = sc.gb.data();
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / g.nt, t = i % g.nt;
-      const int64_t cnt = group(g, index, sc.pbase.data(), b, t, sc.pix.data(), sc.base.data());
+      const int64_t cnt = sc.group_of(g, index, b, t);
       for (int64_t r0 = 0; r0 < cnt; r0 += PB) {
         const int64_t rc = std::min(PB, cnt - r0);
         const int64_t* base = sc.base.data() + r0;
@@ -384,15 +393,15 @@ int rapa_tiled_conv_bwd_x(const int64_t* geo, const float* grad, const float* w2
     int64_t b0, b1;
     split(g.n, omp_get_thread_num(), omp_get_num_threads(), &b0, &b1);
     Scratch& sc = scratch;
-    sc.pix.resize(g.m), sc.base.resize(g.m), sc.G.resize(PBX * g.cp), sc.T.resize(PBX * g.kp);
-    pixel_bases(g, sc.pbase);
+    sc.prepare(g);
+    sc.G.resize(PBX * g.cp), sc.T.resize(PBX * g.kp);
     float* T = sc.T.data();
     const int64_t row = g.wp * g.c, inner = g.w * g.c;
     for (int64_t b = b0; b < b1; ++b) {  // images do not share windows: one thread each
       float* img = gxp + b * g.hp * row;
       std::fill(img, img + g.hp * row, 0.f);
       for (int64_t t = 0; t < g.nt; ++t) {
-        const int64_t cnt = group(g, index, sc.pbase.data(), b, t, sc.pix.data(), sc.base.data());
+        const int64_t cnt = sc.group_of(g, index, b, t);
         const float* w2t = w2 + t * g.cout * g.kp;
         // chunks of PBX pixels: each block of SVMAX*VW patch entries of the weights (cout rows)
         // stays in L1 while every row block of the chunk uses it; T holds the chunk's patch
