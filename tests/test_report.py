@@ -121,7 +121,7 @@ def test_table3_reads_reduce_json(sweep):
 def test_more_tiles_figure(tmp_path):
     root = tmp_path / "sweep"
     for tiles, err in (((16, 4, 1), 0.20), ((64, 16, 4), 0.18), ((128, 32, 8), 0.22)):
-        make_run(root, done(err), scheme="random", tiles=tiles, lr=0.05, gamma=0.5, lr_step=100, wd_factor=0.0)
+        make_run(root, done(err), scheme="random", tiles=tiles, lr=0.05, gamma=0.5, lr_step=100, weight_decay=0.0)
     rep = build_report(root, analyses=Analyses(compute=False))
     _, rows = parse(rep.markdown, "Figure 5B")
     assert rows["(16,4,1)"] == ["1.000 (20.00)"]

@@ -54,7 +54,7 @@ def test_run_names_are_stable_and_follow_the_trajectory():
     assert run_name(a) == run_name(TrainConfig(**{**a.to_dict(), "epochs": 99, "votes": 3, "device": "cpu"}))
     # the paper's default rate written out is the same run; another rate, seed or limit is not
     assert run_name(a) == run_name(TrainConfig(**{**a.to_dict(), "lr": 0.025}))
-    for change in ({"lr": 0.01}, {"seed": 4}, {"limit_train": 10}, {"wd_factor": 0.0}, {"analog": "rpu-baseline"}):
+    for change in ({"lr": 0.01}, {"seed": 4}, {"limit_train": 10}, {"weight_decay": 0.0}, {"analog": "rpu-baseline"}):
         assert run_name(a) != run_name(TrainConfig(**{**a.to_dict(), **change})), change
     assert set(NAME_IGNORES) == set(__import__("rapa.train", fromlist=["x"])._RESUMABLE_CHANGES)
 

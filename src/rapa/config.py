@@ -65,8 +65,13 @@ class TrainConfig:
     """Step decay: the rate is multiplied by ``gamma`` every ``lr_step`` epochs (25, 100, 300)."""
     gamma: float = 0.1
     """Step decay factor."""
-    wd_factor: float = 1e-4
-    """Weight decay is ``wd_factor * lr`` (the paper: 1e-4 times the learning rate)."""
+    weight_decay: float | None = 1e-4
+    """Torch SGD's ``weight_decay``: every step shrinks a weight by ``lr * weight_decay * w``
+    (Caffe's ``weight_decay: 0.0001``, the paper's "0.0001 times the learning rate", SPEC §3)."""
+    wd_factor: float | None = None
+    """Legacy (runs made before ``weight_decay``): torch's weight decay was ``wd_factor * lr``,
+    so the shrink per step was ``lr * wd_factor * lr * w``. Kept so that old runs load and resume
+    as they trained; new configs leave it None."""
     momentum: float = 0.0
     """SGD momentum (the paper: plain SGD, 0)."""
     augment: str = "none"
@@ -115,6 +120,13 @@ class TrainConfig:
         return LR_TILED if self.tiled else LR_UNTILED
 
     def resolved(self) -> "TrainConfig":
+    def resolved_weight_decay(self) -> float:
+        """Torch's ``weight_decay`` for this run: ``weight_decay``, or ``wd_factor * lr`` for a
+        legacy config (:attr:`wd_factor` set)."""
+        if self.wd_factor is not None:
+            return float(self.wd_factor) * self.resolved_lr()
+        return float(self.weight_decay or 0.0)
+
         """A validated copy with lr, device and dataset name filled in, untiled nets normalised."""
         self.validate()
         from rapa.data import canonical_name
@@ -170,7 +182,14 @@ class TrainConfig:
             raise RapaError(f"seed must be a non-negative integer, got {self.seed!r}")
         if self.lr is not None and not (_is_number(self.lr) and self.lr > 0 and math.isfinite(self.lr)):
             raise RapaError(f"lr must be a positive number, got {self.lr!r}")
-        for key, ok in (("gamma", lambda v: v > 0), ("wd_factor", lambda v: v >= 0),
+        if self.wd_factor is not None and self.weight_decay is not None:
+            raise RapaError(f"weight_decay={self.weight_decay!r} and the legacy wd_factor={self.wd_factor!r} are "
+                            "both set; give weight_decay only (torch's weight decay, e.g. 1e-4)")
+        for key in ("weight_decay", "wd_factor"):
+            value = getattr(self, key)
+            if value is not None and (not _is_number(value) or not 0 <= value < math.inf):
+                raise RapaError(f"{key}={value!r} is out of range (a number >= 0)")
+        for key, ok in (("gamma", lambda v: v > 0),
                         ("momentum", lambda v: 0 <= v < 1), ("warmup_divisor", lambda v: v > 0),
                         ("adaptive_threshold", lambda v: 0 <= v <= 1)):
             value = getattr(self, key)
@@ -199,7 +218,8 @@ class TrainConfig:
         """The config of a dict made by :meth:`to_dict` (a run's config.json).
 
         Refuses another ``version`` and unknown keys with a :class:`RapaError`; the
-        metadata keys of a run (:data:`META_KEYS`) are ignored.
+        metadata keys of a run (:data:`META_KEYS`) are ignored. A config saved before
+        ``weight_decay`` existed (``wd_factor`` only) keeps its weight decay ``wd_factor * lr``.
         """
         if not isinstance(data, Mapping):
             raise RapaError(f"a config must be a JSON object, got {type(data).__name__}")
@@ -213,6 +233,8 @@ class TrainConfig:
             raise RapaError(f"unknown config key(s) {unknown}")
         return cls(**{k: v for k, v in data.items() if k in names})
 
+        if "wd_factor" in data and "weight_decay" not in data:  # a run made before weight_decay existed
+            data = {**data, "weight_decay": None}
 
 def output_pixels(size: int) -> tuple[int, int, int]:
     """``np`` of the three conv layers of the paper's net on ``size x size`` inputs.

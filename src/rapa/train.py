@@ -98,17 +98,17 @@ def make_model_and_optimizer(config: TrainConfig, info: DatasetInfo,
                              device: torch.device | str) -> tuple[nn.Module, torch.optim.Optimizer]:
     """The ConvNet of ``config`` on ``device`` and its plain SGD optimizer (rate of epoch 0).
 
-    Weight decay is ``wd_factor * lr``. With ``config.analog`` the model and optimizer are
-    handed to :func:`rapa.analog.prepare`, which returns their analog versions.
+    Weight decay is :meth:`TrainConfig.resolved_weight_decay` (torch's, 1e-4 by default).
+    With ``config.analog`` the model and optimizer are handed to
+    :func:`rapa.analog.prepare`, which returns their analog versions.
     """
     from rapa.models import ConvNet
 
-    lr = config.resolved_lr()
     model = ConvNet(num_classes=info.num_classes, in_channels=info.in_channels, channels=tuple(config.channels),
                     tiles=config.tiles, scheme=config.scheme, pooling=config.pooling, image_size=info.size,
                     device=device)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr_at(config, 0), momentum=config.momentum,
-                                weight_decay=config.wd_factor * lr)
+                                weight_decay=config.resolved_weight_decay())
     if config.analog is not None:
         import rapa.analog
 
@@ -349,6 +349,9 @@ def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Bat
                 raise RapaError(f"the loss became {loss_sum.item()} in epoch {epoch + 1} (batch {i + 1}); "
                                 f"training stopped, {kept}. Lower --lr")
         if not bar.disable and (i + 1) % 50 == 0:
+    counts = torch.bincount(test_data.labels, minlength=info.num_classes)
+    summary.update(test_images=len(test_data),  # the trivial net: always the most frequent test class
+                   trivial_test_error=1.0 - counts.max().item() / max(len(test_data), 1))
             bar.set_postfix(loss=f"{loss_sum.item() / n:.3f}", err=f"{100 * wrong.item() / n:.1f}%")
     return loss_sum.item(), int(wrong.item())
 

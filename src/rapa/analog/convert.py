@@ -99,7 +99,7 @@ def prepare(model: nn.Module, config: Any) -> tuple[nn.Module, AnalogSGD]:
     for a :class:`rapa.config.TrainConfig` with ``analog`` set to a preset name.
 
     The learning rate is ``config.resolved_lr()`` (or ``config.lr``), the digital
-    parameters' weight decay ``config.wd_factor * lr``, momentum ``config.momentum``.
+    parameters' weight decay ``config.resolved_weight_decay()``, momentum ``config.momentum``.
     Raises :class:`RapaError` if ``config.analog`` is not set or names no preset, or if
     the model lives on CUDA and aihwkit was built without CUDA.
     """
@@ -108,7 +108,8 @@ def prepare(model: nn.Module, config: Any) -> tuple[nn.Module, AnalogSGD]:
         raise RapaError("config.analog is not set: name an analog preset, e.g. rpu-baseline")
     preset = get_preset(name)
     lr = float(config.resolved_lr() if hasattr(config, "resolved_lr") else config.lr)
-    weight_decay = float(getattr(config, "wd_factor", 0.0)) * lr
+    weight_decay = float(config.resolved_weight_decay() if hasattr(config, "resolved_weight_decay")
+                         else getattr(config, "weight_decay", 0.0) or 0.0)
     momentum = float(getattr(config, "momentum", 0.0))
     param = next(model.parameters(), None)
     if param is not None and param.device.type == "cuda":

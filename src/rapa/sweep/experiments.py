@@ -119,6 +119,9 @@ def run_name(config: TrainConfig) -> str:
         parts.append(_slug(c.analog))
     parts.append(f"s{c.seed}")
     key = {k: v for k, v in c.to_dict().items() if k not in NAME_IGNORES}
+    for k in ("weight_decay", "wd_factor"):  # the unused one of the two: names of legacy runs stay as they were
+        if key.get(k) is None:
+            key.pop(k, None)
     key["lr"] = c.resolved_lr()
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
     return "-".join(parts + [digest])
