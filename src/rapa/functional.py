@@ -35,13 +35,56 @@ def channels_last(x: Tensor) -> Tensor:
     return x
 
 
+PADDING_MODES: tuple[str, ...] = ("zeros", "reflect", "replicate", "circular")
+"""``nn.Conv2d``'s padding modes; every one is accepted by the tiled convolution."""
+
+
+def resolve_padding(padding: _size2 | str, kernel_size: _size2, stride: _size2 = 1,
+                    dilation: _size2 = 1) -> tuple[int, int, int, int]:
+    """``(top, bottom, left, right)`` padding of a convolution, as ``nn.Conv2d`` pads:
+    a number or pair pads both sides alike, ``'valid'`` not at all, ``'same'`` (stride 1
+    only) by ``dilation*(k-1)`` in total, the odd one at the bottom/right."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0, 0, 0)
+        if padding != "same":
+            raise ValueError(f"padding={padding!r}: give a number, a pair, 'same' or 'valid'")
+        if any(s != 1 for s in _pair(stride)):
+            raise ValueError(f"padding='same' with stride={tuple(_pair(stride))}: nn.Conv2d allows "
+                             "'same' only with stride 1; give numeric padding")
+        out: list[int] = []
+        for d, k in zip(_pair(dilation), _pair(kernel_size)):
+            total = d * (k - 1)
+            out += [total // 2, total - total // 2]
+        return (out[0], out[1], out[2], out[3])
+    ph, pw = _pair(padding)
+    return (ph, ph, pw, pw)
+
+
 def conv_output_size(h: int, w: int, kernel_size: _size2, stride: _size2 = 1,
-                     padding: _size2 = 0, dilation: _size2 = 1) -> tuple[int, int]:
+                     padding: _size2 | str = 0, dilation: _size2 = 1) -> tuple[int, int]:
     """Output height and width of a convolution, as ``nn.Conv2d`` computes them."""
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = map(_pair, (kernel_size, stride, padding, dilation))
-    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    (kh, kw), (sh, sw), (dh, dw) = map(_pair, (kernel_size, stride, dilation))
+    top, bottom, left, right = resolve_padding(padding, (kh, kw), (sh, sw), (dh, dw))
+    oh = (h + top + bottom - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + left + right - dw * (kw - 1) - 1) // sw + 1
     return oh, ow
+
+
+def pad_input(x: Tensor, padding: _size2 | str, padding_mode: str, kernel_size: _size2,
+              stride: _size2 = 1, dilation: _size2 = 1) -> tuple[Tensor, tuple[int, int]]:
+    """``x`` padded as ``nn.Conv2d`` pads it, and the zero padding still to apply on both
+    sides ``(ph, pw)``: symmetric zero padding is left to the convolution (no copy); any
+    other mode, or an asymmetric ``'same'``, is applied here with ``F.pad``."""
+    if padding_mode not in PADDING_MODES:
+        raise ValueError(f"padding_mode={padding_mode!r}: expected one of {', '.join(PADDING_MODES)}")
+    top, bottom, left, right = resolve_padding(padding, kernel_size, stride, dilation)
+    if padding_mode == "zeros" and top == bottom and left == right:
+        return x, (top, left)
+    if top or bottom or left or right:
+        mode = "constant" if padding_mode == "zeros" else padding_mode
+        x = F.pad(x, (left, right, top, bottom), mode=mode)
+    return x, (0, 0)
 
 
 # CPU: work on chunks of images whose patch matrix stays in cache, with scratch buffers that
@@ -391,7 +434,7 @@ def tiled_conv2d(
     weight: Tensor,
     bias: Tensor | None = None,
     stride: _size2 = 1,
-    padding: _size2 = 0,
+    padding: _size2 | str = 0,
     dilation: _size2 = 1,
     scheme: str = "random",
     tiles: int | None = None,
@@ -399,79 +442,141 @@ def tiled_conv2d(
     generator: torch.Generator | None = None,
     fixed_seed: int | None = None,
     index: Tensor | None = None,
+    groups: int = 1,
+    padding_mode: str = "zeros",
 ) -> Tensor:
-    """RAPA convolution of ``x`` (N, C, H, W) with ``weight`` (nt, cout, C, kh, kw).
+    """RAPA convolution of ``x`` (N, C, H, W) or unbatched (C, H, W) with ``weight``
+    (nt, cout, C/groups, kh, kw).
 
     ``bias`` is (nt, cout). Every output pixel is computed by one tile, chosen by
-    ``scheme`` (SPEC §1). ``tiles`` defaults to ``weight.shape[0]`` (for ``perforated``
-    it is the perforation factor). A precomputed gather ``index`` (B, nt, M) from
-    :mod:`rapa.schemes` overrides the scheme's draw. CPU float32 calls run on the native
-    kernels of :mod:`rapa.native` where they build; other calls on the PyTorch path.
+    ``scheme`` (SPEC §1); with ``groups > 1`` a tile is one kernel matrix per group, all
+    used for the same pixels. ``tiles`` defaults to ``weight.shape[0]`` (for ``perforated``
+    it is the perforation factor). ``padding`` and ``padding_mode`` are ``nn.Conv2d``'s
+    (numbers, ``'same'``, ``'valid'``; zeros, reflect, replicate, circular). A precomputed
+    gather ``index`` (B, nt, M) from :mod:`rapa.schemes` overrides the scheme's draw. CPU
+    float32 calls run on the native kernels of :mod:`rapa.native` where they build
+    (ungrouped and depthwise layers); other calls on the PyTorch path.
     """
+    if x.dim() == 3:  # unbatched, as nn.Conv2d accepts
+        return tiled_conv2d(x.unsqueeze(0), weight, bias, stride, padding, dilation, scheme, tiles,
+                            training, generator, fixed_seed, index, groups, padding_mode).squeeze(0)
     nk = weight.shape[0]
     nt = nk if tiles is None else tiles
     schemes.check_scheme(scheme, nt)
     if nk != schemes.num_kernels(scheme, nt):
         raise ValueError(f"weight.shape[0]={nk} does not match scheme={scheme!r} with tiles={nt}")
-    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or weight.shape[1] % groups:
+        raise ValueError(f"groups={groups!r} must be a positive integer dividing the "
+                         f"{weight.shape[1]} output channels")
+    stride, dilation = _pair(stride), _pair(dilation)
     kh, kw = weight.shape[-2:]
-    oh, ow = check_input(x, weight.shape[2], (kh, kw), stride, padding, dilation, nt)
+    h0, w0 = x.shape[-2:]
+    top, _, left, _ = resolve_padding(padding, (kh, kw), stride, dilation)
+    if x.dim() == 4:
+        x, padding = pad_input(x, padding, padding_mode, (kh, kw), stride, dilation)
+    oh, ow = check_input(x, weight.shape[2] * groups, (kh, kw), stride, padding, dilation, nt)
     if index is None:
         index = schemes.assignment_index(scheme, nt, x.shape[0], oh, ow, training, generator,
                                          x.device, fixed_seed)
     if index is None:  # one kernel for every pixel: an ordinary convolution
-        return F.conv2d(x, weight[0], None if bias is None else bias[0], stride, padding, dilation)
+        return F.conv2d(x, weight[0], None if bias is None else bias[0], stride, padding, dilation, groups)
     if index.dim() != 3 or index.shape[0] not in (1, x.shape[0]) or index.shape[1] != nk:
         raise ValueError(f"index of shape {tuple(index.shape)}: expected (B, {nk}, M) with B = 1 "
                          f"or the batch size {x.shape[0]}")
     if index.dtype != torch.int64:
         index = index.long()
     mask = None
-    if scheme == "image_pad":
-        mask = schemes.region_mask(nt, x.shape[2], x.shape[3], oh, ow, (kh, kw), stride, padding,
-                                   dilation, x.device).to(x.dtype)
+    if scheme == "image_pad":  # regions of the input as given, before any padding
+        mask = schemes.region_mask(nt, h0, w0, oh, ow, (kh, kw), stride, (top, left), dilation,
+                                   x.device).to(x.dtype)
     covered = scheme != "perforated"  # every other scheme's index is a partition of the pixels
-    if native.supports(x, weight, mask):
+    if groups == 1 and native.supports(x, weight, mask):
         return native.NativeTiledConv2dFn.apply(x, weight, bias, index, stride, padding, dilation,
                                                 (oh, ow), covered)
+    if groups > 1 and native.supports_depthwise(x, weight, mask, groups):
+        return native.NativeDepthwiseFn.apply(x, weight, bias, index, stride, padding, dilation,
+                                              (oh, ow), covered)
+    if groups > 1:
+        return grouped_tiled_conv2d(x, weight, bias, index, mask, stride, padding, dilation,
+                                    (oh, ow), groups)
     return _TiledConv2dFn.apply(x, weight, bias, index, mask, stride, padding, dilation, (oh, ow),
                                 covered)
 
 
+def grouped_tiled_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor,
+                         mask: Tensor | None, stride: tuple[int, int], padding: tuple[int, int],
+                         dilation: tuple[int, int], out_size: tuple[int, int], groups: int) -> Tensor:
+    """The PyTorch path of a grouped tiled convolution (autograd differentiates it).
+
+    ``x`` (N, C, H, W), ``weight`` (nt, cout, C/groups, kh, kw), ``index`` (B, nt, M) with
+    value ``np`` for an empty slot, ``mask`` (np, kh*kw) or ``None``. The patches are
+    unfolded, gathered into slot order with an extra zero patch for empty slots, multiplied
+    by each (tile, group) kernel matrix in one batched matmul and scattered back to pixel
+    order (pixels no slot lists stay 0).
+    """
+    n, c = x.shape[:2]
+    nt, cout, cg, kh, kw = weight.shape
+    kk, og = kh * kw, cout // groups
+    kg = cg * kk
+    oh, ow = out_size
+    np_, m = oh * ow, index.shape[2]
+    cols = F.unfold(x, (kh, kw), dilation, padding, stride)  # (N, C*kh*kw, np), (C, kh, kw) order
+    if mask is not None:  # image_pad: zero the reads outside the pixel's own region
+        cols = (cols.view(n, c, kk, np_) * mask.t().view(1, 1, kk, np_)).view(n, c * kk, np_)
+    cols = F.pad(cols, (0, 1))  # (N, C*kk, np+1): a zero patch that empty slots read
+    idx = index.expand(n, nt, m).reshape(n, 1, nt * m)  # (N, 1, nt*M), values in [0, np]
+    sel = cols.gather(2, idx.expand(n, c * kk, nt * m))  # (N, C*kk, nt*M)
+    sel = sel.view(n, groups, kg, nt, m).permute(3, 1, 0, 4, 2).reshape(nt * groups, n * m, kg)
+    wm = weight.reshape(nt, groups, og, kg).transpose(2, 3).reshape(nt * groups, kg, og)
+    y = torch.bmm(sel, wm).view(nt, groups, n, m, og)  # (nt, G, N, M, og)
+    if bias is not None:
+        y = y + bias.view(nt, groups, 1, 1, og)
+    y = y.permute(2, 1, 4, 0, 3).reshape(n, cout, nt * m)  # (N, cout, nt*M), channel = g*og + o
+    out = y.new_zeros(n, cout, np_ + 1).scatter(2, idx.expand(n, cout, nt * m), y)
+    return out[:, :, :np_].reshape(n, cout, oh, ow)
+
+
 def check_input(x: Tensor, in_channels: int, kernel_size: tuple[int, int], stride: tuple[int, int],
-                padding: tuple[int, int], dilation: tuple[int, int], nt: int) -> tuple[int, int]:
-    """Validate an input batch for a tiled conv; return the output grid ``(oh, ow)``."""
-    if x.dim() != 4:
-        raise ValueError(f"input of shape {tuple(x.shape)}: expected a 4-D batch (N, C, H, W)")
-    if x.shape[1] != in_channels:
-        raise ValueError(f"input has {x.shape[1]} channels (shape {tuple(x.shape)}); "
+                padding: Sequence[int], dilation: tuple[int, int], nt: int) -> tuple[int, int]:
+    """Validate an input for a tiled conv, a batch (N, C, H, W) or one image (C, H, W);
+    ``padding`` is ``(ph, pw)`` on both sides or ``(top, bottom, left, right)``. Return the
+    output grid ``(oh, ow)``."""
+    if x.dim() not in (3, 4):
+        raise ValueError(f"input of shape {tuple(x.shape)}: expected (N, C, H, W) or (C, H, W)")
+    if x.shape[-3] != in_channels:
+        raise ValueError(f"input has {x.shape[-3]} channels (shape {tuple(x.shape)}); "
                          f"the layer expects in_channels={in_channels}")
     kh, kw = kernel_size
     eh, ew = dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1
-    h, w = x.shape[2] + 2 * padding[0], x.shape[3] + 2 * padding[1]
+    top, bottom, left, right = padding if len(padding) == 4 else (padding[0], padding[0], padding[1],
+                                                                  padding[1])
+    h, w = x.shape[-2] + top + bottom, x.shape[-1] + left + right
     if h < eh or w < ew:
-        raise ValueError(f"input of size {tuple(x.shape[2:])} (padded {h}x{w}) is smaller than "
+        raise ValueError(f"input of size {tuple(x.shape[-2:])} (padded {h}x{w}) is smaller than "
                          f"the kernel ({eh}x{ew} with dilation)")
-    oh, ow = conv_output_size(x.shape[2], x.shape[3], kernel_size, stride, padding, dilation)
+    oh, ow = conv_output_size(h, w, kernel_size, stride, 0, dilation)
     if nt > oh * ow:
         raise ValueError(f"tiles={nt} is more than the {oh * ow} output pixels ({oh}x{ow}) of an "
-                         f"input of size {tuple(x.shape[2:])}")
+                         f"input of size {tuple(x.shape[-2:])}")
     return oh, ow
 
 
 def tiled_conv2d_dense(x: Tensor, weight: Tensor, bias: Tensor | None, tile_map: Tensor,
-                       stride: _size2 = 1, padding: _size2 = 0, dilation: _size2 = 1) -> Tensor:
+                       stride: _size2 = 1, padding: _size2 | str = 0, dilation: _size2 = 1,
+                       groups: int = 1) -> Tensor:
     """The naive method: convolve with all ``nt`` kernels, then pick each pixel's tile.
 
     ``nt`` times the MACs of a convolution; a reference and the benchmark's baseline.
     ``tile_map`` (B, np) holds each pixel's tile (-1: output 0).
     """
     nt, cout = weight.shape[:2]
-    n = x.shape[0]
-    y = F.conv2d(x, weight.flatten(0, 1), None if bias is None else bias.flatten(), stride,
-                 padding, dilation)  # (N, nt*cout, oh, ow)
+    n, og = x.shape[0], cout // groups
+    # (G, nt, og, ...): with groups, the stacked kernels of a group must be consecutive
+    wg = weight.view(nt, groups, og, *weight.shape[2:]).transpose(0, 1).flatten(0, 2)
+    bg = None if bias is None else bias.view(nt, groups, og).transpose(0, 1).flatten()
+    y = F.conv2d(x, wg, bg, stride, padding, dilation, groups)  # (N, G*nt*og, oh, ow)
     oh, ow = y.shape[-2:]
-    y = y.view(n, nt, cout, oh * ow)
+    y = y.view(n, groups, nt, og, oh * ow).transpose(1, 2).reshape(n, nt, cout, oh * ow)
     sel = tile_map.clamp(min=0).view(-1, 1, 1, oh * ow).expand(n, 1, cout, oh * ow)
     out = y.gather(1, sel).view(n, cout, oh, ow)  # (N, cout, oh, ow)
     return out * (tile_map >= 0).view(-1, 1, oh, ow).to(out.dtype)

@@ -5,8 +5,9 @@ and calls batched GEMMs; on CPU that costs about twice a direct convolution. The
 kernels compute each (image, tile) group as an implicit GEMM straight from the padded
 channels-last input, with register-blocked vector code and torch's own OpenMP threads, so the
 tiled layer costs 1.1-1.35x what ``nn.Conv2d`` costs (README, Benchmarks). They cover float32
-on the CPU without the ``image_pad`` mask; everything else, and any machine where the build
-fails, takes the PyTorch path (same results up to float rounding).
+on the CPU without the ``image_pad`` mask, for ungrouped and depthwise (``groups == C ==
+cout``, vectorised across channels) layers; everything else (other grouped layers too), and
+any machine where the build fails, takes the PyTorch path (same results up to float rounding).
 
 The source is compiled once per CPU type with the C++ compiler ``$CXX`` (default ``c++``,
 ``-O3 -march=native -fopenmp``; ``$RAPA_NATIVE_ARCH`` replaces ``native``, e.g. ``x86-64-v3``
@@ -43,7 +44,8 @@ ENV_DIR = "RAPA_NATIVE_DIR"
 ENV_ARCH = "RAPA_NATIVE_ARCH"  # the -march target, default "native"
 FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 
-_ARGS = {"rapa_tiled_conv_fwd": 7, "rapa_tiled_conv_bwd_w": 7, "rapa_tiled_conv_bwd_x": 6}
+_ARGS = {"rapa_tiled_conv_fwd": 7, "rapa_tiled_conv_bwd_w": 7, "rapa_tiled_conv_bwd_x": 6,
+         "rapa_dw_fwd": 7, "rapa_dw_bwd_w": 7, "rapa_dw_bwd_x": 6}
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "lib": the loaded library, or "error": why there is none
 
@@ -168,6 +170,13 @@ def supports(x: Tensor, weight: Tensor, mask: Tensor | None) -> bool:
             and weight.dtype == torch.float32 and enabled())
 
 
+def supports_depthwise(x: Tensor, weight: Tensor, mask: Tensor | None, groups: int) -> bool:
+    """Whether this grouped call can take the native depthwise kernels: one input and one
+    output channel per group (``groups == C == cout``), CPU float32, no ``image_pad`` mask.
+    Other grouped layers (channel multipliers, ``groups < C``) take the PyTorch path."""
+    return groups == x.shape[1] == weight.shape[1] and weight.shape[2] == 1 and supports(x, weight, mask)
+
+
 def _ptr(t: Tensor | None) -> int | None:
     """The address the kernels read or write; they assume dense row-major memory."""
     if t is None:
@@ -235,6 +244,59 @@ class NativeTiledConv2dFn(torch.autograd.Function):
             gx = x.new_empty(n, h, w, c)  # (N, H, W, C)
             lib.rapa_tiled_conv_bwd_x(geo.block, _ptr(g), _ptr(w2), _ptr(index), _ptr(gxp), _ptr(gx))
             gx = gx.permute(0, 3, 1, 2)  # (N, C, H, W) channels-last memory
+        return gx, gw, gb, None, None, None, None, None, None
+
+
+class NativeDepthwiseFn(torch.autograd.Function):
+    """Autograd function of a depthwise tiled convolution (``groups == C == cout``) on the
+    native kernels (CPU, float32); arguments as :class:`NativeTiledConv2dFn`, ``weight``
+    (nt, C, 1, kh, kw). Vectorised across channels (``rapa_dw_*`` in the C++ source)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor,
+                stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
+                out_size: tuple[int, int], covered: bool) -> Tensor:
+        lib = library()
+        n, c, h, w = x.shape
+        nt, _, _, kh, kw = weight.shape
+        oh, ow = out_size
+        index = index.to(torch.int64).contiguous()
+        geo = _Geometry(x, weight, index, stride, padding, dilation, out_size, lib.rapa_vector_width())
+        xh = _nhwc(x)  # (N, H, W, C)
+        xp = RF._workspace.get("xp", geo.padded_numel, x)
+        wt = _padded(weight.view(nt, c, kh * kw).transpose(1, 2), 2, geo.cp)  # (nt, kh*kw, cp)
+        bp = None if bias is None else _padded(bias, 1, geo.cp)  # (nt, cp)
+        out = (x.new_empty if covered else x.new_zeros)(n, oh, ow, c)  # (N, oh, ow, C)
+        lib.rapa_dw_fwd(geo.block, _ptr(xh), _ptr(xp), _ptr(wt), _ptr(bp), _ptr(index), _ptr(out))
+        ctx.save_for_backward(x, wt, index)
+        ctx.geo, ctx.has_bias, ctx.kernel = geo, bias is not None, (kh, kw)
+        out = out.permute(0, 3, 1, 2)  # (N, C, oh, ow) NHWC memory
+        if x.is_contiguous(memory_format=torch.channels_last) and x.stride(1) == 1:
+            return out
+        return out.contiguous()
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        lib = library()
+        x, wt, index = ctx.saved_tensors
+        geo, (kh, kw) = ctx.geo, ctx.kernel
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_b = need_b and ctx.has_bias
+        n, c, h, w = x.shape
+        nt = wt.shape[0]
+        g = grad_out.permute(0, 2, 3, 1).contiguous()  # (N, oh, ow, C)
+        gx = gw = gb = None
+        if need_w or need_b:
+            xh = _nhwc(x) if need_w else None
+            xp = RF._workspace.get("xp", geo.padded_numel, x) if need_w else None
+            gw = x.new_empty(nt, c, 1, kh, kw) if need_w else None
+            gb = x.new_empty(nt, c) if need_b else None
+            lib.rapa_dw_bwd_w(geo.block, _ptr(xh), _ptr(xp), _ptr(g), _ptr(index), _ptr(gw), _ptr(gb))
+        if need_x:
+            gxp = RF._workspace.get("gxp", geo.padded_numel, x)
+            gx = x.new_empty(n, h, w, c)
+            lib.rapa_dw_bwd_x(geo.block, _ptr(g), _ptr(wt), _ptr(index), _ptr(gxp), _ptr(gx))
+            gx = gx.permute(0, 3, 1, 2)
         return gx, gw, gb, None, None, None, None, None, None
 
 

@@ -10,31 +10,46 @@ from torch import Tensor
 from torch.nn.modules.utils import _pair
 
 from rapa import schemes
-from rapa.functional import _size2, check_input, tiled_conv2d
+from rapa.functional import PADDING_MODES, _size2, check_input, pad_input, resolve_padding, tiled_conv2d
 
 
 def check_conv_args(in_channels: int, out_channels: int, kernel_size: _size2, stride: _size2,
-                    padding: _size2, dilation: _size2, scheme: str, tiles: int):
-    """Validate a tiled conv's arguments (``ValueError`` naming the value); return
-    ``(kernel_size, stride, padding, dilation)`` as pairs."""
-    for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+                    padding: _size2 | str, dilation: _size2, scheme: str, tiles: int,
+                    groups: int = 1, padding_mode: str = "zeros"):
+    """Validate a tiled conv's arguments (``ValueError`` naming the value), as ``nn.Conv2d``
+    accepts them; return ``(kernel_size, stride, padding, dilation)``, as pairs except a
+    padding string (``'same'``, ``'valid'``), which is kept."""
+    for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r} must be a positive integer")
+    if in_channels % groups or out_channels % groups:
+        raise ValueError(f"groups={groups} must divide in_channels={in_channels} and "
+                         f"out_channels={out_channels}")
+    if padding_mode not in PADDING_MODES:
+        raise ValueError(f"padding_mode={padding_mode!r}: expected one of {', '.join(PADDING_MODES)}")
     schemes.check_scheme(scheme, tiles)
-    pairs = tuple(map(_pair, (kernel_size, stride, padding, dilation)))
-    for name, value, low in zip(("kernel_size", "stride", "padding", "dilation"), pairs, (1, 1, 0, 1)):
-        if any(not isinstance(v, int) or v < low for v in value):
+    names = ("kernel_size", "stride", "dilation")
+    pairs = dict(zip(names, map(_pair, (kernel_size, stride, dilation))))
+    if not isinstance(padding, str):
+        pairs["padding"] = _pair(padding)
+    for name, value in pairs.items():
+        low = 0 if name == "padding" else 1
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < low for v in value):
             raise ValueError(f"{name}={value!r} must be integers >= {low}")
-    return pairs
+    if isinstance(padding, str):
+        resolve_padding(padding, pairs["kernel_size"], pairs["stride"], pairs["dilation"])  # validates
+    return (pairs["kernel_size"], pairs["stride"], pairs.get("padding", padding), pairs["dilation"])
 
 
 class TiledConv2d(nn.Module):
     """Convolution whose output pixels are divided among ``tiles`` kernel matrices.
 
-    Shaped like ``nn.Conv2d``. ``weight`` is ``(nk, out_channels, in_channels, kh, kw)``
-    and ``bias`` ``(nk, out_channels)``, where ``nk = tiles`` except for ``none`` and
-    ``perforated`` (one kernel; ``tiles`` is then the perforation factor). ``scheme`` is
-    one of :data:`rapa.schemes.SCHEMES`. Random draws use ``generator`` when given,
+    Shaped like ``nn.Conv2d`` and accepting what it accepts (``groups``, ``padding_mode``,
+    ``padding='same'``/``'valid'``, unbatched ``(C, H, W)`` inputs). ``weight`` is
+    ``(nk, out_channels, in_channels/groups, kh, kw)`` and ``bias`` ``(nk, out_channels)``; with
+    ``groups > 1`` a tile holds one kernel matrix per group, used for the same pixels.
+    ``nk = tiles`` except for ``none`` and ``perforated`` (one kernel; ``tiles`` is then the
+    perforation factor). ``scheme`` is one of :data:`rapa.schemes.SCHEMES`. Random draws use ``generator`` when given,
     otherwise torch's global generator (so ``torch.manual_seed`` makes runs repeatable).
     """
 
@@ -44,7 +59,7 @@ class TiledConv2d(nn.Module):
         out_channels: int,
         kernel_size: _size2,
         stride: _size2 = 1,
-        padding: _size2 = 0,
+        padding: _size2 | str = 0,
         dilation: _size2 = 1,
         bias: bool = True,
         tiles: int = 1,
@@ -52,10 +67,15 @@ class TiledConv2d(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         generator: torch.Generator | None = None,
+        groups: int = 1,
+        padding_mode: str = "zeros",
     ) -> None:
         super().__init__()
         self.kernel_size, self.stride, self.padding, self.dilation = check_conv_args(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, scheme, tiles)
+            in_channels, out_channels, kernel_size, stride, padding, dilation, scheme, tiles,
+            groups, padding_mode)
+        self.groups = groups
+        self.padding_mode = padding_mode
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.tiles = tiles
@@ -63,7 +83,8 @@ class TiledConv2d(nn.Module):
         self.generator = generator
         nk = schemes.num_kernels(scheme, tiles)
         factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(nk, out_channels, in_channels, *self.kernel_size, **factory))
+        self.weight = nn.Parameter(torch.empty(nk, out_channels, in_channels // groups, *self.kernel_size,
+                                                **factory))
         self.bias = nn.Parameter(torch.empty(nk, out_channels, **factory)) if bias else None
         if scheme == "random_fixed":  # the partition is a function of this seed: saved state
             seed = torch.randint(0, 2**62, (), generator=generator, device="cpu" if generator is None else generator.device)
@@ -80,7 +101,7 @@ class TiledConv2d(nn.Module):
 
     def reset_parameters(self) -> None:
         """``nn.Conv2d``'s default initialisation, drawn independently for every tile."""
-        fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+        fan_in = self.in_channels // self.groups * self.kernel_size[0] * self.kernel_size[1]
         for j in range(self.num_kernels):  # per tile: init is not a hot path
             nn.init.kaiming_uniform_(self.weight[j], a=math.sqrt(5))
         if self.bias is not None:
@@ -94,9 +115,12 @@ class TiledConv2d(nn.Module):
         return conv_output_size(h, w, self.kernel_size, self.stride, self.padding, self.dilation)
 
     def assignment(self, x: Tensor) -> Tensor | None:
-        """Gather index ``(B, nt, M)`` for this forward pass on ``x`` (``None``: plain conv)."""
-        oh, ow = check_input(x, self.in_channels, self.kernel_size, self.stride, self.padding,
-                             self.dilation, self.tiles)
+        """Gather index ``(B, nt, M)`` for this forward pass on ``x`` (``None``: plain conv);
+        ``B`` is 1 for an unbatched ``x`` (C, H, W)."""
+        pads = resolve_padding(self.padding, self.kernel_size, self.stride, self.dilation)
+        oh, ow = check_input(x, self.in_channels, self.kernel_size, self.stride, pads, self.dilation,
+                             self.tiles)
+        batch = 1 if x.dim() == 3 else x.shape[0]
         if self.scheme in ("random_fixed", *schemes.GRID_SCHEMES):  # fixed: compute once per grid
             key = (oh, ow, x.device, None if self.fixed_seed is None else int(self.fixed_seed))
             index = self._index_cache.get(key)
@@ -106,13 +130,13 @@ class TiledConv2d(nn.Module):
                     fixed_seed=None if self.fixed_seed is None else int(self.fixed_seed))
                 self._index_cache = {key: index}
             return index
-        return schemes.assignment_index(self.scheme, self.tiles, x.shape[0], oh, ow, self.training,
+        return schemes.assignment_index(self.scheme, self.tiles, batch, oh, ow, self.training,
                                         self.generator, x.device)
 
     def tile_map(self, x: Tensor) -> Tensor:
         """Tile of every output pixel ``(B, np)`` for one forward pass (-1: perforated away)."""
         index = self.assignment(x)
-        oh, ow = self.output_size(x.shape[2], x.shape[3])
+        oh, ow = self.output_size(x.shape[-2], x.shape[-1])
         if index is None:
             return torch.zeros(1, oh * ow, dtype=torch.long, device=x.device)
         return schemes.index_to_tile_map(index, oh * ow)
@@ -121,25 +145,27 @@ class TiledConv2d(nn.Module):
         """Apply the layer; ``index`` (B, nt, M) overrides the scheme's assignment."""
         if index is None:
             index = self.assignment(x)
-            if index is None:
+            if index is None:  # one kernel: nn.Conv2d's own computation
+                xp, padding = pad_input(x, self.padding, self.padding_mode, self.kernel_size,
+                                        self.stride, self.dilation)
                 return torch.nn.functional.conv2d(
-                    x, self.weight[0], None if self.bias is None else self.bias[0],
-                    self.stride, self.padding, self.dilation)
+                    xp, self.weight[0], None if self.bias is None else self.bias[0],
+                    self.stride, padding, self.dilation, self.groups)
         return tiled_conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
-                            self.scheme, self.tiles, self.training, index=index)
+                            self.scheme, self.tiles, self.training, index=index, groups=self.groups,
+                            padding_mode=self.padding_mode)
 
     @classmethod
     def from_conv2d(cls, conv: nn.Conv2d, tiles: int, scheme: str = "random",
                     generator: torch.Generator | None = None) -> "TiledConv2d":
-        """A tiled layer whose every tile is a copy of ``conv``'s kernel and bias."""
-        if conv.groups != 1:
-            raise ValueError(f"groups={conv.groups}: only ungrouped convolutions can be tiled")
-        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            raise ValueError(f"padding={conv.padding!r}, padding_mode={conv.padding_mode!r}: only "
-                             "numeric zero padding is supported")
+        """A tiled layer whose every tile is a copy of ``conv``'s kernel and bias (groups,
+        padding and padding mode included); ``ValueError`` for anything but an ``nn.Conv2d``."""
+        if not isinstance(conv, nn.Conv2d):
+            raise ValueError(f"{type(conv).__name__} is not an nn.Conv2d: only nn.Conv2d layers can "
+                             "be tiled")
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                     conv.dilation, conv.bias is not None, tiles, scheme, conv.weight.device,
-                    conv.weight.dtype, generator)
+                    conv.weight.dtype, generator, conv.groups, conv.padding_mode)
         with torch.no_grad():
             layer.weight.copy_(conv.weight.unsqueeze(0).expand_as(layer.weight))
             if conv.bias is not None:
@@ -152,6 +178,10 @@ class TiledConv2d(nn.Module):
              f"stride={self.stride}, padding={self.padding}")
         if self.dilation != (1, 1):
             s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode!r}"
         if self.bias is None:
             s += ", bias=False"
         return s + f", tiles={self.tiles}, scheme={self.scheme!r}"

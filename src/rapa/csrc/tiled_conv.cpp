@@ -440,4 +440,177 @@ int rapa_tiled_conv_bwd_x(const int64_t* geo, const float* grad, const float* w2
   return 0;
 }
 
+// Depthwise layers (groups == C == cout): every channel has its own 1 x kh*kw kernel per tile,
+// so the work is vectorised across channels instead: a pixel's output vector for channels
+// c0..c0+VW is the sum over the kh*kw kernel offsets of an input vector times a weight vector.
+// w: (nt, kh*kw, cp), bias: (nt, cp), both zero-padded to whole vectors; the last, partial
+// vector of channels is read and written with `valid` lanes only.
+inline vf loadn(const float* p, int64_t valid) {
+  if (valid == VW) return vload(p);
+  vf v = {};
+  std::memcpy(&v, p, valid * sizeof(float));
+  return v;
+}
+inline void storen(float* p, vf v, int64_t valid) {
+  if (valid == VW) vstore(p, v);
+  else std::memcpy(p, &v, valid * sizeof(float));
+}
+
+// The offset of every kernel entry (kh*kw) from a patch's first number in the padded input.
+inline void dw_offsets(const Geo& g, std::vector<int64_t>& koff) {
+  koff.clear();
+  for (int64_t i = 0; i < g.kh; ++i)
+    for (int64_t j = 0; j < g.kw; ++j) koff.push_back((i * g.dh * g.wp + j * g.dw) * g.c);
+}
+
+constexpr int DWQ = 9;  // kernel entries whose weight-gradient accumulators stay in registers
+
+int rapa_dw_fwd(const int64_t* geo, const float* x, float* xp, const float* w, const float* bias,
+                const int64_t* index, float* out) {
+  const Geo g(geo);
+  const int64_t kk = g.kh * g.kw, np = g.np();
+#pragma omp parallel num_threads(g.nth)
+  {
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < g.n; ++b) pad_image(g, x, b, xp);  // (a barrier follows)
+    int64_t i0, i1;
+    split(g.n * g.nt, omp_get_thread_num(), omp_get_num_threads(), &i0, &i1);
+    Scratch& sc = scratch;
+    sc.prepare(g);
+    dw_offsets(g, sc.koff);
+    const int64_t* koff = sc.koff.data();
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / g.nt, t = i % g.nt;
+      const int64_t cnt = sc.group_of(g, index, b, t);
+      const float* wt = w + t * kk * g.cp;
+      for (int64_t r = 0; r < cnt; ++r) {
+        const float* a = xp + sc.base[r];
+        float* dst = out + (b * np + sc.pix[r]) * g.c;
+        for (int64_t c0 = 0; c0 < g.c; c0 += VW) {
+          const int64_t valid = std::min<int64_t>(VW, g.c - c0);
+          vf acc = bias ? vload(bias + t * g.cp + c0) : vf{};
+          for (int64_t q = 0; q < kk; ++q) acc += loadn(a + koff[q] + c0, valid) * vload(wt + q * g.cp + c0);
+          storen(dst + c0, acc, valid);
+        }
+      }
+    }
+  }
+  return 0;
+}
+
+// gw (nt, C, 1, kh, kw) and gb (nt, C), either may be null; per-thread partials (nt, kk, cp) and
+// (nt, cp) summed in thread order after a barrier, as in rapa_tiled_conv_bwd_w.
+int rapa_dw_bwd_w(const int64_t* geo, const float* x, float* xp, const float* grad,
+                  const int64_t* index, float* gw, float* gb) {
+  const Geo g(geo);
+  const int64_t kk = g.kh * g.kw, np = g.np();
+  std::vector<float*> part_w(g.nth), part_b(g.nth);
+#pragma omp parallel num_threads(g.nth)
+  {
+    if (gw) {
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < g.n; ++b) pad_image(g, x, b, xp);
+    }
+    const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+    int64_t i0, i1;
+    split(g.n * g.nt, tid, nth, &i0, &i1);
+    Scratch& sc = scratch;
+    sc.prepare(g);
+    dw_offsets(g, sc.koff);
+    const int64_t* koff = sc.koff.data();
+    if (gw) sc.gw.assign(g.nt * kk * g.cp, 0.f), part_w[tid] = sc.gw.data();
+    if (gb) sc.gb.assign(g.nt * g.cp, 0.f), part_b[tid] = sc.gb.data();
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / g.nt, t = i % g.nt;
+      const int64_t cnt = sc.group_of(g, index, b, t);
+      const float* gimg = grad + b * np * g.c;
+      for (int64_t c0 = 0; c0 < g.c; c0 += VW) {
+        const int64_t valid = std::min<int64_t>(VW, g.c - c0);
+        if (gb) {
+          vf acc = {};
+          for (int64_t r = 0; r < cnt; ++r) acc += loadn(gimg + sc.pix[r] * g.c + c0, valid);
+          float* dst = sc.gb.data() + t * g.cp + c0;
+          vstore(dst, vload(dst) + acc);
+        }
+        if (!gw) continue;
+        for (int64_t q0 = 0; q0 < kk; q0 += DWQ) {
+          dispatch<DWQ>(std::min<int64_t>(DWQ, kk - q0), [&](auto Q) {
+            constexpr int QN = decltype(Q)::value;
+            vf acc[QN] = {};
+            for (int64_t r = 0; r < cnt; ++r) {
+              const vf gv = loadn(gimg + sc.pix[r] * g.c + c0, valid);
+              const float* a = xp + sc.base[r] + c0;
+              for (int j = 0; j < QN; ++j) acc[j] += loadn(a + koff[q0 + j], valid) * gv;
+            }
+            float* dst = sc.gw.data() + (t * kk + q0) * g.cp + c0;
+            for (int j = 0; j < QN; ++j) vstore(dst + j * g.cp, vload(dst + j * g.cp) + acc[j]);
+          });
+        }
+      }
+    }
+#pragma omp barrier
+    if (gw) {  // rows (t, c) of gw (nt, C, kk) <- partials (nt, kk, cp)
+      split(g.nt * g.c, tid, nth, &i0, &i1);
+      for (int64_t row = i0; row < i1; ++row) {
+        const int64_t t = row / g.c, c = row % g.c;
+        for (int64_t q = 0; q < kk; ++q) {
+          float acc = 0.f;
+          for (int j = 0; j < nth; ++j) acc += part_w[j][(t * kk + q) * g.cp + c];
+          gw[row * kk + q] = acc;
+        }
+      }
+    }
+    if (gb) {
+      split(g.nt * g.c, tid, nth, &i0, &i1);
+      for (int64_t e = i0; e < i1; ++e) {
+        float acc = 0.f;
+        for (int j = 0; j < nth; ++j) acc += part_b[j][(e / g.c) * g.cp + e % g.c];
+        gb[e] = acc;
+      }
+    }
+  }
+  return 0;
+}
+
+// gx (N, H, W, C): every listed pixel's output gradient times its tile's weights, added into
+// the window it read in the scratch gxp (N, Hp, Wp, C); one thread per image.
+int rapa_dw_bwd_x(const int64_t* geo, const float* grad, const float* w, const int64_t* index,
+                  float* gxp, float* gx) {
+  const Geo g(geo);
+  const int64_t kk = g.kh * g.kw, np = g.np();
+#pragma omp parallel num_threads(g.nth)
+  {
+    int64_t b0, b1;
+    split(g.n, omp_get_thread_num(), omp_get_num_threads(), &b0, &b1);
+    Scratch& sc = scratch;
+    sc.prepare(g);
+    dw_offsets(g, sc.koff);
+    const int64_t* koff = sc.koff.data();
+    const int64_t row = g.wp * g.c, inner = g.w * g.c;
+    for (int64_t b = b0; b < b1; ++b) {
+      float* img = gxp + b * g.hp * row;
+      std::fill(img, img + g.hp * row, 0.f);
+      const float* gimg = grad + b * np * g.c;
+      for (int64_t t = 0; t < g.nt; ++t) {
+        const int64_t cnt = sc.group_of(g, index, b, t);
+        const float* wt = w + t * kk * g.cp;
+        for (int64_t r = 0; r < cnt; ++r) {
+          float* at = gxp + sc.base[r];
+          for (int64_t c0 = 0; c0 < g.c; c0 += VW) {
+            const int64_t valid = std::min<int64_t>(VW, g.c - c0);
+            const vf gv = loadn(gimg + sc.pix[r] * g.c + c0, valid);
+            for (int64_t q = 0; q < kk; ++q) {
+              float* dst = at + koff[q] + c0;
+              storen(dst, loadn(dst, valid) + vload(wt + q * g.cp + c0) * gv, valid);
+            }
+          }
+        }
+      }
+      for (int64_t y = 0; y < g.h; ++y)  // the image's gradient without the border
+        std::memcpy(gx + (b * g.h + y) * inner, img + (g.ph + y) * row + g.pw * g.c, inner * sizeof(float));
+    }
+  }
+  return 0;
+}
+
 }  // extern "C"
