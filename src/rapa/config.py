@@ -119,7 +119,6 @@ class TrainConfig:
             return float(self.lr)
         return LR_TILED if self.tiled else LR_UNTILED
 
-    def resolved(self) -> "TrainConfig":
     def resolved_weight_decay(self) -> float:
         """Torch's ``weight_decay`` for this run: ``weight_decay``, or ``wd_factor * lr`` for a
         legacy config (:attr:`wd_factor` set)."""
@@ -127,6 +126,7 @@ class TrainConfig:
             return float(self.wd_factor) * self.resolved_lr()
         return float(self.weight_decay or 0.0)
 
+    def resolved(self) -> "TrainConfig":
         """A validated copy with lr, device and dataset name filled in, untiled nets normalised."""
         self.validate()
         from rapa.data import canonical_name
@@ -228,13 +228,13 @@ class TrainConfig:
             raise RapaError(f"config version {version!r} is not supported (this rapa reads version "
                             f"{CONFIG_VERSION}); retrain with this version")
         names = {f.name for f in dataclasses.fields(cls)}
+        if "wd_factor" in data and "weight_decay" not in data:  # a run made before weight_decay existed
+            data = {**data, "weight_decay": None}
         unknown = sorted(set(data) - names - set(META_KEYS))
         if unknown:
             raise RapaError(f"unknown config key(s) {unknown}")
         return cls(**{k: v for k, v in data.items() if k in names})
 
-        if "wd_factor" in data and "weight_decay" not in data:  # a run made before weight_decay existed
-            data = {**data, "weight_decay": None}
 
 def output_pixels(size: int) -> tuple[int, int, int]:
     """``np`` of the three conv layers of the paper's net on ``size x size`` inputs.

@@ -317,6 +317,9 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, progre
     results = evaluate(model, test_data, config.votes, device, config.eval_batch_size, config.adaptive_threshold)
     summary = _summary(config, model, history, results, train_seconds, seen,
                        wall_before + time.perf_counter() - t_start)
+    counts = torch.bincount(test_data.labels, minlength=info.num_classes)
+    summary.update(test_images=len(test_data),  # the trivial net: always the most frequent test class
+                   trivial_test_error=1.0 - counts.max().item() / max(len(test_data), 1))
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -349,9 +352,6 @@ def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Bat
                 raise RapaError(f"the loss became {loss_sum.item()} in epoch {epoch + 1} (batch {i + 1}); "
                                 f"training stopped, {kept}. Lower --lr")
         if not bar.disable and (i + 1) % 50 == 0:
-    counts = torch.bincount(test_data.labels, minlength=info.num_classes)
-    summary.update(test_images=len(test_data),  # the trivial net: always the most frequent test class
-                   trivial_test_error=1.0 - counts.max().item() / max(len(test_data), 1))
             bar.set_postfix(loss=f"{loss_sum.item() / n:.3f}", err=f"{100 * wrong.item() / n:.1f}%")
     return loss_sum.item(), int(wrong.item())
 
