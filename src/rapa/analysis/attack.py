@@ -3,9 +3,13 @@
 FGSM (Goodfellow et al. 2014) adds ``delta = eps * sign(grad_x loss)``. Following Cisse
 et al. (2017) its strength is given as ``SNR = 20 log10(||x||_2 / ||delta||_2)`` dB, so
 ``eps = ||x||_2 / (10^(SNR/20) * sqrt(d))`` per image (``d`` = C*H*W); the SNR is exact
-when no gradient coordinate is 0. Everything is computed in the model's input space,
-i.e. on the NORMALISED images (``(pixel/255 - mean) / std``), without clipping to the
-pixel range. About 33 dB is the threshold of human perception.
+when no gradient coordinate is 0. Without ``pixel`` everything is computed in the model's
+input space, i.e. on the NORMALISED images (``(pixel/255 - mean) / std``); with
+``pixel=(mean, std)`` (the dataset's normalisation) the SNR is that of the PIXEL-space
+images ``x * std + mean`` and their perturbation (:func:`pixel_epsilon`), as a person
+sees them: the sign step is scaled by ``1/std`` per channel in the model's space. The
+normalised SNR differs from the pixel one by about 2 dB on Fashion-MNIST. No clipping to
+the pixel range. About 33 dB is the threshold of human perception.
 
 Accuracy is measured over the test images the model classified correctly in one clean
 evaluation-mode pass, and each adversarial image is judged by a fresh evaluation pass.
@@ -36,8 +40,10 @@ from torch import Tensor
 from rapa.analysis.common import frozen_eval, iter_batches, model_device, stochastic_in_eval
 
 __all__ = ["ATTACKS", "DEFAULT_SNRS", "HUMAN_THRESHOLD_DB", "SNR_RANGE", "accuracy_at", "check_snrs", "fgsm",
-           "gap_reduction", "input_gradient", "measured_snr", "pgd", "plot_robustness", "robustness_curve",
-           "snr_epsilon"]
+           "gap_reduction", "input_gradient", "measured_snr", "pgd", "pixel_epsilon", "plot_robustness",
+           "robustness_curve", "snr_epsilon"]
+Pixel = tuple[Sequence[float], Sequence[float]]
+"""A dataset's normalisation ``(mean, std)`` per channel: model input = (pixel/255 - mean) / std."""
 
 ATTACKS: tuple[str, ...] = ("fgsm", "fgsm_eot", "pgd_eot")
 DEFAULT_SNRS: tuple[float, ...] = (10.0, 15.0, 20.0, 25.0, 30.0, 35.0, 40.0, 45.0, 50.0)
@@ -73,6 +79,18 @@ def snr_epsilon(x: Tensor, snr_db: float) -> Tensor:
     return (norm * factor / math.sqrt(d)).to(x.dtype)  # (N,)
 
 
+def pixel_epsilon(x: Tensor, snr_db: float, pixel: Pixel | None = None) -> Tensor:
+    """Per-image (and per-channel) step ``(N, C, 1, 1)`` in the model's input space whose sign
+    perturbation has SNR ``snr_db`` on the pixel-space images ``x * std + mean``
+    (``pixel = (mean, std)``); without ``pixel``, :func:`snr_epsilon` (normalised space)."""
+    if pixel is None:
+        return snr_epsilon(x, snr_db).view(-1, *([1] * (x.dim() - 1)))
+    mean, std = (torch.tensor([float(v) for v in t], dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+                 for t in pixel)
+    eps = snr_epsilon(x.detach() * std + mean, snr_db)  # (N,) in pixel units
+    return eps.view(-1, 1, 1, 1) / std  # (N, C, 1, 1) in the model's units
+
+
 def measured_snr(x: Tensor, x_adv: Tensor) -> Tensor:
     """``20 log10(||x|| / ||x_adv - x||)`` per image ``(N,)`` in dB (inf where nothing changed)."""
     num = x.detach().flatten(1).to(torch.float64).norm(dim=1)
@@ -97,18 +115,22 @@ def input_gradient(model: nn.Module, x: Tensor, y: Tensor, eot: int = 1) -> Tens
 
 
 def _perturb(x: Tensor, direction: Tensor, eps: Tensor) -> Tensor:
-    return x.detach() + eps.view(-1, *([1] * (x.dim() - 1))) * direction  # (N, C, H, W)
+    if eps.dim() == 1:
+        eps = eps.view(-1, *([1] * (x.dim() - 1)))
+    return x.detach() + eps * direction  # (N, C, H, W)
 
 
-def fgsm(model: nn.Module, x: Tensor, y: Tensor, snr_db: float, eot: int = 1) -> Tensor:
-    """FGSM adversarial images ``x + eps * sign(grad)`` at ``snr_db`` (see :func:`snr_epsilon`);
-    ``eot > 1`` averages the gradient over that many random assignments (EOT)."""
-    eps = snr_epsilon(x, snr_db)  # (N,)
+def fgsm(model: nn.Module, x: Tensor, y: Tensor, snr_db: float, eot: int = 1, pixel: Pixel | None = None) -> Tensor:
+    """FGSM adversarial images ``x + eps * sign(grad)`` at ``snr_db`` (see :func:`snr_epsilon`;
+    :func:`pixel_epsilon` with ``pixel``); ``eot > 1`` averages the gradient over that many
+    random assignments (EOT)."""
+    eps = pixel_epsilon(x, snr_db, pixel)  # (N, 1 or C, 1, 1)
     return _perturb(x, input_gradient(model, x, y, eot).sign(), eps)
 
 
 def pgd(model: nn.Module, x: Tensor, y: Tensor, snr_db: float, steps: int = 10, eot: int = 8,
-        step_size: float | None = None, generator: torch.Generator | None = None) -> Tensor:
+        step_size: float | None = None, generator: torch.Generator | None = None,
+        pixel: Pixel | None = None) -> Tensor:
     """L_inf PGD with EOT gradients in the ball of FGSM's ``eps`` at ``snr_db``.
 
     Random start uniform in the ball (from ``generator``), then ``steps`` steps of
@@ -120,7 +142,7 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, snr_db: float, steps: int = 10, 
     alpha = 2.5 / steps if step_size is None else float(step_size)
     if not alpha > 0:
         raise ValueError(f"step_size={step_size!r} must be positive")
-    eps = snr_epsilon(x, snr_db).view(-1, *([1] * (x.dim() - 1)))  # (N, 1, 1, 1)
+    eps = pixel_epsilon(x, snr_db, pixel)  # (N, 1 or C, 1, 1)
     x = x.detach()
     if generator is None:
         u = torch.rand(x.shape, dtype=x.dtype, device=x.device)
@@ -141,8 +163,10 @@ def _hits(model: nn.Module, x: Tensor, y: Tensor) -> int:
 def robustness_curve(model: nn.Module, data: Any, snrs: Sequence[float] = DEFAULT_SNRS,
                      attacks: Sequence[str] = ATTACKS, eot: int = 8, pgd_steps: int = 10,
                      pgd_step_size: float | None = None, batch_size: int = 100, limit: int | None = None,
-                     generator: torch.Generator | None = None) -> dict[str, Any]:
+                     generator: torch.Generator | None = None, pixel: Pixel | None = None) -> dict[str, Any]:
     """Accuracy (percent) against SNR for every attack, over the correctly classified images.
+
+    ``pixel=(mean, std)``: the SNR is measured on pixel-space images (:func:`pixel_epsilon`).
 
     ``data``: test images with labels (see :func:`rapa.analysis.common.iter_batches`),
     the first ``limit`` are used. The FGSM gradient does not depend on the SNR, so it is
@@ -160,7 +184,7 @@ def robustness_curve(model: nn.Module, data: Any, snrs: Sequence[float] = DEFAUL
     hits = {a: [0] * len(snrs) for a in attacks}
     images = correct = 0
     with frozen_eval(model):
-        for x, y in iter_batches(data, batch_size, model_device(model), limit):
+        for x, y in iter_batches(data, batch_size, model_device(model), limit, desc="attacking"):
             if y is None:
                 raise ValueError("data without labels: the attack needs (x, y)")
             with torch.no_grad():
@@ -174,17 +198,18 @@ def robustness_curve(model: nn.Module, data: Any, snrs: Sequence[float] = DEFAUL
             for a in attacks:
                 for i, snr in enumerate(snrs):
                     if a == "pgd_eot":
-                        adv = pgd(model, xs, ys, snr, pgd_steps, k, pgd_step_size, generator)
+                        adv = pgd(model, xs, ys, snr, pgd_steps, k, pgd_step_size, generator, pixel)
                     else:
                         draws = 1 if a == "fgsm" else k
                         if draws not in signs:
                             signs[draws] = input_gradient(model, xs, ys, draws).sign()
-                        adv = _perturb(xs, signs[draws], snr_epsilon(xs, snr))
+                        adv = _perturb(xs, signs[draws], pixel_epsilon(xs, snr, pixel))
                     hits[a][i] += _hits(model, adv, ys)  # judged by a fresh pass
     acc = {a: [100.0 * h / correct if correct else float("nan") for h in hits[a]] for a in attacks}
     return {"snr_db": list(snrs), "accuracy": acc, "images": images, "correct": correct,
             "clean_accuracy": 100.0 * correct / images if images else float("nan"),
             "stochastic": stochastic, "eot": k, "pgd_steps": pgd_steps,
+            "snr_space": "normalised" if pixel is None else "pixel",
             "pgd_step_size": 2.5 / pgd_steps if pgd_step_size is None else pgd_step_size}
 
 
@@ -212,6 +237,19 @@ def accuracy_at(snrs: Sequence[float], accuracy: Sequence[float], snr: float = H
     return float(np.interp(snr, s, a))
 
 
+ATTACK_LABELS = {"fgsm": "FGSM", "fgsm_eot": "EOT-FGSM", "pgd_eot": "EOT-PGD"}
+"""How the attacks are named in plots and tables."""
+
+
+def plot_title(curves: dict[str, dict[str, Any]]) -> str:
+    """``"Robustness to FGSM, EOT-FGSM, SNR 10-50 dB"``: the attacks and the SNR range of ``curves``."""
+    attacks = list(dict.fromkeys(a for res in curves.values() for a in res["accuracy"]))
+    snrs = [s for res in curves.values() for s in res["snr_db"]]
+    names = ", ".join(ATTACK_LABELS.get(a, a) for a in attacks)
+    span = f"{min(snrs):g}-{max(snrs):g} dB" if len(set(snrs)) > 1 else f"{snrs[0]:g} dB" if snrs else "no SNR"
+    return f"Robustness to {names}, SNR {span}"
+
+
 def plot_robustness(curves: dict[str, dict[str, Any]], path: str | Path,
                     threshold_db: float = HUMAN_THRESHOLD_DB) -> None:
     """Accuracy against SNR (paper Fig. 7): one colour per model (the keys of ``curves``,
@@ -232,7 +270,7 @@ def plot_robustness(curves: dict[str, dict[str, Any]], path: str | Path,
     ax.set_xlabel("SNR (dB)")
     ax.set_ylabel("accuracy on correctly classified images (%)")
     ax.set_ylim(0, 101)
-    ax.set_title("Adversarial robustness (FGSM by SNR)")
+    ax.set_title(plot_title(curves), fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -1,18 +1,27 @@
-"""``rapa reproduce --quick``: a reduced battery on Fashion-MNIST and the paper's claims, checked.
+"""``rapa reproduce``: the reproduction battery on Fashion-MNIST and the paper's claims, checked.
 
-Trains every tiling scheme of Table 1 and the enlarged untiled net (the ``quick``
-experiment, on Ray as ``rapa sweep`` does), then measures voting, filter similarity,
-reduction and FGSM / EOT-FGSM robustness and writes ``REPORT.md``: each claim of the
-paper next to the numbers, with a verdict (holds / does not hold / inconclusive)
-computed from them. About 2 hours on 2 CPU cores; the budget options shrink it (e.g.
-``--epochs 1 --limit-train 200 --limit-test 500`` for a smoke test of a few minutes).
-Running it again skips the finished runs. The full battery is ``rapa sweep table1`` (and
-table2, table3, fig5, fig6, fig7) followed by ``rapa report``.
+Trains every tiling scheme of Table 1 with tiles (16,4,1) and the enlarged untiled net,
+each with the same seeds (``experiments/fmnist.yaml``: the full 60,000 / 10,000 images,
+the paper's recipe shortened to the budget, 3 seeds; about 2 hours on 2 CPU cores), on
+Ray as ``rapa sweep`` does. Each run, as soon as it is trained, gets the analyses its
+scheme needs (majority voting, filter similarity, reduction to one kernel per layer,
+FGSM / EOT-FGSM robustness at SNRs 10-50 dB with 33 dB, measured on pixel-space images)
+and its small files (config, metrics, summary, analyses; not the checkpoint) are copied
+to RESULTS/runs/ (default results/fmnist/runs), ready to commit. At the end RESULTS/REPORT.md
+and RESULTS/claims.json give each claim of the paper with a verdict (holds / not
+reproduced under the recipe / inconclusive) from seed-level 95% intervals; ``rapa report
+RESULTS`` rebuilds them from the results tree alone. While it runs it prints the runs
+done out of the total and the time left. Killed, the same command continues where it
+stopped. ``--quick`` is the smaller battery of experiments/quick.yaml; the budget options
+shrink either (``--epochs 1 --limit-train 300 --limit-test 300 --seeds 0,1`` is a smoke test
+of a few minutes).
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
 from pathlib import Path
 
 from rapa.cli.sweep import add_budget_arguments, add_ray_arguments, budget
@@ -20,32 +29,42 @@ from rapa.cli.sweep import add_budget_arguments, add_ray_arguments, budget
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``reproduce`` subcommand."""
-    p = subparsers.add_parser("reproduce", help="the quick battery on Fashion-MNIST with the paper's claims checked",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="the reduced battery (the only one this command runs)")
-    p.add_argument("--out", type=Path, default=Path("runs/reproduce-quick"),
-                   help="folder for the runs and REPORT.md (default runs/reproduce-quick)")
+    p = subparsers.add_parser("reproduce", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="the smaller battery (experiments/quick.yaml)")
+    p.add_argument("--experiment", help="another battery: an experiment name or YAML file (default fmnist, or quick "
+                                        "with --quick)")
+    p.add_argument("--out", type=Path, help="working folder: run directories with checkpoints (default "
+                                            "runs/EXPERIMENT)")
+    p.add_argument("--results", type=Path, help="results tree to commit: runs' small files, REPORT.md, claims.json "
+                                                "(default results/EXPERIMENT)")
     add_ray_arguments(p)
     add_budget_arguments(p)
-    p.add_argument("--attack-limit", type=int, default=5000, help="test images attacked per net (default 5000)")
+    p.add_argument("--attack-limit", type=int, default=5000,
+                   help="test images attacked and voted on per net (default 5000)")
     p.add_argument("--eot", type=int, default=8, help="random draws of the EOT attack (default 8)")
     p.add_argument("--device", default="auto", help="where the analyses run: auto, cpu, cuda (default auto)")
+    p.add_argument("--progress-every", type=float, default=300.0,
+                   help="seconds between progress lines (default 300)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from rapa.analysis.common import positive_int
     from rapa.errors import RapaError
-    from rapa.sweep.reproduce import reproduce_quick
+    from rapa.sweep.reproduce import QUICK_EXPERIMENT, STANDARD_EXPERIMENT, reproduce
 
-    if not args.quick:
-        raise RapaError("give --quick (the reduced battery); the full battery is `rapa sweep table1 --out DIR` "
-                        "(and table2, table3, fig5, fig6, fig7 into the same DIR) then `rapa report DIR`")
     positive_int("--attack-limit", args.attack_limit)
     positive_int("--eot", args.eot)
+    if not args.progress_every > 0:
+        raise RapaError(f"--progress-every must be a positive number of seconds, got {args.progress_every!r}")
+    if args.quick and args.experiment:
+        raise RapaError("give --quick or --experiment, not both")
+    experiment = args.experiment or (QUICK_EXPERIMENT if args.quick else STANDARD_EXPERIMENT)
     sweep_options = dict(address=args.address, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
                          max_retries=args.max_retries, num_cpus=args.num_cpus)
-    path = reproduce_quick(args.out, budget(args), args.data_dir, sweep_options, args.attack_limit, args.eot,
-                           args.device)
+    command = "rapa " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["reproduce"] \
+        else None
+    path = reproduce(experiment, args.out, args.results, budget(args), args.data_dir, sweep_options,
+                     args.attack_limit, args.eot, args.device, command=command, progress_every=args.progress_every)
     print(f"rapa reproduce: wrote {path}")
     return 0

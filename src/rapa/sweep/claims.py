@@ -1,31 +1,38 @@
 """The paper's claims as rules on measured numbers: each gives a verdict, never a fixed one.
 
-Every rule compares two error rates (or accuracies) measured on ``n`` test images and
-uses the binomial standard error of their difference,
-``se = 100 * sqrt(p1 (1 - p1) / n1 + p2 (1 - p2) / n2)`` percentage points, with
-``z = 2`` (about 95%): a difference beyond ``2 se`` is called real, one within it is not
-told apart from noise. Voting compares the same images, so it uses McNemar's exact test
-on the images only one of the two gets right. Verdicts: ``holds``, ``does not hold``,
-``inconclusive``.
+Every scheme is trained with the same seeds, and every rule compares two schemes seed by
+seed: the 95% Student-t interval of the per-seed differences (:func:`rapa.sweep.stats.paired`).
+The rules are symmetric: a claim ``holds`` when the interval lies entirely on the claimed
+side of its margin, is ``not reproduced`` (under the battery's recipe: a short recipe
+cannot refute the paper) when it lies entirely on the other side, and is ``inconclusive``
+otherwise. It is also ``inconclusive``, with the reason, when
+
+* a net it rests on did not learn: its test error is near the trivial classifier's
+  (:func:`rapa.sweep.stats.near_chance`); two nets at chance are "equal" for no reason;
+* fewer than two seeds are common to the schemes compared (no seed-level interval);
+* something it needs was not measured.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
-__all__ = ["HOLDS", "INCONCLUSIVE", "NOT", "Claim", "Z", "CLOSE_PP", "SIMILARITY_MARGIN", "mcnemar_p", "se_pp",
-           "claim_close_or_better", "claim_eot", "claim_fgsm", "claim_perforated", "claim_random_best",
-           "claim_reduction", "claim_similarity", "claim_voting", "comparison_snr"]
+from rapa.sweep.stats import SeedStats, paired, seed_stats
 
-HOLDS, NOT, INCONCLUSIVE = "holds", "does not hold", "inconclusive"
-Z = 2.0
-"""Standard errors a difference must exceed to count."""
+__all__ = ["CLOSE_PP", "HOLDS", "INCONCLUSIVE", "METRICS", "NOT", "PAPER_GAP_REDUCTION", "Claim", "claim_close_or_better",
+           "claim_eot", "claim_fgsm", "claim_perforated", "claim_random_best", "claim_reduction", "claim_similarity",
+           "claim_voting", "mcnemar_p"]
+
+HOLDS, NOT, INCONCLUSIVE = "holds", "not reproduced", "inconclusive"
 CLOSE_PP = 1.0
-"""Percentage points within which an error counts as "close" to another."""
-SIMILARITY_MARGIN = 0.05
-"""Correlation by which random tiling's filters must exceed every other scheme's."""
+"""Percentage points within which random tiling's error counts as "close" to the untiled net's."""
+PAPER_GAP_REDUCTION = 41.0
+"""The paper's FGSM gap reduction by random tiling at 33 dB on CIFAR-10 (percent, §3.6)."""
+PerSeed = Mapping[int, float]
+METRICS = {"best5_test_error": "best-5 test error", "final_test_error": "final test error (one pass)"}
+"""Error measures the scheme comparisons can use, with their names in the rules."""
 
 
 @dataclass
@@ -39,17 +46,24 @@ class Claim:
     measured: str
     """The numbers measured here."""
     verdict: str
-    """holds, does not hold or inconclusive."""
+    """holds, not reproduced or inconclusive."""
     rule: str
     """How the verdict follows from the numbers."""
     values: dict[str, Any] = field(default_factory=dict)
     """The numbers, for the JSON."""
+    n_seeds: int = 0
+    """Seeds the comparison rests on (common to every scheme it compares)."""
+    reason: str = ""
+    """Why the verdict is what it is (always given for inconclusive)."""
+    recipe: str = ""
+    """The training recipe the numbers come from (``not reproduced under RECIPE``)."""
 
-
-def se_pp(p1: float, n1: int, p2: float, n2: int) -> float:
-    """Standard error (percentage points) of the difference of two rates given in percent."""
-    a, b = p1 / 100.0, p2 / 100.0
-    return 100.0 * math.sqrt(max(a * (1 - a), 0.0) / max(n1, 1) + max(b * (1 - b), 0.0) / max(n2, 1))
+    @property
+    def verdict_text(self) -> str:
+        """The verdict as the report prints it: ``not reproduced under RECIPE``."""
+        if self.verdict == NOT and self.recipe:
+            return f"{NOT} under {self.recipe}"
+        return self.verdict
 
 
 def mcnemar_p(b: int, c: int) -> float:
@@ -62,163 +76,243 @@ def mcnemar_p(b: int, c: int) -> float:
     return min(1.0, 2.0 * tail)
 
 
-def _missing(key: str, paper: str, what: str) -> Claim:
-    return Claim(key, paper, f"not measured: {what}", INCONCLUSIVE, "needs the runs named")
+# --------------------------------------------------------------------------- plumbing
 
 
-def claim_close_or_better(random_err: float | None, untiled_err: float | None, n: int,
-                          enlarged_err: float | None = None) -> Claim:
-    """Random tiling's best test error (%) is at most :data:`CLOSE_PP` above the untiled net's."""
+def _side(d: SeedStats, margin: float = 0.0) -> str:
+    """HOLDS if the interval of ``d`` lies above ``margin``, NOT if below, else INCONCLUSIVE."""
+    if d.lo > margin:
+        return HOLDS
+    if d.hi < margin:
+        return NOT
+    return INCONCLUSIVE
+
+
+def _finish(key: str, paper: str, measured: str, rule: str, values: dict[str, Any], n: int,
+            untrained: Sequence[str], recipe: str, decide: Callable[[], tuple[str, str]]) -> Claim:
+    """The claim with its verdict: gated on trained nets and two seeds, then ``decide()``."""
+    if untrained:
+        verdict, reason = INCONCLUSIVE, ("rests on nets that did not learn (test error near the trivial "
+                                         "classifier's): " + "; ".join(untrained))
+    elif n < 2:
+        verdict, reason = INCONCLUSIVE, (f"{n} seed(s) common to the schemes compared: a seed-level interval "
+                                         "needs at least 2")
+    else:
+        verdict, reason = decide()
+    values = {**values, "n_seeds": n}
+    return Claim(key, paper, measured, verdict, rule, values, n, reason, recipe)
+
+
+def _missing(key: str, paper: str, what: str, recipe: str) -> Claim:
+    return Claim(key, paper, f"not measured: {what}", INCONCLUSIVE, "needs the runs named", {"n_seeds": 0}, 0,
+                 f"not measured: {what}", recipe)
+
+
+def _pp(d: SeedStats, unit: str = " pp") -> str:
+    if d.n == 0:
+        return "–"
+    if d.n < 2:
+        return f"{d.mean:+.2f}{unit} (1 seed)"
+    return f"{d.mean:+.2f}{unit}, 95% interval [{d.lo:+.2f}, {d.hi:+.2f}]"
+
+
+def _stats(values: Mapping[str, PerSeed]) -> dict[str, dict[str, Any]]:
+    return {k: seed_stats(v).as_dict() for k, v in values.items()}
+
+
+def _all_better(key: str, paper: str, random: PerSeed, others: Mapping[str, PerSeed], lower_is_better: bool,
+                what: str, unit: str, digits: int, untrained: Sequence[str], recipe: str) -> Claim:
+    """Random is better than every other scheme: per other scheme the paired interval of
+    (other - random) for errors, (random - other) for similarities."""
+    diffs = {k: (paired(v, random) if lower_is_better else paired(random, v)) for k, v in others.items()}
+    common = set(random)
+    for v in others.values():
+        common &= set(v)
+    n = len(common)
+    rs = seed_stats(random)
+    measured = (f"random {rs.text(digits)}{unit}; " + "; ".join(
+        f"{k} {seed_stats(v).text(digits)}{unit} (advantage of random {_pp(diffs[k], '')})"
+        for k, v in sorted(others.items(), key=lambda kv: seed_stats(kv[1]).mean * (1 if lower_is_better else -1))))
+    sign = "other - random" if lower_is_better else "random - other"
+
+    def decide() -> tuple[str, str]:
+        worse = [k for k, d in diffs.items() if _side(d) == NOT]
+        if worse:
+            return NOT, f"{', '.join(sorted(worse))} significantly better than random"
+        unclear = [k for k, d in diffs.items() if _side(d) != HOLDS]
+        if unclear:
+            return INCONCLUSIVE, f"not told apart from random: {', '.join(sorted(unclear))}"
+        return HOLDS, "random significantly better than every other scheme"
+
+    return _finish(key, paper, measured,
+                   f"per other scheme, the 95% interval over seeds of ({sign}) {what}; holds if every interval is "
+                   f"above 0, not reproduced if one is below 0, else inconclusive",
+                   {"random": rs.as_dict(), "others": _stats(others),
+                    "advantage": {k: d.as_dict() for k, d in diffs.items()}}, n, untrained, recipe, decide)
+
+
+# ----------------------------------------------------------------------------- claims
+
+
+def claim_close_or_better(random: PerSeed, untiled: PerSeed, enlarged: PerSeed | None = None,
+                          untrained: Sequence[str] = (), recipe: str = "", metric: str = "best5_test_error") -> Claim:
+    """Random tiling's test error (%, per seed) is at most :data:`CLOSE_PP` above the untiled net's."""
     paper = "Random tiling comes close to or beats the untiled ConvNet (§3.1, Table 1)."
-    if random_err is None or untiled_err is None:
-        return _missing("random_vs_untiled", paper, "the random and untiled runs")
-    d, se = random_err - untiled_err, se_pp(random_err, n, untiled_err, n)
-    verdict = HOLDS if d <= CLOSE_PP else (NOT if d - Z * se > CLOSE_PP else INCONCLUSIVE)
-    measured = (f"random {random_err:.2f}% vs untiled {untiled_err:.2f}% (difference {d:+.2f} pp, se {se:.2f})"
-                + ("" if enlarged_err is None else f"; enlarged untiled {enlarged_err:.2f}%"))
-    return Claim("random_vs_untiled", paper, measured, verdict,
-                 f"holds if random - untiled <= {CLOSE_PP:g} pp; does not hold if it exceeds {CLOSE_PP:g} pp "
-                 f"by more than {Z:g} se", {"random": random_err, "untiled": untiled_err, "diff": d, "se": se,
-                                            "enlarged": enlarged_err})
+    if not random or not untiled:
+        return _missing("random_vs_untiled", paper, "the random and untiled runs", recipe)
+    d = paired(random, untiled)
+    measured = (f"random {seed_stats(random).text()}% vs untiled {seed_stats(untiled).text()}% "
+                f"(random - untiled {_pp(d)})"
+                + ("" if not enlarged else f"; enlarged untiled {seed_stats(enlarged).text()}%"))
+
+    def decide() -> tuple[str, str]:
+        v = _side(SeedStats(d.n, -d.mean, d.sd, d.half), -CLOSE_PP)  # claimed side: random - untiled < +1 pp
+        return v, {HOLDS: f"the whole interval is below +{CLOSE_PP:g} pp",
+                   NOT: f"the whole interval is above +{CLOSE_PP:g} pp",
+                   INCONCLUSIVE: f"the interval contains +{CLOSE_PP:g} pp"}[v]
+
+    return _finish("random_vs_untiled", paper, measured,
+                   f"95% interval over seeds of (random - untiled) {METRICS[metric]}; holds if it lies below "
+                   f"+{CLOSE_PP:g} pp, not reproduced if above, else inconclusive",
+                   {"random": seed_stats(random).as_dict(), "untiled": seed_stats(untiled).as_dict(),
+                    "diff": d.as_dict(), "enlarged": None if not enlarged else seed_stats(enlarged).as_dict()},
+                   d.n, untrained, recipe, decide)
 
 
-def claim_random_best(errors: Mapping[str, float | None], n: int) -> Claim:
-    """Random tiling's error is the lowest of the tiling schemes (``errors``: label -> %)."""
+def claim_random_best(errors: Mapping[str, PerSeed], untrained: Sequence[str] = (), recipe: str = "",
+                      metric: str = "best5_test_error") -> Claim:
+    """Random tiling's error is the lowest of the tiling schemes (``errors``: label -> per-seed %)."""
     paper = "Random tiling achieves the best performance among the tiling schemes (§3.1, Table 1)."
     rnd = errors.get("random")
-    others = {k: v for k, v in errors.items() if k != "random" and v is not None}
-    if rnd is None or not others:
-        return _missing("random_best", paper, "random and other tiled runs")
-    best_other = min(others, key=others.__getitem__)
-    d = others[best_other] - rnd  # > 0: random is better
-    se = se_pp(rnd, n, others[best_other], n)
-    verdict = HOLDS if d > 0 else (NOT if -d > Z * se else INCONCLUSIVE)
-    measured = f"random {rnd:.2f}%; best other: {best_other} {others[best_other]:.2f}% ({-d:+.2f} pp, se {se:.2f}); " \
-        + ", ".join(f"{k} {v:.2f}%" for k, v in sorted(others.items(), key=lambda kv: kv[1]))
-    return Claim("random_best", paper, measured, verdict,
-                 f"holds if random has the lowest error; does not hold if another scheme is lower by more than "
-                 f"{Z:g} se", {"random": rnd, "others": dict(others), "se": se})
+    others = {k: v for k, v in errors.items() if k != "random" and v}
+    if not rnd or not others:
+        return _missing("random_best", paper, "random and other tiled runs", recipe)
+    return _all_better("random_best", paper, rnd, others, True, METRICS[metric], "%", 2, untrained, recipe)
 
 
-def claim_voting(single_err: float | None, vote_err: float | None, only_single_right: int = 0,
-                 only_vote_right: int = 0, images: int = 0) -> Claim:
-    """The 9-vote majority beats one pass on the same images (McNemar's exact test, 5%)."""
+def claim_voting(single: PerSeed, vote: PerSeed, mcnemar: Mapping[int, float] | None = None,
+                 untrained: Sequence[str] = (), recipe: str = "") -> Claim:
+    """The 9-vote majority beats one pass of the same net (``single``, ``vote``: per-seed errors in %)."""
     paper = "Majority voting over 9 random assignments lowers random tiling's test error (§3.1, Table 1)."
-    if single_err is None or vote_err is None:
-        return _missing("voting", paper, "the random run")
-    b, c = only_single_right, only_vote_right
-    p = mcnemar_p(b, c)
-    verdict = HOLDS if c > b and p < 0.05 else (NOT if c <= b else INCONCLUSIVE)
-    measured = (f"one pass {single_err:.2f}%, 9-vote {vote_err:.2f}% on {images} images "
-                f"({c} images only the vote gets right, {b} only the single pass; McNemar p = {p:.2g})")
-    return Claim("voting", paper, measured, verdict,
-                 "holds if the vote is right on more images than the single pass and McNemar's p < 0.05; does not "
-                 "hold if it is not right on more", {"single": single_err, "vote": vote_err, "b": b, "c": c, "p": p})
+    if not single or not vote:
+        return _missing("voting", paper, "voting on the random runs", recipe)
+    d = paired(single, vote)
+    ps = "" if not mcnemar else "; McNemar p per seed: " + ", ".join(
+        f"s{s} {p:.2g}" for s, p in sorted(mcnemar.items()))
+    measured = (f"one pass {seed_stats(single).text()}%, 9-vote {seed_stats(vote).text()}% on the same nets "
+                f"and images (single - vote {_pp(d)}){ps}")
+
+    def decide() -> tuple[str, str]:
+        v = _side(d)
+        return v, {HOLDS: "the vote is better in the whole interval", NOT: "the vote is worse in the whole interval",
+                   INCONCLUSIVE: "the interval contains 0"}[v]
+
+    return _finish("voting", paper, measured,
+                   "95% interval over seeds of (single pass - 9-vote) test error of the final random net on the "
+                   "same images; holds if above 0, not reproduced if below 0, else inconclusive",
+                   {"single": seed_stats(single).as_dict(), "vote": seed_stats(vote).as_dict(), "diff": d.as_dict(),
+                    "mcnemar_p": dict(mcnemar or {})}, d.n, untrained, recipe, decide)
 
 
-def claim_perforated(perforated_err: float | None, random_err: float | None, n: int,
-                     untiled_err: float | None = None) -> Claim:
-    """Perforated convolution is worse than random tiling."""
+def claim_perforated(perforated: PerSeed, random: PerSeed, untiled: PerSeed | None = None,
+                     untrained: Sequence[str] = (), recipe: str = "", metric: str = "best5_test_error") -> Claim:
+    """Perforated convolution is worse than random tiling (per-seed test errors in %)."""
     paper = "The perforated scheme performs poorly, so subsampling does not explain random tiling (§3.1, Table 1)."
-    if perforated_err is None or random_err is None:
-        return _missing("perforated", paper, "the perforated and random runs")
-    d, se = perforated_err - random_err, se_pp(perforated_err, n, random_err, n)
-    verdict = HOLDS if d > Z * se else (NOT if d < -Z * se else INCONCLUSIVE)
-    measured = f"perforated {perforated_err:.2f}% vs random {random_err:.2f}% ({d:+.2f} pp, se {se:.2f})" \
-        + ("" if untiled_err is None else f"; untiled {untiled_err:.2f}%")
-    return Claim("perforated", paper, measured, verdict,
-                 f"holds if perforated - random > {Z:g} se; does not hold if < -{Z:g} se",
-                 {"perforated": perforated_err, "random": random_err, "diff": d, "se": se})
+    if not perforated or not random:
+        return _missing("perforated", paper, "the perforated and random runs", recipe)
+    d = paired(perforated, random)
+    measured = (f"perforated {seed_stats(perforated).text()}% vs random {seed_stats(random).text()}% "
+                f"(perforated - random {_pp(d)})" + ("" if not untiled else f"; untiled {seed_stats(untiled).text()}%"))
+
+    def decide() -> tuple[str, str]:
+        v = _side(d)
+        return v, {HOLDS: "perforated is worse in the whole interval", NOT: "perforated is better in the whole "
+                   "interval", INCONCLUSIVE: "the interval contains 0"}[v]
+
+    return _finish("perforated", paper, measured,
+                   f"95% interval over seeds of (perforated - random) {METRICS[metric]}; holds if above 0, not "
+                   "reproduced if below 0, else inconclusive",
+                   {"perforated": seed_stats(perforated).as_dict(), "random": seed_stats(random).as_dict(),
+                    "diff": d.as_dict()}, d.n, untrained, recipe, decide)
 
 
-def claim_similarity(similarity: Mapping[str, float | None]) -> Claim:
-    """Random tiling's filters are the most similar across tiles (``similarity``: label -> correlation)."""
+def claim_similarity(similarity: Mapping[str, PerSeed], untrained: Sequence[str] = (), recipe: str = "") -> Claim:
+    """Random tiling's filters are the most similar across tiles (``similarity``: label -> per-seed correlation)."""
     paper = "With max pooling only random tiling learns similar filters across tiles (§3.4, Fig. 6A)."
-    rnd = similarity.get("random")
-    others = {k: v for k, v in similarity.items() if k != "random" and v is not None and not math.isnan(v)}
-    if rnd is None or math.isnan(rnd) or not others:
-        return _missing("similarity", paper, "random and other tiled runs")
-    top = max(others, key=others.__getitem__)
-    d = rnd - others[top]
-    verdict = HOLDS if d >= SIMILARITY_MARGIN else (NOT if d <= 0 else INCONCLUSIVE)
-    measured = f"random {rnd:.3f}; " + ", ".join(f"{k} {v:.3f}" for k, v in
-                                                 sorted(others.items(), key=lambda kv: -kv[1]))
-    return Claim("similarity", paper, measured, verdict,
-                 f"holds if random's similarity exceeds every other scheme's by >= {SIMILARITY_MARGIN:g}; does not "
-                 f"hold if another scheme's is as high", {"random": rnd, "others": dict(others), "margin": d})
+    clean = {k: {s: x for s, x in v.items() if x is not None and not math.isnan(x)} for k, v in similarity.items()
+             if v}
+    rnd = clean.get("random")
+    others = {k: v for k, v in clean.items() if k != "random" and v}
+    if not rnd or not others:
+        return _missing("similarity", paper, "similarity of random and other tiled runs", recipe)
+    return _all_better("similarity", paper, rnd, others, False, "filter similarity", "", 3, untrained, recipe)
 
 
-def claim_reduction(reduced: Mapping[str, float | None], n: int, untiled_err: float | None = None) -> Claim:
-    """The reduced random net has a lower error than every other reduced tiled net (``reduced``: label -> %)."""
+def claim_reduction(reduced: Mapping[str, PerSeed], untiled: PerSeed | None = None, untrained: Sequence[str] = (),
+                    recipe: str = "") -> Claim:
+    """The reduced random net has a lower error than every other reduced tiled net (label -> per-seed %)."""
     paper = "Only randomly tiled nets reduce to one kernel per layer with acceptable error (§3.4.3, Table 3)."
     rnd = reduced.get("random")
-    others = {k: v for k, v in reduced.items() if k != "random" and v is not None}
-    if rnd is None or not others:
-        return _missing("reduction", paper, "reductions of random and other tiled runs")
-    best_other = min(others, key=others.__getitem__)
-    d = others[best_other] - rnd
-    se = se_pp(rnd, n, others[best_other], n)
-    verdict = HOLDS if d > Z * se else (NOT if d <= 0 else INCONCLUSIVE)
-    measured = f"reduced random {rnd:.2f}%; " + ", ".join(f"{k} {v:.2f}%" for k, v in
-                                                           sorted(others.items(), key=lambda kv: kv[1])) \
-        + ("" if untiled_err is None else f"; trained untiled {untiled_err:.2f}%")
-    return Claim("reduction", paper, measured, verdict,
-                 f"holds if every other reduced net's error exceeds random's by > {Z:g} se; does not hold if one "
-                 f"is as low", {"random": rnd, "others": dict(others), "se": se, "untiled": untiled_err})
+    others = {k: v for k, v in reduced.items() if k != "random" and v}
+    if not rnd or not others:
+        return _missing("reduction", paper, "reductions of random and other tiled runs", recipe)
+    claim = _all_better("reduction", paper, rnd, others, True, "test error of the reduced nets (best method)", "%",
+                        2, untrained, recipe)
+    if untiled:
+        claim.measured += f"; trained untiled {seed_stats(untiled).text()}%"
+    return claim
 
 
-def comparison_snr(snrs: Sequence[float], base_accuracy: Sequence[float], threshold: float = 33.0) -> float:
-    """The SNR (dB) at which the attacks are compared: ``threshold`` (the paper's 33 dB,
-    the threshold of human perception on CIFAR images), unless the untiled net keeps
-    more than 90% there; then the SNR at which its FGSM accuracy falls to 50%
-    (interpolated), where the attack has an effect to reduce. ``threshold`` if it never
-    falls to 50% in the measured range."""
-    import numpy as np
+def claim_fgsm(random: PerSeed, untiled: PerSeed, enlarged: PerSeed | None = None, snr: float = 33.0,
+               untrained: Sequence[str] = (), recipe: str = "") -> Claim:
+    """Random tiling keeps more accuracy under FGSM at ``snr`` dB than the untiled net (per-seed accuracies, %)."""
+    paper = (f"Random tiling is more robust to FGSM than the untiled net (§3.6, Fig. 7: the gap to perfect "
+             f"robustness cut by {PAPER_GAP_REDUCTION:g}% on CIFAR-10 at 33 dB).")
+    if not random or not untiled:
+        return _missing("fgsm", paper, "attacks on the random and untiled runs", recipe)
+    d = paired(random, untiled)
+    gaps = {s: 100.0 * (random[s] - untiled[s]) / (100.0 - untiled[s]) for s in set(random) & set(untiled)
+            if untiled[s] < 100.0}
+    g = seed_stats(gaps)
+    measured = (f"accuracy at {snr:g} dB (pixel-space SNR): random {seed_stats(random).text()}% vs untiled "
+                f"{seed_stats(untiled).text()}% (random - untiled {_pp(d)}); gap reduction {g.text(1)}% "
+                f"(paper: {PAPER_GAP_REDUCTION:g}% on CIFAR-10)"
+                + ("" if not enlarged else f"; enlarged {seed_stats(enlarged).text()}%"))
 
-    s = np.asarray(snrs, dtype=float)
-    a = np.asarray(base_accuracy, dtype=float)
-    order = np.argsort(s)
-    s, a = s[order], a[order]
-    if s.size == 0 or not (s[0] <= threshold <= s[-1]) or float(np.interp(threshold, s, a)) <= 90.0:
-        return threshold
-    for i in range(s.size - 1, 0, -1):  # from the weakest attack down: the first crossing of 50%
-        if a[i - 1] < 50.0 <= a[i]:
-            return float(s[i - 1] + (50.0 - a[i - 1]) * (s[i] - s[i - 1]) / (a[i] - a[i - 1]))
-    return threshold
+    def decide() -> tuple[str, str]:
+        v = _side(d)
+        return v, {HOLDS: "random keeps more accuracy in the whole interval",
+                   NOT: "random keeps less accuracy in the whole interval", INCONCLUSIVE: "the interval contains 0"}[v]
 
-
-def claim_fgsm(acc_random: float | None, n_random: int, acc_base: float | None, n_base: int,
-               acc_enlarged: float | None = None, snr: float = 33.0, at_33: str = "") -> Claim:
-    """Random tiling keeps more accuracy under FGSM at ``snr`` dB than the untiled net."""
-    paper = ("Random tiling is more robust to FGSM than the untiled net (§3.6, Fig. 7: the gap to perfect "
-             "robustness cut by 41% on CIFAR-10 at 33 dB).")
-    if acc_random is None or acc_base is None:
-        return _missing("fgsm", paper, "attacks on the random and untiled runs")
-    d, se = acc_random - acc_base, se_pp(acc_random, n_random, acc_base, n_base)
-    gap = d / (100.0 - acc_base) if acc_base < 100 else float("nan")
-    verdict = HOLDS if d > Z * se else (NOT if d <= 0 else INCONCLUSIVE)
-    measured = (f"accuracy at {snr:.1f} dB: random {acc_random:.2f}% vs untiled {acc_base:.2f}% ({d:+.2f} pp, "
-                f"se {se:.2f}); " + ("gap reduction n/a" if math.isnan(gap) else f"gap reduction {100 * gap:.1f}%")
-                + ("" if acc_enlarged is None else f"; enlarged {acc_enlarged:.2f}%") + (f". {at_33}" if at_33 else ""))
-    return Claim("fgsm", paper, measured, verdict,
-                 f"compared at 33 dB, or where the untiled net's accuracy falls to 50% if it keeps over 90% at 33 dB "
-                 f"(see comparison_snr); holds if random - untiled > {Z:g} se; does not hold if <= 0",
-                 {"random": acc_random, "untiled": acc_base, "diff": d, "se": se, "gap_reduction": gap, "snr_db": snr})
+    return _finish("fgsm", paper, measured,
+                   f"at {snr:g} dB, 95% interval over seeds of (random - untiled) FGSM accuracy on the images each "
+                   "net classified correctly; holds if above 0, not reproduced if below 0, else inconclusive",
+                   {"random": seed_stats(random).as_dict(), "untiled": seed_stats(untiled).as_dict(),
+                    "diff": d.as_dict(), "gap_reduction": g.as_dict(), "snr_db": snr,
+                    "enlarged": None if not enlarged else seed_stats(enlarged).as_dict()},
+                   d.n, untrained, recipe, decide)
 
 
-def claim_eot(acc_eot: float | None, n_random: int, acc_base: float | None, n_base: int,
-              acc_fgsm: float | None, snr: float = 33.0) -> Claim:
-    """How much of the FGSM gain survives EOT (gradients averaged over random draws)."""
+def claim_eot(random_eot: PerSeed, untiled: PerSeed, random_fgsm: PerSeed | None = None, snr: float = 33.0,
+              untrained: Sequence[str] = (), recipe: str = "") -> Claim:
+    """The robustness of random tiling survives EOT-FGSM at ``snr`` dB (per-seed accuracies, %)."""
     paper = "(check, not in the paper) The robustness of random tiling survives an EOT attack (Athalye et al. 2018)."
-    if acc_eot is None or acc_base is None or acc_fgsm is None:
-        return _missing("eot", paper, "EOT attack on the random run")
-    d, se = acc_eot - acc_base, se_pp(acc_eot, n_random, acc_base, n_base)
-    gain = acc_fgsm - acc_base
-    kept = d / gain if gain > 0 else float("nan")
-    verdict = HOLDS if d > Z * se else (NOT if d <= 0 else INCONCLUSIVE)
-    measured = (f"accuracy at {snr:.1f} dB under EOT-FGSM: random {acc_eot:.2f}% vs untiled {acc_base:.2f}% "
-                f"({d:+.2f} pp, se {se:.2f}); " + ("share of the FGSM gain kept: n/a (no gain)" if math.isnan(kept)
-                                                    else f"share of the FGSM gain kept: {100 * kept:.0f}%"))
-    return Claim("eot", paper, measured, verdict,
-                 f"at the SNR of the FGSM claim; holds if random (EOT) - untiled > {Z:g} se; does not hold if <= 0",
-                 {"random_eot": acc_eot, "untiled": acc_base, "diff": d, "se": se, "kept": kept, "snr_db": snr})
+    if not random_eot or not untiled:
+        return _missing("eot", paper, "EOT attack on the random runs", recipe)
+    d = paired(random_eot, untiled)
+    kept = "" if not random_fgsm else f"; FGSM (one draw) on random {seed_stats(random_fgsm).text()}%"
+    measured = (f"accuracy at {snr:g} dB under EOT-FGSM: random {seed_stats(random_eot).text()}% vs untiled "
+                f"{seed_stats(untiled).text()}% (difference {_pp(d)}){kept}")
+
+    def decide() -> tuple[str, str]:
+        v = _side(d)
+        return v, {HOLDS: "random keeps more accuracy in the whole interval",
+                   NOT: "random keeps less accuracy in the whole interval", INCONCLUSIVE: "the interval contains 0"}[v]
+
+    return _finish("eot", paper, measured,
+                   f"at {snr:g} dB, 95% interval over seeds of (random under EOT-FGSM - untiled under FGSM) accuracy; "
+                   "holds if above 0, not reproduced if below 0, else inconclusive",
+                   {"random_eot": seed_stats(random_eot).as_dict(), "untiled": seed_stats(untiled).as_dict(),
+                    "diff": d.as_dict(), "snr_db": snr,
+                    "random_fgsm": None if not random_fgsm else seed_stats(random_fgsm).as_dict()},
+                   d.n, untrained, recipe, decide)

@@ -1,234 +1,355 @@
-"""``rapa reproduce --quick``: a reduced battery on Fashion-MNIST and the paper's claims with verdicts.
+"""``rapa reproduce``: a battery of runs on Ray, its analyses, and the paper's claims with verdicts.
 
-The ``quick`` experiment (every tiling scheme of Table 1 and the enlarged untiled net,
-floating point) is swept on Ray, then the analyses run on the finished nets: majority
-voting (per image, against one pass), filter similarity, reduction to one kernel per
-layer, and FGSM / EOT-FGSM robustness. ``REPORT.md`` puts each claim of the paper next to
-what was measured, with a verdict computed by the rules of :mod:`rapa.sweep.claims`,
-followed by the tables and figures of :mod:`rapa.sweep.report`.
+The standard battery (``experiments/fmnist.yaml``) trains every tiling scheme of Table 1
+with tiles (16,4,1) and the enlarged untiled net, with the same seeds, on the full
+Fashion-MNIST with the paper's recipe shortened to the budget; ``--quick``
+(``experiments/quick.yaml``) is a smaller one. Each run is a Ray task that trains (or
+resumes) the net, then computes the analyses its scheme needs (voting, filter
+similarity, reduction, FGSM / EOT-FGSM robustness: :func:`needed_analyses`) and copies
+its small files (:data:`SMALL_FILES`, not the checkpoint) into the results tree
+(``results/NAME/runs/RUN``) as soon as it ends, so that nothing measured is lost and the
+tree can be committed while the battery runs. A killed battery continues where it
+stopped when the same command is run again (finished runs are skipped, unfinished ones
+resume from their last epoch, missing analyses are computed). While it runs it prints
+the runs done out of the total and an estimate of the time left. At the end
+:func:`rapa.sweep.battery_report.write_battery_report` writes ``REPORT.md`` and
+``claims.json`` from the results tree alone (``rapa report RESULTS`` does the same later).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import threading
 import time
-from dataclasses import asdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from rapa.errors import RapaError
-from rapa.sweep import claims as C
-from rapa.sweep.report import build_report
+from rapa.sweep.battery_report import MANIFEST, read_manifest, write_battery_report
+from rapa.sweep.evidence import claims_json, evaluate_claims
 from rapa.sweep.runs import Analyses, RunRecord, collect_runs, scheme_label
 
-__all__ = ["QUICK_EXPERIMENT", "analysis_jobs", "evaluate_claims", "reproduce_quick", "run_analyses",
-           "write_claims_report"]
+__all__ = ["BATTERY_SNRS", "QUICK_EXPERIMENT", "SMALL_FILES", "STANDARD_EXPERIMENT", "BatteryTask", "claims_json",
+           "evaluate_claims", "export_run", "finish_run", "needed_analyses", "reproduce", "source_commit"]
 
+STANDARD_EXPERIMENT = "fmnist"
 QUICK_EXPERIMENT = "quick"
-_TILED = ("random", "random fixed", "alternate", "image w/overlap", "image w/pad")
+SMALL_FILES = ("config.json", "metrics.csv", "summary.json", "voting.json", "similarity.json", "reduce.json",
+               "attack.json")
+"""The files of a run copied into the results tree (everything but the checkpoint)."""
+BATTERY_SNRS = (10.0, 15.0, 20.0, 25.0, 30.0, 33.0, 35.0, 40.0, 45.0, 50.0)
+"""SNRs (dB, pixel space) of the attacks: Figure 7's range with the paper's 33 dB point measured."""
+_FILE_OF = {"voting": "voting.json", "similarity": "similarity.json", "reduction": "reduce.json",
+            "robustness": "attack.json"}
 
 
-def _best(records: Sequence[RunRecord], label: str) -> RunRecord | None:
-    done = [r for r in records if r.finished and scheme_label(r.config) == label
-            and r.summary.get("best5_test_error") is not None]
-    return min(done, key=lambda r: r.summary["best5_test_error"]) if done else None
+def needed_analyses(config: Any) -> tuple[str, ...]:
+    """The analyses the claims and the report need of a run with this config."""
+    if config.analog is not None:
+        return ()
+    label = scheme_label(config)
+    if label == "random":
+        return ("voting", "similarity", "reduction", "robustness")
+    if label in ("no tiling", "no tiling enlarged"):
+        return ("robustness",)
+    if config.scheme not in ("none", "perforated") and config.tiles is not None:
+        return ("similarity", "reduction")
+    return ()
 
 
-def _err(rec: RunRecord | None) -> float | None:
-    return None if rec is None else 100.0 * rec.summary["best5_test_error"]
+def _record(run_dir: Path) -> RunRecord:
+    from rapa.train import read_config
+
+    summary = None
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        pass
+    return RunRecord(run_dir.name, run_dir, read_config(run_dir), summary, "finished" if summary else "unfinished")
 
 
-def _rates(records: Sequence[RunRecord]) -> str:
-    untiled = sorted({r.config.resolved_lr() for r in records if r.config.scheme == "none"})
-    tiled = sorted({r.config.resolved_lr() for r in records if r.config.scheme != "none"})
-    return " / ".join(f"{','.join(f'{v:g}' for v in vals)} {kind}" for kind, vals in
-                      (("untiled", untiled), ("tiled", tiled)) if vals)
+def missing_analyses(run_dir: str | Path, options: dict[str, Any]) -> list[str]:
+    """The needed analyses of a finished run that are not cached (for ``options``)."""
+    rec = _record(Path(run_dir))
+    if not rec.finished:
+        return []
+    cached = Analyses(compute=False, **options)
+    return [k for k in needed_analyses(rec.config) if getattr(cached, k)(rec) is None]
 
 
-def evaluate_claims(records: Sequence[RunRecord], analyses: Analyses) -> list[C.Claim]:
-    """Every claim, from the finished FP runs of one dataset in ``records`` (computing the
-    analyses it needs through ``analyses``)."""
-    from rapa.analysis.attack import HUMAN_THRESHOLD_DB, accuracy_at
-
-    runs = {label: _best(records, label) for label in
-            ("no tiling", "no tiling enlarged", "perforated") + _TILED}
-    any_run = next((r for r in runs.values() if r is not None), None)
-    n = len(analyses.dataset(any_run.config, "test", any_run.config.limit_test)) if any_run else 0
-    err = {k: _err(r) for k, r in runs.items()}
-    out = [C.claim_close_or_better(err["random"], err["no tiling"], n, err["no tiling enlarged"]),
-           C.claim_random_best({k: err[k] for k in ("perforated",) + _TILED}, n)]
-
-    vote = analyses.voting(runs["random"]) if runs["random"] else None
-    if vote is None:
-        out.append(C.claim_voting(None, None))
-    else:
-        out.append(C.claim_voting(vote["single_error"], vote["vote_error"], vote["only_single_right"],
-                                  vote["only_vote_right"], vote["images"]))
-    out.append(C.claim_perforated(err["perforated"], err["random"], n, err["no tiling"]))
-
-    sims = {}
-    for label in _TILED:
-        s = analyses.similarity(runs[label]) if runs[label] else None
-        sims[label] = None if s is None else s["overall"]
-    out.append(C.claim_similarity(sims))
-
-    reduced = {}
-    for label in _TILED:
-        r = analyses.reduction(runs[label]) if runs[label] else None
-        reduced[label] = None if r is None else r["best_error"]
-    out.append(C.claim_reduction(reduced, n, err["no tiling"]))
-
-    curves = {k: analyses.robustness(runs[k]) if runs[k] else None
-              for k in ("random", "no tiling", "no tiling enlarged")}
-
-    base = curves["no tiling"]
-    snr = HUMAN_THRESHOLD_DB if base is None else C.comparison_snr(base["snr_db"], base["accuracy"]["fgsm"],
-                                                                   HUMAN_THRESHOLD_DB)
-
-    def at(key: str, attack: str, where: float = snr) -> float | None:
-        c = curves[key]
-        return None if c is None or attack not in c["accuracy"] else accuracy_at(c["snr_db"], c["accuracy"][attack],
-                                                                                 where)
-
-    def correct(key: str) -> int:
-        return 0 if curves[key] is None else int(curves[key]["correct"])
-
-    at_33 = ""
-    if snr != HUMAN_THRESHOLD_DB and at("random", "fgsm", HUMAN_THRESHOLD_DB) is not None:
-        at_33 = (f"At {HUMAN_THRESHOLD_DB:g} dB: random {at('random', 'fgsm', HUMAN_THRESHOLD_DB):.2f}%, untiled "
-                 f"{at('no tiling', 'fgsm', HUMAN_THRESHOLD_DB):.2f}%")
-    out.append(C.claim_fgsm(at("random", "fgsm"), correct("random"), at("no tiling", "fgsm"), correct("no tiling"),
-                            at("no tiling enlarged", "fgsm"), snr, at_33))
-    out.append(C.claim_eot(at("random", "fgsm_eot"), correct("random"), at("no tiling", "fgsm"), correct("no tiling"),
-                           at("random", "fgsm"), snr))
-    return out
+def export_run(run_dir: str | Path, dest: str | Path) -> list[str]:
+    """Copy the run's :data:`SMALL_FILES` into ``dest`` (atomically; unchanged files are left);
+    returns the names copied."""
+    run_dir, dest = Path(run_dir), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name in SMALL_FILES:
+        src = run_dir / name
+        if not src.is_file():
+            continue
+        target = dest / name
+        data = src.read_bytes()
+        if target.is_file() and target.read_bytes() == data:
+            continue
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+        copied.append(name)
+    return copied
 
 
-def write_claims_report(path: Path, claims: Sequence[C.Claim], header: Sequence[str], tables_md: str,
-                        report_rel: str) -> None:
-    """REPORT.md: the claims with verdicts, the rules, then the tables (figure links made relative)."""
-    lines = list(header) + ["", "## Claims of the paper and what was measured", "",
-                            "| # | the paper | measured here | verdict |", "|---|---|---|---|"]
-    for i, c in enumerate(claims, 1):
-        lines.append(f"| {i} | {c.paper} | {c.measured} | **{c.verdict}** |")
-    lines += ["", "Verdict rules (se: binomial standard error of the difference, in percentage points):", ""]
-    lines += [f"{i}. {c.key}: {c.rule}." for i, c in enumerate(claims, 1)]
-    body = tables_md.replace("](", f"]({report_rel}/").replace("# Results of", "## Tables and figures:")
-    lines += ["", body]
-    path.write_text("\n".join(lines).rstrip() + "\n")
+def finish_run(run_dir: str | Path, results_runs: str | Path, options: dict[str, Any]) -> list[str]:
+    """Compute the missing analyses of a finished run (cached in its directory) and export its
+    small files to ``results_runs/NAME``; returns the analyses computed."""
+    run_dir = Path(run_dir)
+    todo = missing_analyses(run_dir, options)
+    if todo:
+        analyses = Analyses(**options)
+        rec = _record(run_dir)
+        for kind in todo:
+            getattr(analyses, kind)(rec)
+    export_run(run_dir, Path(results_runs) / run_dir.name)
+    return todo
 
 
-def _analyse(kind: str, rec: RunRecord, options: dict[str, Any], cpus: float) -> str:
-    """Body of a Ray task: one analysis of one run, cached in its run directory."""
+@dataclass
+class BatteryTask:
+    """The training function of a battery's Ray tasks: train (or resume) a run, then
+    :func:`finish_run` it. Picklable (Ray ships it to the workers)."""
+
+    results_runs: str
+    """The results tree's ``runs/`` folder."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of :class:`rapa.sweep.runs.Analyses`."""
+
+    def __call__(self, config: Any, run_dir: str | Path, resume: bool = False, progress: bool = False) -> dict:
+        from rapa.train import train
+
+        summary = train(config, run_dir, resume=resume, progress=progress)
+        finish_run(run_dir, self.results_runs, self.options)
+        return summary
+
+
+def _finish_task(run_dir: str, results_runs: str, options: dict[str, Any], cpus: float) -> list[str]:
     import torch
 
     torch.set_num_threads(max(1, int(cpus)))
-    getattr(Analyses(**options), kind)(rec)
-    return f"{kind} of {rec.name}"
+    return finish_run(run_dir, results_runs, options)
 
 
-def analysis_jobs(records: Sequence[RunRecord]) -> list[tuple[str, RunRecord]]:
-    """The expensive analyses the claims and the report need, longest first."""
-    runs = {label: _best(records, label) for label in ("no tiling", "no tiling enlarged") + _TILED}
-    jobs = [("robustness", runs["random"]), ("robustness", runs["no tiling enlarged"])]
-    jobs += [("reduction", runs[label]) for label in _TILED]
-    jobs += [("voting", runs["random"]), ("robustness", runs["no tiling"])]
-    return [(kind, rec) for kind, rec in jobs if rec is not None]
+# -------------------------------------------------------------------------- progress
 
 
-def run_analyses(jobs: Sequence[tuple[str, RunRecord]], options: dict[str, Any], cpus: float = 1,
-                 gpus: float = 0, log: Callable[[str], None] | None = None) -> None:
-    """Compute ``jobs`` as Ray tasks (Ray must be initialised); their results land in the
-    run directories' caches. A failed job is logged and left to the caller."""
-    import ray
-
-    say = log or (lambda msg: None)
-    remote = ray.remote(_analyse).options(num_cpus=cpus, num_gpus=gpus, max_retries=1)
-    pending = {remote.remote(kind, rec, options, cpus): f"{kind} of {rec.name}" for kind, rec in jobs}
-    done = 0
-    while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        for ref in ready:
-            what = pending.pop(ref)
-            done += 1
-            try:
-                ray.get(ref)
-                say(f"[{done}/{len(jobs)} analyses] done {what}")
-            except Exception as exc:  # noqa: BLE001 - any failure: the claim becomes "not measured"
-                say(f"[{done}/{len(jobs)} analyses] FAILED {what}: {type(exc).__name__}: "
-                    f"{str(getattr(exc, 'cause', exc)).strip().splitlines()[-1:]}")
+def _epochs_and_speed(run_dir: Path) -> tuple[int, float | None]:
+    """Epochs in the run's metrics.csv and its mean seconds per epoch."""
+    try:
+        lines = (run_dir / "metrics.csv").read_text().splitlines()[1:]
+    except OSError:
+        return 0, None
+    secs = []
+    for ln in lines:
+        try:
+            secs.append(float(ln.split(",")[-1]))
+        except ValueError:
+            pass
+    return len(lines), (sum(secs) / len(secs) if secs else None)
 
 
-def reproduce_quick(out: str | Path, budget: dict[str, Any] | None = None, data_dir: str | None = None,
-                    sweep_options: dict[str, Any] | None = None, attack_limit: int | None = 5000,
-                    eot: int = 8, device: str = "auto", log: Callable[[str], None] | None = None) -> Path:
-    """Sweep the quick battery into ``out``, analyse it and write ``out/REPORT.md`` (returned).
+@dataclass
+class Progress:
+    """Runs done out of the total and an estimate of the time left, from the run directories."""
+
+    runs: Sequence[Any]
+    """The battery's RunSpecs."""
+    out: Path
+    """The working folder (run directories)."""
+    results_runs: Path
+    """The results tree's runs folder."""
+    options: dict[str, Any]
+    """Analysis options (to tell analysed runs)."""
+    workers: int = 1
+    """Runs trained at once."""
+    t0: float = field(default_factory=time.perf_counter)
+
+    def line(self) -> str:
+        """``[battery] 7/24 runs done (analysed, in results), 40/144 epochs, 35 min elapsed, about 80 min left``."""
+        done = epochs = total_epochs = 0
+        speeds: dict[str, list[float]] = {}
+        state = []
+        for spec in self.runs:
+            run_dir = self.out / spec.name
+            n, spe = _epochs_and_speed(run_dir)
+            n = min(n, spec.config.epochs)
+            exported = (self.results_runs / spec.name / "summary.json").is_file()
+            needs = needed_analyses(spec.config)
+            analysed = exported and all((self.results_runs / spec.name / _FILE_OF[k]).is_file() for k in needs)
+            done += analysed
+            epochs += n
+            total_epochs += spec.config.epochs
+            label = scheme_label(spec.config)
+            if spe is not None:
+                speeds.setdefault(label, []).append(spe)
+            state.append((spec, n, spe, analysed, label, needs))
+        every = [s for v in speeds.values() for s in v]
+        left = 0.0
+        known = bool(every)
+        for spec, n, spe, analysed, label, needs in state:
+            if analysed:
+                continue
+            per = spe or (sum(speeds[label]) / len(speeds[label]) if label in speeds else None) \
+                or (sum(every) / len(every) if every else None)
+            if per is None:
+                continue
+            left += (spec.config.epochs - n) * per + (1.5 * per if needs else 0.2 * per)  # + final eval, analyses
+        busy = min(self.workers, sum(1 for s in state if not s[3])) or 1
+        elapsed = (time.perf_counter() - self.t0) / 60
+        eta = f"about {left / busy / 60:.0f} min left" if known else "time left: known after the first epoch"
+        return (f"[battery] {done}/{len(self.runs)} runs done, {epochs}/{total_epochs} epochs, "
+                f"{elapsed:.0f} min elapsed in this session, {eta}")
+
+
+def _ticker(progress: Progress, say: Callable[[str], None], every: float, stop: threading.Event) -> None:
+    while not stop.wait(every):
+        try:
+            say(progress.line())
+        except Exception:  # noqa: BLE001 - a progress line must never stop the battery
+            pass
+
+
+# ------------------------------------------------------------------------- manifest
+
+
+def source_commit() -> tuple[str | None, bool]:
+    """rapa's git commit (None outside a git checkout) and whether tracked files differ from it."""
+    root = Path(__file__).resolve().parents[3]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None, False
+    if head.returncode != 0:
+        return None, False
+    return head.stdout.strip(), bool(dirty.stdout.strip())
+
+
+def _write_manifest(results: Path, doc: dict[str, Any]) -> None:
+    results.mkdir(parents=True, exist_ok=True)
+    tmp = results / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(tmp, results / MANIFEST)
+
+
+# --------------------------------------------------------------------------- battery
+
+
+def reproduce(experiment: str = STANDARD_EXPERIMENT, out: str | Path | None = None,
+              results: str | Path | None = None, budget: dict[str, Any] | None = None, data_dir: str | None = None,
+              sweep_options: dict[str, Any] | None = None, attack_limit: int | None = 5000, eot: int = 8,
+              device: str = "auto", command: str | None = None, log: Callable[[str], None] | None = None,
+              progress_every: float = 300.0, error_metric: str = "final_test_error") -> Path:
+    """Run the battery ``experiment`` into ``out`` (run directories with checkpoints, default
+    ``runs/EXPERIMENT``), export its small files to ``results`` (default
+    ``results/EXPERIMENT``), and write ``results/REPORT.md`` (returned) and ``claims.json``.
 
     ``budget``: knobs of :func:`rapa.sweep.experiments.apply_budget`; ``sweep_options``:
     keyword arguments of :func:`rapa.sweep.runner.run_sweep` (address, cpus_per_trial, ...);
-    ``attack_limit``: test images attacked (and voted on) per net. The expensive analyses
-    run as Ray tasks next to each other, like the runs.
+    ``attack_limit``: test images attacked and voted on per net; ``command``: the command
+    line recorded in the report; ``progress_every``: seconds between progress lines;
+    ``error_metric``: the error the claims compare the schemes by (``final_test_error``: the
+    final net's one pass; ``best5_test_error``: the paper's 5-epoch average, for long runs).
     """
     import dataclasses
 
     import ray
 
-    from rapa.config import resolve_device
     from rapa.sweep.experiments import apply_budget, load_experiment
     from rapa.sweep.runner import connect, run_sweep
 
     say = log or (lambda msg: print(msg, flush=True))
-    out = Path(out)
-    opts = dict(sweep_options or {})
-    exp = load_experiment(QUICK_EXPERIMENT)
+    exp = load_experiment(experiment)
+    out = Path(out) if out is not None else Path("runs") / exp.name
+    results = Path(results) if results is not None else Path("results") / exp.name
+    results_runs = results / "runs"
     runs = apply_budget(exp.runs, **(budget or {}))
     if data_dir is not None:
         runs = [dataclasses.replace(r, config=dataclasses.replace(r.config, data_dir=data_dir)) for r in runs]
-    options: dict[str, Any] = dict(device=device, attack_limit=attack_limit, eot=eot)
+    datasets = {r.config.dataset for r in runs}
+    if len(datasets) != 1:
+        raise RapaError(f"a battery must be on one dataset, experiment {exp.name} has {', '.join(sorted(datasets))}")
+    options: dict[str, Any] = dict(device=device, attack_limit=attack_limit, eot=eot, snrs=list(BATTERY_SNRS))
+    opts = dict(sweep_options or {})
+    commit, dirty = source_commit()
+    started = time.strftime("%Y-%m-%dT%H:%M:%S")
+    old = read_manifest(results) or {}
+    sessions = list(old.get("sessions") or []) if old.get("experiment") == exp.name else []
+    manifest = {"experiment": exp.name, "description": exp.description, "command": command or
+                f"rapa reproduce --experiment {exp.name}", "commit": commit, "dirty": dirty,
+                "started": (old.get("started") if sessions else None) or started, "runs": len(runs),
+                "budget": budget or {}, "analyses": {k: v for k, v in options.items() if k != "device"},
+                "error_metric": error_metric, "work_dir": str(out), "wall_seconds": None,
+                "sessions": sessions + [{"started": started, "commit": commit, "seconds": None}]}
+    _write_manifest(results, manifest)
+    results_runs.mkdir(parents=True, exist_ok=True)
+
     t0 = time.perf_counter()
-    started = connect(opts.get("address"), opts.pop("num_cpus", None))
+    ray_started = connect(opts.get("address"), opts.pop("num_cpus", None))
+    stop = threading.Event()
     try:
-        result = run_sweep(runs, out, experiment=QUICK_EXPERIMENT, log=say,
+        cpus = float(opts.get("cpus_per_trial", 1))
+        workers = max(1, int(ray.cluster_resources().get("CPU", 1) // max(cpus, 1e-9)))
+        progress = Progress(runs, out, results_runs, options, workers)
+        say(f"reproduce: battery {exp.name}: {len(runs)} runs into {out}, small files into {results_runs}, "
+            f"{workers} at a time")
+        say(progress.line())
+        ticker = threading.Thread(target=_ticker, args=(progress, say, progress_every, stop), daemon=True)
+        ticker.start()
+
+        def sweep_log(msg: str) -> None:
+            say(msg)
+            if "] done " in msg or "FAILED" in msg:
+                say(progress.line())
+
+        result = run_sweep(runs, out, experiment=exp.name, log=sweep_log, train_fn=BatteryTask(str(results_runs),
+                                                                                                 options),
                            info={"description": exp.description, "budget": budget or {}}, **opts)
-        t_sweep = time.perf_counter() - t0
-        names = {r.name for r in runs}
-        records = [r for r in collect_runs(out) if r.name in names]
-        if not any(r.finished for r in records):
-            raise RapaError(f"no run of the quick battery finished (see {out}/sweep-{QUICK_EXPERIMENT}.json)")
-        datasets = {r.config.dataset for r in records}
-        if len(datasets) != 1:
-            raise RapaError(f"the quick battery must be on one dataset, got {', '.join(sorted(datasets))}")
-        cached = Analyses(compute=False, **options)
-        jobs = [(kind, rec) for kind, rec in analysis_jobs(records) if getattr(cached, kind)(rec) is None]
-        say(f"reproduce: {len(jobs)} analyses (voting, reduction, FGSM/EOT) on Ray")
-        run_analyses(jobs, options, opts.get("cpus_per_trial", 1), opts.get("gpus_per_trial", 0), say)
+        jobs = [str(out / r.name) for r in runs if (out / r.name / "summary.json").is_file()
+                and (missing_analyses(out / r.name, options)
+                     or not (results_runs / r.name / "summary.json").is_file())]
+        if jobs:
+            say(f"reproduce: {len(jobs)} finished runs still need their analyses or export (on Ray)")
+            remote = ray.remote(_finish_task).options(num_cpus=cpus, num_gpus=opts.get("gpus_per_trial", 0),
+                                                      max_retries=1)
+            refs = {remote.remote(j, str(results_runs), options, cpus): j for j in jobs}
+            for ref, j in refs.items():
+                try:
+                    ray.get(ref)
+                except Exception as exc:  # noqa: BLE001 - the claim that needs it becomes "not measured"
+                    say(f"reproduce: analyses of {Path(j).name} FAILED: {type(exc).__name__}: "
+                        f"{str(getattr(exc, 'cause', exc)).strip().splitlines()[-1:]}")
+                say(progress.line())
     finally:
-        if started:
+        stop.set()
+        if ray_started:
             ray.shutdown()
-    analyses = Analyses(**{**options, "device": str(resolve_device(device))}, log=lambda msg: say(msg.strip()))
-    claims = evaluate_claims(records, analyses)
-    report = build_report(out, out / "report", analyses, log=say)
-    t_total = time.perf_counter() - t0
-
-    first = next(r for r in records if r.finished)
-    speeds = [float(r.summary["images_per_s"]) for r in records if r.summary and r.summary.get("images_per_s")]
-    header = [f"# RAPA-ConvNets: quick reproduction on {first.config.dataset}", "",
-              f"{len(runs)} runs ({result.count('done')} trained now, {result.count('skipped')} finished before, "
-              f"{result.count('failed')} failed); {first.config.epochs} epochs, "
-              f"{first.config.limit_train or 'all'} training and {first.config.limit_test or 'all'} test images, "
-              f"minibatch {first.config.batch_size}, learning rate {_rates(records)}, {first.config.warmup_epochs} "
-              f"warm-up epochs, x{first.config.gamma:g} every {first.config.lr_step} epochs, "
-              f"{first.config.augment} augmentation, {first.config.pooling} pooling, tiles (16,4,1). "
-              f"Voting and attacks on the first {attack_limit or 'all'} test images.",
-              f"Time: sweep {t_sweep / 60:.1f} min, analyses {(t_total - t_sweep) / 60:.1f} min"
-              + (f"; training {min(speeds):.0f}-{max(speeds):.0f} images/s per run" if speeds else "") + "."]
-    for r in result.failed:
-        header.append(f"Failed: `{r.name}`: {r.error}")
-    path = out / "REPORT.md"
-    write_claims_report(path, claims, header, report.markdown, "report")
-    from rapa.analysis.common import json_safe
-
-    (out / "claims.json").write_text(json.dumps(json_safe([asdict(c) for c in claims]), indent=1) + "\n")
-    for c in claims:
-        say(f"  {c.verdict:>14}: {c.paper}")
+    for r in runs:  # everything finished is in the results tree, with the sweep's state
+        if (out / r.name / "config.json").is_file():
+            export_run(out / r.name, results_runs / r.name)
+    state = out / f"sweep-{exp.name}.json"
+    if state.is_file():
+        shutil.copyfile(state, results_runs / state.name)
+    seconds = time.perf_counter() - t0
+    manifest["sessions"][-1]["seconds"] = round(seconds, 1)
+    manifest["wall_seconds"] = round(sum(s.get("seconds") or 0.0 for s in manifest["sessions"]), 1)
+    manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    _write_manifest(results, manifest)
+    path = write_battery_report(results, log=say)
+    say(f"reproduce: {result.count('done')} runs trained now, {result.count('skipped')} before, "
+        f"{result.count('failed')} failed; {seconds / 60:.1f} min in this session")
+    for c in json.loads((results / "claims.json").read_text()):
+        say(f"  {c['verdict_text']:>14}: {c['key']} ({c['n_seeds']} seeds){': ' + c['reason'] if c['reason'] else ''}")
     return path

@@ -6,7 +6,8 @@ finished) and the sweep state files (runs that failed or never started).
 floating-point runs and caches them in the run directory, in the files the ``rapa
 reduce`` / ``rapa attack`` commands write (``reduce.json``, ``attack.json``); a cache older
 than the run's checkpoint is recomputed (``voting.json`` caches the per-image voting
-comparison the same way).
+comparison, ``similarity.json`` the filter similarity the same way). A run directory
+without its checkpoint (a committed results tree) is read from its caches alone.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from rapa.config import TrainConfig
 from rapa.errors import RapaError
@@ -135,12 +136,17 @@ class Analyses:
         eot: random draws averaged by the EOT attack.
         seed: seed of the random draws of the analyses.
         log: called with a line before each computation.
+        snrs: the SNRs (dB) of the attacks (default :data:`rapa.analysis.attack.DEFAULT_SNRS`),
+            measured on pixel-space images.
     """
 
     def __init__(self, compute: bool = True, device: str = "auto", attack_limit: int | None = None,
                  reduce_train_limit: int | None = 10000, eot: int = 8, seed: int = 0,
-                 log: Callable[[str], None] | None = None) -> None:
+                 log: Callable[[str], None] | None = None, snrs: Sequence[float] | None = None) -> None:
+        from rapa.analysis.attack import DEFAULT_SNRS
+
         self.compute, self.device, self.attack_limit = compute, device, attack_limit
+        self.snrs = tuple(float(s) for s in (snrs if snrs is not None else DEFAULT_SNRS))
         self.reduce_train_limit, self.eot, self.seed = reduce_train_limit, eot, seed
         self.log = log or (lambda msg: None)
         self._data: dict[tuple, Any] = {}
@@ -195,16 +201,25 @@ class Analyses:
 
     def similarity(self, rec: RunRecord) -> dict[str, Any] | None:
         """:func:`rapa.analysis.filter_similarity` of a tiled FP run (None: not tiled / not available)."""
-        if not self._usable(rec) or rec.config.scheme in ("none", "perforated") or rec.config.tiles is None:
+        if not rec.finished or rec.config.scheme in ("none", "perforated") or rec.config.tiles is None \
+                or rec.config.analog is not None:
+            return None
+        path = rec.run_dir / "similarity.json"
+        cached = self._fresh(rec, path)
+        if cached is not None and "overall" in cached:
+            return cached
+        if not self._usable(rec):
             return None
 
         def run() -> dict[str, Any] | None:
             from rapa.analysis.similarity import filter_similarity
 
             try:
-                return filter_similarity(self._model(rec))
+                value = filter_similarity(self._model(rec))
             except RapaError:  # "model has no tiled layer" (tiles (1,1,1))
                 return None
+            self._write(path, value)
+            return value
         return self._cached("similarity", rec, run)
 
     def reduction(self, rec: RunRecord) -> dict[str, Any] | None:
@@ -253,7 +268,9 @@ class Analyses:
         want = self.attack_limit or rec.config.limit_test
         if cached is not None:
             curve = (cached.get("curves") or {}).get("model")
-            if curve and {"fgsm", "fgsm_eot"} <= set(curve.get("accuracy", {})) and _same_limit(cached, want):
+            if curve and {"fgsm", "fgsm_eot"} <= set(curve.get("accuracy", {})) and _same_limit(cached, want) \
+                    and curve.get("snr_space") == "pixel" \
+                    and [float(s) for s in curve.get("snr_db", [])] == list(self.snrs):
                 return curve
         if not self.compute or not self._usable(rec):
             return None
@@ -262,13 +279,15 @@ class Analyses:
             import torch
 
             from rapa.analysis.attack import HUMAN_THRESHOLD_DB, accuracy_at, robustness_curve
+            from rapa.data import dataset_info
 
             self.log(f"  attacking {rec.name}")
             model = self._model(rec)
             test = self.dataset(rec.config, "test", want)
             torch.manual_seed(self.seed)
-            curve = robustness_curve(model, test, attacks=("fgsm", "fgsm_eot"), eot=self.eot,
-                                     generator=torch.Generator().manual_seed(self.seed))
+            info = dataset_info(rec.config.dataset)
+            curve = robustness_curve(model, test, self.snrs, attacks=("fgsm", "fgsm_eot"), eot=self.eot,
+                                     generator=torch.Generator().manual_seed(self.seed), pixel=(info.mean, info.std))
             at = {a: {"model": accuracy_at(curve["snr_db"], acc, HUMAN_THRESHOLD_DB)}
                   for a, acc in curve["accuracy"].items()}
             self._write(path, {"run_dir": str(rec.run_dir), "baseline_dir": None, "dataset": rec.config.dataset,
