@@ -318,7 +318,7 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, progre
     summary = _summary(config, model, history, results, train_seconds, seen,
                        wall_before + time.perf_counter() - t_start)
     counts = torch.bincount(test_data.labels, minlength=info.num_classes)
-    summary.update(test_images=len(test_data),  # the trivial net: always the most frequent test class
+    summary.update(train_images=len(train_data), test_images=len(test_data),  # trivial: the most frequent class
                    trivial_test_error=1.0 - counts.max().item() / max(len(test_data), 1))
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary

@@ -1,6 +1,8 @@
 """``rapa report DIR``: the paper's tables (Markdown, CSV) and figures from a sweep folder.
 
-Reads every run in DIR (finished or not) and writes ``report.md``, ``table1.csv``,
+DIR may also be the results tree of ``rapa reproduce`` (it holds ``battery.json``): then
+REPORT.md and claims.json are rebuilt there from its small files alone. Otherwise reads
+every run in DIR (finished or not) and writes ``report.md``, ``table1.csv``,
 ``table2.csv``, ``table3.csv``, ``fig5.csv``/``fig5.png``, ``fig6a.csv``/``fig6a.png``
 and ``fig7.csv``/``fig7-DATASET.png`` to ``--out`` (default DIR/report), from whatever
 runs have finished; missing cells read "–". Table 3 and Figure 7 need the reduction and
@@ -42,6 +44,12 @@ def run(args: argparse.Namespace) -> int:
     for option, value in (("--attack-limit", args.attack_limit), ("--eot", args.eot),
                           ("--reduce-train-limit", args.reduce_train_limit)):
         positive_int(option, value)
+    from rapa.sweep.battery_report import MANIFEST, write_battery_report
+
+    if (args.sweep_dir / MANIFEST).is_file():  # the results tree of `rapa reproduce`: REPORT.md from its files
+        path = write_battery_report(args.sweep_dir, log=None if args.quiet else print)
+        print(f"rapa report: wrote {path} and {path.with_name('claims.json')}")
+        return 0
     device = str(resolve_device(args.device))
     log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     analyses = Analyses(compute=not args.no_analysis, device=device, attack_limit=args.attack_limit,
