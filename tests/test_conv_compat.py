@@ -128,10 +128,17 @@ GRADCHECK = [c for c in CONFIGS if c[0] in ("groups2", "depthwise", "depthwise_m
                                              "reflect", "replicate", "same_even_kernel", "valid")]
 
 
-@pytest.mark.parametrize("name,kwargs,size", GRADCHECK, ids=[c[0] for c in GRADCHECK])
+GRADCHECK_CASES = [(*c, True) for c in GRADCHECK] + [(*c, False) for c in GRADCHECK if "groups" in c[1]]
+
+
+@pytest.mark.parametrize("name,kwargs,size,group_loop", GRADCHECK_CASES,
+                         ids=[f"{c[0]}-{'loop' if c[3] else 'unfold'}" for c in GRADCHECK_CASES])
 @pytest.mark.parametrize("scheme", ["random", "perforated"])
-def test_gradcheck_float64(name, kwargs, size, scheme):
-    """Analytic gradients of input, distinct weights and biases against finite differences."""
+def test_gradcheck_float64(name, kwargs, size, group_loop, scheme, monkeypatch):
+    """Analytic gradients of input, distinct weights and biases against finite differences,
+    grouped layers both as one call per group and on the unfold path."""
+    if not group_loop:
+        monkeypatch.setattr(rapa.functional, "GROUP_LOOP_MAX", 0)
     torch.manual_seed(3)
     small = {"groups2": (4, 4, 2), "depthwise": (4, 4, 4), "depthwise_multiplier": (2, 4, 2)}
     cin, cout, groups = small.get(name, (3, 4, 1))
@@ -189,6 +196,31 @@ def test_depthwise_runs_on_native_kernels_and_threads_agree(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     grouped = TiledConv2d(4, 4, 3, groups=2, tiles=2)  # not depthwise: the PyTorch path
     assert type(grouped(torch.randn(1, 4, 6, 6, requires_grad=True)).grad_fn).__name__ != "NativeDepthwiseFnBackward"
+
+
+@pytest.mark.parametrize("x_last,g_last", [(True, True), (True, False), (False, True)])
+def test_depthwise_channels_last_layouts(x_last, g_last, backend):
+    """Channels-last and NCHW inputs and output gradients give the same results; the output
+    keeps the input's layout."""
+    torch.manual_seed(6)
+    conv = nn.Conv2d(20, 20, 3, padding=1, groups=20)
+    layer = TiledConv2d.from_conv2d(conv, 4, "random")
+    x = torch.randn(3, 20, 7, 9)
+    if x_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    y = layer(x)
+    if backend == "native":
+        assert y.is_contiguous(memory_format=torch.channels_last) == x_last
+    torch.testing.assert_close(y, conv(x), rtol=1e-5, atol=1e-5)
+    g = torch.randn(3, 20, 7, 9)
+    if g_last:
+        g = g.contiguous(memory_format=torch.channels_last)
+    got = torch.autograd.grad(y, [x, layer.weight, layer.bias], g)
+    want = torch.autograd.grad(conv(x), [x, conv.weight, conv.bias], g)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1].sum(0), want[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[2].sum(0), want[2], rtol=1e-5, atol=1e-5)
 
 
 def test_from_conv2d_rejects_other_layers():

@@ -87,6 +87,10 @@ def pad_input(x: Tensor, padding: _size2 | str, padding_mode: str, kernel_size: 
     return x, (0, 0)
 
 
+# grouped layers with up to this many groups run one ungrouped tiled convolution per group;
+# more groups (depthwise layers off the native kernels) take grouped_tiled_conv2d
+GROUP_LOOP_MAX = 16
+
 # CPU: work on chunks of images whose patch matrix stays in cache, with scratch buffers that
 # are reused; other devices: one chunk
 CPU_CHUNK_BYTES = 4 * 2**20
@@ -455,7 +459,9 @@ def tiled_conv2d(
     (numbers, ``'same'``, ``'valid'``; zeros, reflect, replicate, circular). A precomputed
     gather ``index`` (B, nt, M) from :mod:`rapa.schemes` overrides the scheme's draw. CPU
     float32 calls run on the native kernels of :mod:`rapa.native` where they build
-    (ungrouped and depthwise layers); other calls on the PyTorch path.
+    (ungrouped and depthwise layers); other calls on the PyTorch path. Grouped layers with
+    up to :data:`GROUP_LOOP_MAX` groups run as one ungrouped call per group, others (not
+    depthwise on the native kernels) on :func:`grouped_tiled_conv2d`.
     """
     if x.dim() == 3:  # unbatched, as nn.Conv2d accepts
         return tiled_conv2d(x.unsqueeze(0), weight, bias, stride, padding, dilation, scheme, tiles,
@@ -490,17 +496,22 @@ def tiled_conv2d(
         mask = schemes.region_mask(nt, h0, w0, oh, ow, (kh, kw), stride, (top, left), dilation,
                                    x.device).to(x.dtype)
     covered = scheme != "perforated"  # every other scheme's index is a partition of the pixels
-    if groups == 1 and native.supports(x, weight, mask):
-        return native.NativeTiledConv2dFn.apply(x, weight, bias, index, stride, padding, dilation,
-                                                (oh, ow), covered)
     if groups > 1 and native.supports_depthwise(x, weight, mask, groups):
         return native.NativeDepthwiseFn.apply(x, weight, bias, index, stride, padding, dilation,
                                               (oh, ow), covered)
-    if groups > 1:
+    if groups > GROUP_LOOP_MAX:
         return grouped_tiled_conv2d(x, weight, bias, index, mask, stride, padding, dilation,
                                     (oh, ow), groups)
-    return _TiledConv2dFn.apply(x, weight, bias, index, mask, stride, padding, dilation, (oh, ow),
-                                covered)
+    outs = []
+    for xg, wg, bg in zip(x.chunk(groups, 1), weight.chunk(groups, 1),  # one call per group
+                          [None] * groups if bias is None else bias.chunk(groups, 1)):
+        if native.supports(xg, wg, mask):
+            outs.append(native.NativeTiledConv2dFn.apply(xg, wg, bg, index, stride, padding, dilation,
+                                                         (oh, ow), covered))
+        else:
+            outs.append(_TiledConv2dFn.apply(xg, wg, bg, index, mask, stride, padding, dilation,
+                                             (oh, ow), covered))
+    return outs[0] if groups == 1 else torch.cat(outs, 1)
 
 
 def grouped_tiled_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor,

@@ -250,7 +250,9 @@ class NativeTiledConv2dFn(torch.autograd.Function):
 class NativeDepthwiseFn(torch.autograd.Function):
     """Autograd function of a depthwise tiled convolution (``groups == C == cout``) on the
     native kernels (CPU, float32); arguments as :class:`NativeTiledConv2dFn`, ``weight``
-    (nt, C, 1, kh, kw). Vectorised across channels (``rapa_dw_*`` in the C++ source)."""
+    (nt, C, 1, kh, kw). Vectorised across channels (``rapa_dw_*`` in the C++ source), work
+    split by images; NCHW and channels-last tensors are read and written as they are (the
+    kernels transpose one image at a time in cache), and the output has ``x``'s layout."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor,
@@ -261,42 +263,42 @@ class NativeDepthwiseFn(torch.autograd.Function):
         nt, _, _, kh, kw = weight.shape
         oh, ow = out_size
         index = index.to(torch.int64).contiguous()
-        geo = _Geometry(x, weight, index, stride, padding, dilation, out_size, lib.rapa_vector_width())
-        xh = _nhwc(x)  # (N, H, W, C)
-        xp = RF._workspace.get("xp", geo.padded_numel, x)
+        nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        xc = _nhwc(x) if nhwc else x.contiguous()  # (N, H, W, C) view or (N, C, H, W)
+        geo = _Geometry(x, weight, index, stride, padding, dilation, out_size, lib.rapa_vector_width(),
+                        0 if nhwc else 1)
         wt = _padded(weight.view(nt, c, kh * kw).transpose(1, 2), 2, geo.cp)  # (nt, kh*kw, cp)
         bp = None if bias is None else _padded(bias, 1, geo.cp)  # (nt, cp)
-        out = (x.new_empty if covered else x.new_zeros)(n, oh, ow, c)  # (N, oh, ow, C)
-        lib.rapa_dw_fwd(geo.block, _ptr(xh), _ptr(xp), _ptr(wt), _ptr(bp), _ptr(index), _ptr(out))
+        out = x.new_empty((n, oh, ow, c) if nhwc else (n, c, oh, ow))
+        lib.rapa_dw_fwd(geo.block, _ptr(xc), None, _ptr(wt), _ptr(bp), _ptr(index), _ptr(out))
         ctx.save_for_backward(x, wt, index)
-        ctx.geo, ctx.has_bias, ctx.kernel = geo, bias is not None, (kh, kw)
-        out = out.permute(0, 3, 1, 2)  # (N, C, oh, ow) NHWC memory
-        if x.is_contiguous(memory_format=torch.channels_last) and x.stride(1) == 1:
-            return out
-        return out.contiguous()
+        ctx.geo, ctx.has_bias, ctx.kernel, ctx.nhwc = geo, bias is not None, (kh, kw), nhwc
+        return out.permute(0, 3, 1, 2) if nhwc else out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         lib = library()
         x, wt, index = ctx.saved_tensors
-        geo, (kh, kw) = ctx.geo, ctx.kernel
+        (kh, kw), nhwc = ctx.kernel, ctx.nhwc
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and ctx.has_bias
         n, c, h, w = x.shape
         nt = wt.shape[0]
-        g = grad_out.permute(0, 2, 3, 1).contiguous()  # (N, oh, ow, C)
+        g_nhwc = grad_out.is_contiguous(memory_format=torch.channels_last) and not grad_out.is_contiguous()
+        g = _nhwc(grad_out) if g_nhwc else grad_out.contiguous()
+        block = ctx.geo.block
+        block[23] = (0 if nhwc else 1) | (0 if g_nhwc else 2)
         gx = gw = gb = None
         if need_w or need_b:
-            xh = _nhwc(x) if need_w else None
-            xp = RF._workspace.get("xp", geo.padded_numel, x) if need_w else None
+            xc = (_nhwc(x) if nhwc else x.contiguous()) if need_w else None
             gw = x.new_empty(nt, c, 1, kh, kw) if need_w else None
             gb = x.new_empty(nt, c) if need_b else None
-            lib.rapa_dw_bwd_w(geo.block, _ptr(xh), _ptr(xp), _ptr(g), _ptr(index), _ptr(gw), _ptr(gb))
+            lib.rapa_dw_bwd_w(block, _ptr(xc), None, _ptr(g), _ptr(index), _ptr(gw), _ptr(gb))
         if need_x:
-            gxp = RF._workspace.get("gxp", geo.padded_numel, x)
-            gx = x.new_empty(n, h, w, c)
-            lib.rapa_dw_bwd_x(geo.block, _ptr(g), _ptr(wt), _ptr(index), _ptr(gxp), _ptr(gx))
-            gx = gx.permute(0, 3, 1, 2)
+            gx = x.new_empty((n, h, w, c) if nhwc else (n, c, h, w))
+            lib.rapa_dw_bwd_x(block, _ptr(g), _ptr(wt), _ptr(index), None, _ptr(gx))
+            if nhwc:
+                gx = gx.permute(0, 3, 1, 2)
         return gx, gw, gb, None, None, None, None, None, None
 
 
@@ -316,11 +318,12 @@ def _nhwc(x: Tensor) -> Tensor:
 
 class _Geometry:
     """Sizes of one call, and the int64 block the kernels read (layout of ``Geo`` in the C++
-    source); made by the forward and kept for the backward."""
+    source); made by the forward and kept for the backward. ``layout`` (depthwise kernels):
+    bit 0, ``x`` is NCHW; bit 1, the output gradient is NCHW (else channels-last)."""
 
     def __init__(self, x: Tensor, weight: Tensor, index: Tensor, stride: tuple[int, int],
                  padding: tuple[int, int], dilation: tuple[int, int], out_size: tuple[int, int],
-                 vw: int):
+                 vw: int, layout: int = 0):
         n, c, h, w = x.shape
         nt, cout, _, kh, kw = weight.shape
         hp, wp = h + 2 * padding[0], w + 2 * padding[1]
@@ -328,5 +331,5 @@ class _Geometry:
         self.padded_numel = n * hp * wp * c
         vals = (n, c, hp, wp, kh, kw, stride[0], stride[1], dilation[0], dilation[1], out_size[0],
                 out_size[1], nt, cout, self.cp, self.kp, index.shape[0], index.shape[2],
-                torch.get_num_threads(), h, w, padding[0], padding[1])
+                torch.get_num_threads(), h, w, padding[0], padding[1], layout)
         self.block = (ctypes.c_int64 * len(vals))(*vals)

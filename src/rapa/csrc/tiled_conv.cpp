@@ -71,11 +71,13 @@ inline vf vload_reg(const float* p) {
 inline void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 
 struct Geo {  // the layout of geo[], shared with rapa/native.py
-  int64_t n, c, hp, wp, kh, kw, sh, sw, dh, dw, oh, ow, nt, cout, cp, kp, bsz, m, nth, h, w, ph, pw;
+  // layout (depthwise kernels only): bit 0, x, the output and the input gradient are NCHW (else
+  // NHWC); bit 1, the output gradient is NCHW
+  int64_t n, c, hp, wp, kh, kw, sh, sw, dh, dw, oh, ow, nt, cout, cp, kp, bsz, m, nth, h, w, ph, pw, layout;
   explicit Geo(const int64_t* g)
       : n(g[0]), c(g[1]), hp(g[2]), wp(g[3]), kh(g[4]), kw(g[5]), sh(g[6]), sw(g[7]), dh(g[8]),
         dw(g[9]), oh(g[10]), ow(g[11]), nt(g[12]), cout(g[13]), cp(g[14]), kp(g[15]), bsz(g[16]),
-        m(g[17]), nth(g[18]), h(g[19]), w(g[20]), ph(g[21]), pw(g[22]) {}
+        m(g[17]), nth(g[18]), h(g[19]), w(g[20]), ph(g[21]), pw(g[22]), layout(g[23]) {}
   int64_t np() const { return oh * ow; }
   int64_t k() const { return kh * kw * c; }
 };
@@ -233,6 +235,7 @@ inline void pack_g(const Geo& g, const float* grad, int64_t b, const int64_t* pi
 struct Scratch {  // per-thread buffers, kept between calls (OpenMP threads persist)
   std::vector<int64_t> pix, base, pbase, koff;
   std::vector<float> G, T, gw, gb;
+  std::vector<float> img_x, img_g, img_o;  // depthwise: one image's input, gradient, output
 
   // Room for one group's pixels and patch offsets, and the pixel offsets of this geometry.
   void prepare(const Geo& g) {
@@ -443,108 +446,223 @@ int rapa_tiled_conv_bwd_x(const int64_t* geo, const float* grad, const float* w2
 // Depthwise layers (groups == C == cout): every channel has its own 1 x kh*kw kernel per tile,
 // so the work is vectorised across channels instead: a pixel's output vector for channels
 // c0..c0+VW is the sum over the kh*kw kernel offsets of an input vector times a weight vector.
-// w: (nt, kh*kw, cp), bias: (nt, cp), both zero-padded to whole vectors; the last, partial
-// vector of channels is read and written with `valid` lanes only.
+// w: (nt, kh*kw, cp), bias: (nt, cp), both zero-padded to whole vectors; a last, partial
+// vector of channels is read and written with its `valid` lanes only. The work is split by
+// images; an NCHW image (Geo::layout) is transposed into channels-last scratch in cache, and
+// its result back, so no full-size transposed copy is made.
+}  // extern "C"
+namespace {
+
 inline vf loadn(const float* p, int64_t valid) {
-  if (valid == VW) return vload(p);
   vf v = {};
   std::memcpy(&v, p, valid * sizeof(float));
   return v;
 }
-inline void storen(float* p, vf v, int64_t valid) {
-  if (valid == VW) vstore(p, v);
-  else std::memcpy(p, &v, valid * sizeof(float));
+inline void storen(float* p, vf v, int64_t valid) { std::memcpy(p, &v, valid * sizeof(float)); }
+
+// dst[j * ldd + i] = src[i * lds + j] for i < rows, j < cols, in cache-sized blocks.
+inline void transpose(const float* src, int64_t rows, int64_t cols, int64_t lds, float* dst, int64_t ldd) {
+  constexpr int64_t B = 16;
+  for (int64_t i0 = 0; i0 < rows; i0 += B)
+    for (int64_t j0 = 0; j0 < cols; j0 += B) {
+      const int64_t i1 = std::min(rows, i0 + B), j1 = std::min(cols, j0 + B);
+      for (int64_t j = j0; j < j1; ++j)
+        for (int64_t i = i0; i < i1; ++i) dst[j * ldd + i] = src[i * lds + j];
+    }
 }
 
-// The offset of every kernel entry (kh*kw) from a patch's first number in the padded input.
-inline void dw_offsets(const Geo& g, std::vector<int64_t>& koff) {
-  koff.clear();
-  for (int64_t i = 0; i < g.kh; ++i)
-    for (int64_t j = 0; j < g.kw; ++j) koff.push_back((i * g.dh * g.wp + j * g.dw) * g.c);
+// Image b of x as (H*W, C) channels-last: x itself (NHWC) or its transpose in buf (NCHW).
+inline const float* image_nhwc(const Geo& g, const float* x, int64_t b, bool nchw, std::vector<float>& buf) {
+  const int64_t hw = g.h * g.w;
+  if (!nchw) return x + b * hw * g.c;
+  buf.resize(hw * g.c);
+  transpose(x + b * g.c * hw, g.c, hw, hw, buf.data(), g.c);
+  return buf.data();
+}
+
+// Image b of the output gradient (np, C) channels-last, likewise.
+inline const float* grad_nhwc(const Geo& g, const float* grad, int64_t b, std::vector<float>& buf) {
+  const int64_t np = g.np();
+  if (!(g.layout & 2)) return grad + b * np * g.c;
+  buf.resize(np * g.c);
+  transpose(grad + b * g.c * np, g.c, np, np, buf.data(), g.c);
+  return buf.data();
+}
+
+// Sum over cnt terms of vectors a[j] + o times b[j] + o, NV vectors of channels (the last one
+// partial with `tail` lanes when TAIL), plus `init` (bias or null), stored to dst.
+template <int NV, bool TAIL>
+inline void dw_dot(const float* const* a, const float* const* b, int64_t o, int64_t cnt,
+                   const float* init, float* dst, int64_t tail) {
+  vf acc[NV];
+  for (int v = 0; v < NV; ++v) acc[v] = init ? vload(init + v * VW) : vf{};
+  for (int64_t j = 0; j < cnt; ++j) {
+    const float* aj = a[j] + o;
+    const float* bj = b[j] + o;
+    for (int v = 0; v < NV; ++v) {
+      const vf x = (TAIL && v == NV - 1) ? loadn(aj + v * VW, tail) : vload(aj + v * VW);
+      acc[v] += x * vload(bj + v * VW);
+    }
+  }
+  for (int v = 0; v < NV; ++v) {
+    if (TAIL && v == NV - 1) storen(dst + v * VW, acc[v], tail);
+    else vstore(dst + v * VW, acc[v]);
+  }
+}
+
+// dst[0:C] = init + sum_j a[j][0:C] * b[j][0:C], vectors of channels in blocks of up to DWNV.
+constexpr int DWNV = 4;
+inline void dw_row(const float* const* a, const float* const* b, int64_t cnt, const float* init,
+                   float* dst, int64_t c) {
+  const int64_t full = c / VW, tail = c % VW;
+  int64_t v0 = 0;
+  for (; v0 + DWNV <= full; v0 += DWNV) {
+    const int64_t o = v0 * VW;
+    dw_dot<DWNV, false>(a, b, o, cnt, init ? init + o : nullptr, dst + o, 0);
+  }
+  const int64_t rest = full - v0 + (tail ? 1 : 0);  // vectors left, the last maybe partial
+  if (!rest) return;
+  const int64_t o = v0 * VW;
+  dispatch<DWNV>(rest, [&](auto R) {
+    constexpr int NV = decltype(R)::value;
+    if (tail) dw_dot<NV, true>(a, b, o, cnt, init ? init + o : nullptr, dst + o, tail);
+    else dw_dot<NV, false>(a, b, o, cnt, init ? init + o : nullptr, dst + o, 0);
+  });
+}
+
+// The tile of every output pixel of image b (-1: no slot lists it) into tmap (np,).
+inline void tile_map(const Geo& g, const int64_t* index, int64_t b, int64_t* tmap) {
+  const int64_t np = g.np();
+  std::fill(tmap, tmap + np, int64_t(-1));
+  const int64_t* rows = index + (g.bsz == 1 ? 0 : b) * g.nt * g.m;
+  for (int64_t t = 0; t < g.nt; ++t)
+    for (int64_t i = 0; i < g.m; ++i) {
+      const int64_t p = rows[t * g.m + i];
+      if (p >= 0 && p < np) tmap[p] = t;
+    }
 }
 
 constexpr int DWQ = 9;  // kernel entries whose weight-gradient accumulators stay in registers
 
+}  // namespace
+extern "C" {
+
+// out (N, C, oh, ow) or (N, oh, ow, C), as x: every pixel written (0 where no slot lists it).
 int rapa_dw_fwd(const int64_t* geo, const float* x, float* xp, const float* w, const float* bias,
                 const int64_t* index, float* out) {
+  (void)xp;
   const Geo g(geo);
   const int64_t kk = g.kh * g.kw, np = g.np();
+  const bool nchw = g.layout & 1;
 #pragma omp parallel num_threads(g.nth)
   {
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < g.n; ++b) pad_image(g, x, b, xp);  // (a barrier follows)
-    int64_t i0, i1;
-    split(g.n * g.nt, omp_get_thread_num(), omp_get_num_threads(), &i0, &i1);
+    int64_t b0, b1;
+    split(g.n, omp_get_thread_num(), omp_get_num_threads(), &b0, &b1);
     Scratch& sc = scratch;
-    sc.prepare(g);
-    dw_offsets(g, sc.koff);
-    const int64_t* koff = sc.koff.data();
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / g.nt, t = i % g.nt;
-      const int64_t cnt = sc.group_of(g, index, b, t);
-      const float* wt = w + t * kk * g.cp;
-      for (int64_t r = 0; r < cnt; ++r) {
-        const float* a = xp + sc.base[r];
-        float* dst = out + (b * np + sc.pix[r]) * g.c;
-        for (int64_t c0 = 0; c0 < g.c; c0 += VW) {
-          const int64_t valid = std::min<int64_t>(VW, g.c - c0);
-          vf acc = bias ? vload(bias + t * g.cp + c0) : vf{};
-          for (int64_t q = 0; q < kk; ++q) acc += loadn(a + koff[q] + c0, valid) * vload(wt + q * g.cp + c0);
-          storen(dst + c0, acc, valid);
+    std::vector<int64_t> tmap(np);
+    std::vector<const float*> a(kk), wq(kk);
+    if (nchw) sc.img_o.resize(np * g.c);
+    for (int64_t b = b0; b < b1; ++b) {
+      tile_map(g, index, b, tmap.data());
+      const float* img = image_nhwc(g, x, b, nchw, sc.img_x);
+      float* dst = nchw ? sc.img_o.data() : out + b * np * g.c;
+      for (int64_t oy = 0, p = 0; oy < g.oh; ++oy)
+        for (int64_t ox = 0; ox < g.ow; ++ox, ++p) {
+          const int64_t t = tmap[p];
+          if (t < 0) {  // perforated away
+            std::fill(dst + p * g.c, dst + (p + 1) * g.c, 0.f);
+            continue;
+          }
+          int64_t cnt = 0;  // the kernel offsets inside the image (the zero padding adds nothing)
+          for (int64_t ky = 0; ky < g.kh; ++ky) {
+            const int64_t iy = oy * g.sh - g.ph + ky * g.dh;
+            if (iy < 0 || iy >= g.h) continue;
+            for (int64_t kx = 0; kx < g.kw; ++kx) {
+              const int64_t ix = ox * g.sw - g.pw + kx * g.dw;
+              if (ix < 0 || ix >= g.w) continue;
+              a[cnt] = img + (iy * g.w + ix) * g.c;
+              wq[cnt++] = w + (t * kk + ky * g.kw + kx) * g.cp;
+            }
+          }
+          dw_row(a.data(), wq.data(), cnt, bias ? bias + t * g.cp : nullptr, dst + p * g.c, g.c);
         }
-      }
+      if (nchw) transpose(dst, np, g.c, g.c, out + b * g.c * np, np);
     }
   }
   return 0;
 }
 
-// gw (nt, C, 1, kh, kw) and gb (nt, C), either may be null; per-thread partials (nt, kk, cp) and
-// (nt, cp) summed in thread order after a barrier, as in rapa_tiled_conv_bwd_w.
+// gw (nt, C, 1, kh, kw) and gb (nt, C), either may be null; grad as Geo::layout says. Per-thread
+// partials (nt, kk, cp) and (nt, cp), summed in thread order after a barrier (deterministic for
+// a thread count). Each image is padded (and transposed) into scratch once.
 int rapa_dw_bwd_w(const int64_t* geo, const float* x, float* xp, const float* grad,
                   const int64_t* index, float* gw, float* gb) {
+  (void)xp;
   const Geo g(geo);
   const int64_t kk = g.kh * g.kw, np = g.np();
+  const bool nchw = g.layout & 1;
   std::vector<float*> part_w(g.nth), part_b(g.nth);
 #pragma omp parallel num_threads(g.nth)
   {
-    if (gw) {
-#pragma omp for schedule(static)
-      for (int64_t b = 0; b < g.n; ++b) pad_image(g, x, b, xp);
-    }
     const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
     int64_t i0, i1;
-    split(g.n * g.nt, tid, nth, &i0, &i1);
+    split(g.n, tid, nth, &i0, &i1);
     Scratch& sc = scratch;
     sc.prepare(g);
-    dw_offsets(g, sc.koff);
-    const int64_t* koff = sc.koff.data();
+    std::vector<int64_t> koff;
+    for (int64_t i = 0; i < g.kh; ++i)
+      for (int64_t j = 0; j < g.kw; ++j) koff.push_back((i * g.dh * g.wp + j * g.dw) * g.c);
+    std::vector<float> pad;  // the image, zero-padded, channels-last
     if (gw) sc.gw.assign(g.nt * kk * g.cp, 0.f), part_w[tid] = sc.gw.data();
     if (gb) sc.gb.assign(g.nt * g.cp, 0.f), part_b[tid] = sc.gb.data();
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / g.nt, t = i % g.nt;
-      const int64_t cnt = sc.group_of(g, index, b, t);
-      const float* gimg = grad + b * np * g.c;
-      for (int64_t c0 = 0; c0 < g.c; c0 += VW) {
-        const int64_t valid = std::min<int64_t>(VW, g.c - c0);
-        if (gb) {
-          vf acc = {};
-          for (int64_t r = 0; r < cnt; ++r) acc += loadn(gimg + sc.pix[r] * g.c + c0, valid);
-          float* dst = sc.gb.data() + t * g.cp + c0;
-          vstore(dst, vload(dst) + acc);
+    for (int64_t b = i0; b < i1; ++b) {
+      const float* gimg = grad_nhwc(g, grad, b, sc.img_g);
+      if (gw) {
+        pad.assign(g.hp * g.wp * g.c, 0.f);
+        const int64_t hw = g.h * g.w;
+        for (int64_t y = 0; y < g.h; ++y) {
+          float* row = pad.data() + ((g.ph + y) * g.wp + g.pw) * g.c;
+          if (nchw) transpose(x + b * g.c * hw + y * g.w, g.c, g.w, hw, row, g.c);
+          else std::memcpy(row, x + (b * hw + y * g.w) * g.c, g.w * g.c * sizeof(float));
         }
-        if (!gw) continue;
-        for (int64_t q0 = 0; q0 < kk; q0 += DWQ) {
-          dispatch<DWQ>(std::min<int64_t>(DWQ, kk - q0), [&](auto Q) {
-            constexpr int QN = decltype(Q)::value;
-            vf acc[QN] = {};
+      }
+      for (int64_t t = 0; t < g.nt; ++t) {
+        // the group's pixels (their patches start at pbase[pixel] in the padded image)
+        const int64_t cnt = group(g, index, sc.pbase.data(), b, t, sc.pix.data(), sc.base.data());
+        for (int64_t c0 = 0; c0 < g.c; c0 += VW) {
+          const int64_t valid = std::min<int64_t>(VW, g.c - c0);
+          const bool full = valid == VW;
+          if (gb) {
+            vf acc = {};
             for (int64_t r = 0; r < cnt; ++r) {
-              const vf gv = loadn(gimg + sc.pix[r] * g.c + c0, valid);
-              const float* a = xp + sc.base[r] + c0;
-              for (int j = 0; j < QN; ++j) acc[j] += loadn(a + koff[q0 + j], valid) * gv;
+              const float* gp = gimg + sc.pix[r] * g.c + c0;
+              acc += full ? vload(gp) : loadn(gp, valid);
             }
-            float* dst = sc.gw.data() + (t * kk + q0) * g.cp + c0;
-            for (int j = 0; j < QN; ++j) vstore(dst + j * g.cp, vload(dst + j * g.cp) + acc[j]);
-          });
+            float* dst = sc.gb.data() + t * g.cp + c0;
+            vstore(dst, vload(dst) + acc);
+          }
+          if (!gw) continue;
+          for (int64_t q0 = 0; q0 < kk; q0 += DWQ) {
+            dispatch<DWQ>(std::min<int64_t>(DWQ, kk - q0), [&](auto Q) {
+              constexpr int QN = decltype(Q)::value;
+              vf acc[QN] = {};
+              if (full) {
+                for (int64_t r = 0; r < cnt; ++r) {
+                  const vf gv = vload(gimg + sc.pix[r] * g.c + c0);
+                  const float* a = pad.data() + sc.pbase[sc.pix[r]] + c0;
+                  for (int j = 0; j < QN; ++j) acc[j] += vload(a + koff[q0 + j]) * gv;
+                }
+              } else {
+                for (int64_t r = 0; r < cnt; ++r) {
+                  const vf gv = loadn(gimg + sc.pix[r] * g.c + c0, valid);
+                  const float* a = pad.data() + sc.pbase[sc.pix[r]] + c0;
+                  for (int j = 0; j < QN; ++j) acc[j] += loadn(a + koff[q0 + j], valid) * gv;
+                }
+              }
+              float* dst = sc.gw.data() + (t * kk + q0) * g.cp + c0;
+              for (int j = 0; j < QN; ++j) vstore(dst + j * g.cp, vload(dst + j * g.cp) + acc[j]);
+            });
+          }
         }
       }
     }
@@ -572,42 +690,45 @@ int rapa_dw_bwd_w(const int64_t* geo, const float* x, float* xp, const float* gr
   return 0;
 }
 
-// gx (N, H, W, C): every listed pixel's output gradient times its tile's weights, added into
-// the window it read in the scratch gxp (N, Hp, Wp, C); one thread per image.
+// gx (N, C, H, W) or (N, H, W, C), as x: for every input pixel, the sum over the output pixels
+// whose window reads it of their output gradient times their tile's weight at that offset (a
+// gather: every input pixel written once). gxp unused.
 int rapa_dw_bwd_x(const int64_t* geo, const float* grad, const float* w, const int64_t* index,
                   float* gxp, float* gx) {
+  (void)gxp;
   const Geo g(geo);
-  const int64_t kk = g.kh * g.kw, np = g.np();
+  const int64_t kk = g.kh * g.kw, np = g.np(), hw = g.h * g.w;
+  const bool nchw = g.layout & 1;
 #pragma omp parallel num_threads(g.nth)
   {
     int64_t b0, b1;
     split(g.n, omp_get_thread_num(), omp_get_num_threads(), &b0, &b1);
     Scratch& sc = scratch;
-    sc.prepare(g);
-    dw_offsets(g, sc.koff);
-    const int64_t* koff = sc.koff.data();
-    const int64_t row = g.wp * g.c, inner = g.w * g.c;
+    std::vector<int64_t> tmap(np);
+    std::vector<const float*> a(kk), wq(kk);
+    if (nchw) sc.img_o.resize(hw * g.c);
     for (int64_t b = b0; b < b1; ++b) {
-      float* img = gxp + b * g.hp * row;
-      std::fill(img, img + g.hp * row, 0.f);
-      const float* gimg = grad + b * np * g.c;
-      for (int64_t t = 0; t < g.nt; ++t) {
-        const int64_t cnt = sc.group_of(g, index, b, t);
-        const float* wt = w + t * kk * g.cp;
-        for (int64_t r = 0; r < cnt; ++r) {
-          float* at = gxp + sc.base[r];
-          for (int64_t c0 = 0; c0 < g.c; c0 += VW) {
-            const int64_t valid = std::min<int64_t>(VW, g.c - c0);
-            const vf gv = loadn(gimg + sc.pix[r] * g.c + c0, valid);
-            for (int64_t q = 0; q < kk; ++q) {
-              float* dst = at + koff[q] + c0;
-              storen(dst, loadn(dst, valid) + vload(wt + q * g.cp + c0) * gv, valid);
+      tile_map(g, index, b, tmap.data());
+      const float* gimg = grad_nhwc(g, grad, b, sc.img_g);
+      float* dst = nchw ? sc.img_o.data() : gx + b * hw * g.c;
+      for (int64_t iy = 0; iy < g.h; ++iy)
+        for (int64_t ix = 0; ix < g.w; ++ix) {
+          int64_t cnt = 0;
+          for (int64_t ky = 0; ky < g.kh; ++ky) {
+            const int64_t ty = iy + g.ph - ky * g.dh;  // = oy * sh
+            if (ty < 0 || ty % g.sh || ty / g.sh >= g.oh) continue;
+            for (int64_t kx = 0; kx < g.kw; ++kx) {
+              const int64_t tx = ix + g.pw - kx * g.dw;
+              if (tx < 0 || tx % g.sw || tx / g.sw >= g.ow) continue;
+              const int64_t p = (ty / g.sh) * g.ow + tx / g.sw, t = tmap[p];
+              if (t < 0) continue;
+              a[cnt] = gimg + p * g.c;
+              wq[cnt++] = w + (t * kk + ky * g.kw + kx) * g.cp;
             }
           }
+          dw_row(a.data(), wq.data(), cnt, nullptr, dst + (iy * g.w + ix) * g.c, g.c);
         }
-      }
-      for (int64_t y = 0; y < g.h; ++y)  // the image's gradient without the border
-        std::memcpy(gx + (b * g.h + y) * inner, img + (g.ph + y) * row + g.pw * g.c, inner * sizeof(float));
+      if (nchw) transpose(dst, hw, g.c, g.c, gx + b * g.c * hw, hw);
     }
   }
   return 0;
