@@ -44,8 +44,8 @@ def test_train_prints_epochs_and_summary_then_eval_reports_errors(tmp_path, caps
     with torch.no_grad():
         pred = model((data.images.float() / 255 - info.mean[0]) / info.std[0]).argmax(1)
     expected = (pred != data.labels).float().mean().item()
-    assert res["single"] == pytest.approx(expected) and res["test_images"] == 30
-    assert res["vote"] == pytest.approx(expected)  # untiled: every pass agrees
+    assert res["single_error"] == pytest.approx(expected) and res["test_images"] == 30
+    assert res["vote_error"] == pytest.approx(expected)  # untiled: every pass agrees
     assert main(["eval", str(out), "--votes", "5", "--device", "cpu"]) == 0
     text = capsys.readouterr().out
     assert "5-vote majority" in text and "adaptive vote" in text
@@ -58,7 +58,7 @@ def test_eval_of_a_tiled_run_votes(tmp_path, capsys):
     assert summary["tiles"] == [16, 4, 1] and summary["analog_speedup"] == 16
     assert main(["eval", str(out), "--votes", "3", "--device", "cpu", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
-    assert 0 <= res["vote"] <= 1 and 1 <= res["adaptive_passes"] <= 3
+    assert 0 <= res["vote_error"] <= 1 and 1 <= res["adaptive_mean_passes"] <= 3
 
 
 def test_tiles_none_and_enlarged(tmp_path, capsys):
@@ -78,9 +78,9 @@ def test_resume_flag_continues_and_refuses_other_options(tmp_path, capsys):
     assert main(["train", "--resume", str(out), "--epochs", "2", "--quiet"]) == 0
     assert len(list(csv.DictReader(open(out / "metrics.csv")))) == 2
     capsys.readouterr()
-    assert main(["train", "--resume", str(out), "--lr", "0.1"]) == 2
+    assert main(["train", "--resume", str(out), "--seed", "3"]) == 2
     err = capsys.readouterr().err
-    assert "--lr cannot be changed" in err and len(err.strip().splitlines()) == 1
+    assert "--seed cannot be changed" in err and len(err.strip().splitlines()) == 1
 
 
 def test_missing_run_dir_is_one_line_without_traceback_exit_2():

@@ -16,7 +16,10 @@ import torch
 
 from rapa.errors import RapaError
 
-__all__ = ["atomic_write_text", "load_checkpoint", "save_checkpoint"]
+__all__ = ["CHECKPOINT_KEYS", "atomic_write_text", "load_checkpoint", "save_checkpoint"]
+
+CHECKPOINT_KEYS: tuple[str, ...] = ("format", "epoch", "model")
+"""Entries every checkpoint of a run has (and that tell it from another program's file)."""
 
 
 def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
@@ -25,6 +28,7 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a run's files are as readable as any other
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -35,6 +39,13 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -
         raise
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it and setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
     """Write ``state`` to ``path`` atomically (temporary file in the same folder, fsync, rename)."""
     _atomic_write(path, lambda f: torch.save(state, f))
@@ -43,17 +54,23 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
 def load_checkpoint(path: str | os.PathLike, map_location: torch.device | str | None = "cpu") -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint` (``weights_only=True``).
 
-    Raises :class:`RapaError` when the file is missing or unreadable.
+    Raises :class:`RapaError` when the file is missing, empty, torn or not a rapa
+    checkpoint (never passing on torch's advice to load it with ``weights_only=False``,
+    which would run whatever code a foreign file holds).
     """
     path = Path(path)
     if not path.is_file():
         raise RapaError(f"no checkpoint at {path}")
+    if path.stat().st_size == 0:
+        raise RapaError(f"checkpoint {path} is empty: not a rapa checkpoint")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch.load raises many kinds on a torn or foreign file
-        raise RapaError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
-    if not isinstance(state, dict):
-        raise RapaError(f"checkpoint {path} holds a {type(state).__name__}, not a dict")
+        raise RapaError(f"{path} is not a rapa checkpoint (torch cannot read it as one: "
+                        f"{type(exc).__name__}); it is torn or another program's file") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise RapaError(f"{path} is not a rapa checkpoint (it lacks {', '.join(missing)})")
     return state
 
 

@@ -15,11 +15,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
-
-import torch
+from typing import TYPE_CHECKING, Any, Mapping
 
 from rapa.errors import RapaError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["CONFIG_VERSION", "LR_TILED", "LR_UNTILED", "META_KEYS", "TrainConfig", "output_pixels", "resolve_device"]
 
@@ -29,6 +30,10 @@ LR_UNTILED = 0.005
 """The paper's learning rate without tiling (§2.2)."""
 LR_TILED = 0.025
 """The paper's learning rate with tiling (§2.2)."""
+ANALOG_LR_UNTILED = 0.01
+"""Default learning rate of an untiled net on analog arrays (``analog`` set; README)."""
+ANALOG_LR_TILED = 0.025
+"""Default learning rate of a tiled net on analog arrays (``analog`` set; README)."""
 META_KEYS: tuple[str, ...] = ("torch_version", "rapa_version")
 """Keys a run's config.json carries besides the fields (ignored by ``from_dict``)."""
 
@@ -96,6 +101,9 @@ class TrainConfig:
     """Measure the test error every this many epochs (and always after the last)."""
     analog: str | None = None
     """Train on simulated analog arrays with this aihwkit preset (None: digital)."""
+    init: str | None = None
+    """Initialisation (``rapa.models.INITS``): caffe (the paper's, SPEC §2) or he
+    (``sqrt(2/fan_in)``); None: caffe, or he with ``analog`` (the analog recipe)."""
     version: int = CONFIG_VERSION
     """Format version of this config."""
 
@@ -114,10 +122,19 @@ class TrainConfig:
         return self.scheme != "none" and self.tiles is not None and any(t != 1 for t in self.tiles)
 
     def resolved_lr(self) -> float:
-        """``lr``, or the paper's default for a tiled / untiled net."""
+        """``lr``, or the default for a tiled / untiled net: the paper's (0.025 / 0.005), or
+        with ``analog`` the analog recipe's (:data:`ANALOG_LR_TILED` / :data:`ANALOG_LR_UNTILED`)."""
         if self.lr is not None:
             return float(self.lr)
+        if self.analog is not None:
+            return ANALOG_LR_TILED if self.tiled else ANALOG_LR_UNTILED
         return LR_TILED if self.tiled else LR_UNTILED
+
+    def resolved_init(self) -> str:
+        """``init``, or the default: ``he`` with ``analog`` (the analog recipe), else ``caffe``."""
+        if self.init is not None:
+            return self.init
+        return "he" if self.analog is not None else "caffe"
 
     def resolved_weight_decay(self) -> float:
         """Torch's ``weight_decay`` for this run: ``weight_decay``, or ``wd_factor * lr`` for a
@@ -139,13 +156,15 @@ class TrainConfig:
             tiles=None if untiled or self.tiles is None else tuple(self.tiles),
             channels=tuple(self.channels),
             lr=self.resolved_lr(),
+            init=self.resolved_init(),
             device=str(resolve_device(self.device)),
         )
 
     # ------------------------------------------------------------------- validation
 
-    def validate(self) -> None:
-        """Raise :class:`RapaError` with the reason if this config cannot train."""
+    def validate(self, check_device: bool = True) -> None:
+        """Raise :class:`RapaError` with the reason if this config cannot train
+        (``check_device=False``: a saved run's device need not exist on this machine)."""
         from rapa import schemes
         from rapa.data import KINDS, canonical_name, dataset_info
         from rapa.pooling import POOL_KINDS
@@ -199,9 +218,14 @@ class TrainConfig:
             raise RapaError(f"mirror must be true, false or null, got {self.mirror!r}")
         if self.analog is not None and (not isinstance(self.analog, str) or not self.analog):
             raise RapaError(f"analog must be a preset name or None, got {self.analog!r}")
+        if self.init is not None and self.init not in ("caffe", "he"):
+            raise RapaError(f"unknown init {self.init!r}; choose caffe or he")
         if self.version != CONFIG_VERSION:
             raise RapaError(f"config version {self.version!r} is not supported (this rapa reads {CONFIG_VERSION})")
-        resolve_device(self.device)
+        if not isinstance(self.device, str):
+            raise RapaError(f"device must be a name like cpu or cuda, got {self.device!r}")
+        if check_device:
+            resolve_device(self.device)
 
     # ------------------------------------------------------------------------- JSON
 
@@ -230,6 +254,8 @@ class TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         if "wd_factor" in data and "weight_decay" not in data:  # a run made before weight_decay existed
             data = {**data, "weight_decay": None}
+        if "init" not in data:  # a run made before init existed: Caffe's
+            data = {**data, "init": "caffe"}
         unknown = sorted(set(data) - names - set(META_KEYS))
         if unknown:
             raise RapaError(f"unknown config key(s) {unknown}")
@@ -247,6 +273,8 @@ def output_pixels(size: int) -> tuple[int, int, int]:
 
 def resolve_device(device: str) -> torch.device:
     """``auto`` -> CUDA when available, else CPU; RapaError for an unusable name."""
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -42,7 +42,7 @@ CHECKPOINT_FORMAT = 1
 _DATA_SEED_OFFSET = 2**32  # the data order/augmentation stream is seeded apart from the model's
 # config fields that may differ when a run is resumed (they do not change the trajectory)
 _RESUMABLE_CHANGES = ("epochs", "device", "data_dir", "download", "votes", "adaptive_threshold",
-                      "eval_batch_size", "eval_every")
+                      "eval_batch_size", "eval_every", "lr")  # lr: a lower rate after a non-finite loss
 METRIC_FIELDS = ("epoch", "lr", "train_loss", "train_error", "test_error", "seconds")
 """Columns of metrics.csv (errors are fractions; test_error is empty where not measured)."""
 
@@ -106,7 +106,7 @@ def make_model_and_optimizer(config: TrainConfig, info: DatasetInfo,
 
     model = ConvNet(num_classes=info.num_classes, in_channels=info.in_channels, channels=tuple(config.channels),
                     tiles=config.tiles, scheme=config.scheme, pooling=config.pooling, image_size=info.size,
-                    device=device)
+                    device=device, init=config.resolved_init())
     optimizer = torch.optim.SGD(model.parameters(), lr=lr_at(config, 0), momentum=config.momentum,
                                 weight_decay=config.resolved_weight_decay())
     if config.analog is not None:
@@ -126,12 +126,15 @@ def _random_in_eval(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def single_pass_error(model: nn.Module, loader: BatchLoader) -> float:
-    """Error (fraction) of one forward pass per image in evaluation mode (one random draw)."""
+def single_pass_error(model: nn.Module, loader: BatchLoader, desc: str | None = None) -> float:
+    """Error (fraction) of one forward pass per image in evaluation mode (one random draw);
+    ``desc`` labels a progress bar (:mod:`rapa.progress`)."""
+    from rapa.progress import track
+
     was_training = model.training
     model.eval()
     wrong = torch.zeros((), dtype=torch.long, device=loader.device)
-    for x, y in loader:
+    for x, y in loader if desc is None else track(loader, desc):
         wrong += (model(x).argmax(1) != y).sum()
     model.train(was_training)
     return wrong.item() / loader.num_samples
@@ -152,12 +155,14 @@ def evaluate(model: nn.Module, data: ImageData, votes: int = 9, device: torch.de
     if device is None:
         p = next(model.parameters(), None)
         device = p.device if p is not None else "cpu"
+    from rapa.progress import track
+
     loader = make_loader(data, batch_size, device=device)
-    single = single_pass_error(model, loader)
+    single = single_pass_error(model, loader, "test error, one pass")
     out = {"single": single, "vote": single, "votes": votes, "adaptive": single, "adaptive_passes": 1.0}
     if votes > 1 and _random_in_eval(model):
         vote_wrong = adaptive_wrong = passes = 0
-        for x, y in loader:
+        for x, y in track(loader, f"test error, {votes} votes"):
             vote_wrong += int((majority_vote(model, x, votes) != y).sum())
             labels, n_passes = adaptive_vote(model, x, max_votes=votes, threshold=threshold)
             adaptive_wrong += int((labels != y).sum())
@@ -191,9 +196,16 @@ def read_config(run_dir: str | Path) -> TrainConfig:
         raise RapaError(f"{run_dir} is not a run directory (no config.json)")
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RapaError(f"{path} is unreadable: {exc}") from None
-    return TrainConfig.from_dict(data)
+    config = TrainConfig.from_dict(data)
+    try:  # one check for every reader (train --resume, eval, similarity, reduce, attack, report)
+        config.validate(check_device=False)  # a run trained on a GPU is still read on a CPU
+    except RapaError as exc:
+        raise RapaError(f"{path}: {exc}") from None
+    except TypeError as exc:  # a value of a type no check expected (e.g. a list where a number goes)
+        raise RapaError(f"{path}: invalid value ({exc})") from None
+    return config
 
 
 def _write_metrics(path: Path, history: Sequence[dict[str, Any]]) -> None:
@@ -232,8 +244,24 @@ def _prepare_dir(out: Path, config: TrainConfig, resume: bool, overwrite: bool) 
         raise RapaError(f"cannot resume {out} with a different config: {', '.join(changed)} differ "
                         f"(only {', '.join(_RESUMABLE_CHANGES)} may change)")
     if not (out / "checkpoint.pt").is_file():
+        if (out / "summary.json").is_file() or _metric_rows(out / "metrics.csv"):
+            raise RapaError(f"cannot resume {out}: it holds results but no checkpoint.pt; start it again "
+                            f"with --overwrite (or train into another --out)")
         return None  # killed before the first epoch ended: start again
-    return load_checkpoint(out / "checkpoint.pt")
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    done = int(ckpt.get("epoch", 0))
+    if done >= config.epochs and (out / "summary.json").is_file():
+        raise RapaError(f"{out} is already finished ({done} epochs); give a larger --epochs to train it on")
+    return ckpt
+
+
+def _metric_rows(path: Path) -> int:
+    """Data rows of a metrics.csv (0 when it is missing)."""
+    try:
+        with open(path) as f:
+            return max(0, sum(1 for line in f if line.strip()) - 1)
+    except OSError:
+        return 0
 
 
 # --------------------------------------------------------------------------- training
@@ -293,7 +321,7 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, progre
         for group in optimizer.param_groups:
             group["lr"] = lr
         t0 = time.perf_counter()
-        loss_sum, wrong = _train_epoch(model, optimizer, loader, epoch, progress)
+        loss_sum, wrong = _train_epoch(model, optimizer, loader, epoch, progress, out)
         train_seconds += time.perf_counter() - t0
         seen += loader.num_samples
         last = epoch + 1 == config.epochs
@@ -302,19 +330,23 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, progre
                "train_error": wrong / loader.num_samples, "test_error": test_err,
                "seconds": round(time.perf_counter() - t0, 3)}
         history.append(row)
-        _append_metrics(out / "metrics.csv", row)
-        save_checkpoint({
+        save_checkpoint({  # first the checkpoint, then its row: a resume never sees a row without one
             "format": CHECKPOINT_FORMAT, "epoch": epoch + 1, "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "rng_data": data_gen.get_state(), "history": history, "train_seconds": train_seconds,
             "images_seen": seen, "wall_seconds": wall_before + time.perf_counter() - t_start,
         }, out / "checkpoint.pt")
+        _append_metrics(out / "metrics.csv", row)
         say(_epoch_line(row, config.epochs))
         if on_epoch is not None:
             on_epoch(row)
 
-    results = evaluate(model, test_data, config.votes, device, config.eval_batch_size, config.adaptive_threshold)
+    from rapa.progress import shown
+
+    torch.manual_seed(config.seed)  # the tile draws `rapa eval DIR` makes too: both report the same errors
+    with shown(progress):
+        results = evaluate(model, test_data, config.votes, device, config.eval_batch_size, config.adaptive_threshold)
     summary = _summary(config, model, history, results, train_seconds, seen,
                        wall_before + time.perf_counter() - t_start)
     counts = torch.bincount(test_data.labels, minlength=info.num_classes)
@@ -325,7 +357,7 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, progre
 
 
 def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader: BatchLoader, epoch: int,
-                 progress: bool) -> tuple[float, int]:
+                 progress: bool, run_dir: Path | None = None) -> tuple[float, int]:
     """One epoch of SGD; returns (summed loss, misclassified count) over the augmented batches."""
     from tqdm.auto import tqdm
 
@@ -350,7 +382,9 @@ def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Bat
                 bar.close()
                 kept = f"the checkpoint of epoch {epoch} is kept" if epoch else "no checkpoint was written"
                 raise RapaError(f"the loss became {loss_sum.item()} in epoch {epoch + 1} (batch {i + 1}); "
-                                f"training stopped, {kept}. Lower --lr")
+                                f"training stopped, {kept}. Lower the learning rate: `rapa train --resume "
+                                f"{run_dir or 'DIR'} --lr X` goes on with it from there, or start again "
+                                f"with the same options and a lower --lr plus --overwrite")
         if not bar.disable and (i + 1) % 50 == 0:
             bar.set_postfix(loss=f"{loss_sum.item() / n:.3f}", err=f"{100 * wrong.item() / n:.1f}%")
     return loss_sum.item(), int(wrong.item())

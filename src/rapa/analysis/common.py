@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import torch
@@ -13,7 +12,7 @@ from torch import Tensor
 from rapa.errors import RapaError
 from rapa.tiled_conv import TiledConv2d
 
-__all__ = ["digital_twin", "frozen_eval", "iter_batches", "json_safe", "model_device", "name_list", "output_dir",
+__all__ = ["digital_twin", "frozen_eval", "iter_batches", "json_safe", "model_device", "name_list",
            "positive_int", "stochastic_in_eval", "tiled_layers"]
 
 NO_TILED_LAYER = "model has no tiled layer"
@@ -87,14 +86,17 @@ def frozen_eval(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def iter_batches(data: Any, batch_size: int = 200, device: torch.device | str | None = None,
-                 limit: int | None = None) -> Iterator[tuple[Tensor, Tensor | None]]:
+                 limit: int | None = None, desc: str | None = None) -> Iterator[tuple[Tensor, Tensor | None]]:
     """Batches ``(x, y)`` of model inputs (normalised float) and labels (``None`` if absent).
 
     ``data`` is a :class:`rapa.data.ImageData` (uint8 images, normalised with the
     dataset's mean and std), a float tensor ``x`` (N, C, H, W) of model inputs, a pair
     ``(x, y)`` of tensors, or an iterable of such pairs (e.g. a :class:`rapa.data.BatchLoader`).
-    ``limit`` stops after that many images.
+    ``limit`` stops after that many images. ``desc`` labels a progress bar (shown where
+    :func:`rapa.progress.shown` turned bars on).
     """
+    from rapa.progress import track
+
     from rapa.data import ImageData, make_loader
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -114,6 +116,12 @@ def iter_batches(data: Any, batch_size: int = 200, device: torch.device | str | 
         source = ((xs[i:i + batch_size], ys[i:i + batch_size]) for i in range(0, xs.shape[0], batch_size))
     else:
         source = data
+    if desc is not None:
+        n = len(data) if isinstance(data, ImageData) else data.shape[0] if isinstance(data, Tensor) \
+            else data[0].shape[0] if isinstance(data, (tuple, list)) and len(data) == 2 else None
+        if n is not None and limit is not None:
+            n = min(n, limit)
+        source = track(source, desc, None if n is None else -(-n // batch_size))
     seen = 0
     for batch in source:  # loop over batches, not images
         x, y = batch if isinstance(batch, (tuple, list)) else (batch, None)
@@ -156,13 +164,3 @@ def name_list(option: str, text: str, allowed: Sequence[str]) -> tuple[str, ...]
         raise RapaError(f"{option} {text!r}: unknown {', '.join(unknown) or 'empty list'}; "
                         f"choose among {', '.join(allowed)}")
     return names
-
-
-def output_dir(out: str | Path | None, run_dir: str | Path) -> Path:
-    """The folder results go to (``out``, else the run directory), created; RapaError if it cannot be."""
-    folder = Path(out) if out is not None else Path(run_dir)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise RapaError(f"cannot create output folder {folder}: {exc}") from None
-    return folder

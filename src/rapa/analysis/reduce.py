@@ -130,7 +130,7 @@ def maxpool_win_counts(model: ConvNet, data: Any, batch_size: int = 200,
     was_training = model.training
     model.eval()
     try:
-        for x, _ in iter_batches(data, batch_size, dev, limit):
+        for x, _ in iter_batches(data, batch_size, dev, limit, desc="maxpool_winner: counting wins"):
             model(x)
             for j, (conv, pool, count) in enumerate(zip(convs, pools, counts)):
                 geom = _max_pool_of(pool)
@@ -205,19 +205,19 @@ def reduce_errors(model: ConvNet, test_data: Any, methods: tuple[str, ...] = MET
     errors: dict[str, float] = {}
     for method in methods:
         reduced = reduce(model, method, train_data, generator, batch_size, train_limit)
-        errors[method] = classification_error(reduced, test_data, batch_size)
+        errors[method] = classification_error(reduced, test_data, batch_size, desc=f"reduced, {method}")
     best = min(errors, key=errors.__getitem__)
     return {"methods": errors, "best_method": best, "best_error": errors[best]}
 
 
 @torch.no_grad()
-def classification_error(model: nn.Module, data: Any, batch_size: int = 200) -> float:
-    """Test error in percent of one evaluation-mode pass per image."""
+def classification_error(model: nn.Module, data: Any, batch_size: int = 200, desc: str | None = None) -> float:
+    """Test error in percent of one evaluation-mode pass per image (``desc``: progress bar label)."""
     was_training = model.training
     model.eval()
     wrong = total = 0
     try:
-        for x, y in iter_batches(data, batch_size, model_device(model)):
+        for x, y in iter_batches(data, batch_size, model_device(model), desc=desc):
             if y is None:
                 raise ValueError("data without labels: an error needs (x, y)")
             wrong += int((model(x).argmax(1) != y).sum())

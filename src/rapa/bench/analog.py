@@ -141,13 +141,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run the benchmark and print the ratio."""
-    for name in ("batch", "size", "repeats"):
-        if getattr(args, name) < 1:
-            raise RapaError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    from rapa.cli.bench import check_counts
+    from rapa.cli.options import output_file, write_text
+
+    check_counts(args, ("batch", "size", "repeats"))
     if args.threads < 0:
         raise RapaError(f"--threads must be >= 0, got {args.threads}")
+    if args.json is not None:
+        output_file(args.json, "--json")
     b = run_analog_bench(args.preset, args.batch, args.size, args.repeats, args.device, args.threads)
     print(format_analog_bench(b))
     if args.json:
-        args.json.write_text(json.dumps(asdict(b), indent=2))
+        write_text(args.json, json.dumps(asdict(b), indent=2))
     return 0

@@ -35,7 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", type=int, default=640,
                    help="training images per timed repetition (default 640)")
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions per net (fastest counts, default 5)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: torch's default)")
+    from rapa.cli.options import add_threads
+
+    add_threads(p)
     p.add_argument("--json", type=Path, help="also write the measurements to this file")
 
 
@@ -103,11 +105,12 @@ def format_train_bench(rows: list[dict]) -> str:
 
 def main(args: argparse.Namespace) -> int:
     """``rapa bench train``."""
-    from rapa.cli.train import set_threads
+    from rapa.cli.bench import prepare
+    from rapa.cli.options import write_text
 
-    set_threads(args.threads)
+    prepare(args, ("batch", "images", "repeats"))
     rows = run_train_bench(tuple(args.batch), args.device, args.images, args.repeats)
     print(format_train_bench(rows))
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        write_text(args.json, json.dumps(rows, indent=2))
     return 0

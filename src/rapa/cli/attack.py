@@ -14,15 +14,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from pathlib import Path
+
+from rapa.cli.options import add_quiet, add_threads, apply_threads, run_output, write_text
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``attack`` subcommand."""
     from rapa.analysis.attack import ATTACKS, DEFAULT_SNRS
 
-    p = subparsers.add_parser("attack", help="FGSM/EOT/PGD robustness against SNR (paper Fig. 7)",
-                              description=__doc__)
+    p = subparsers.add_parser("attack", description=__doc__)
     p.add_argument("run_dir", type=Path, metavar="DIR", help="run directory of the (tiled) net")
     p.add_argument("--baseline", type=Path, default=None, metavar="DIR2",
                    help="run directory of the baseline (untiled) net, for the gap reduction")
@@ -38,6 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     p.add_argument("--data-dir", default=None, help="folder holding the dataset files (default: the run's)")
     p.add_argument("--out", type=Path, default=None, help="folder for attack.json and attack.png (default: DIR)")
+    add_threads(p)
+    add_quiet(p)
     p.set_defaults(func=run)
 
 
@@ -55,6 +59,11 @@ def _floats(option: str, text: str) -> tuple[float, ...]:
         raise RapaError(f"{option}: {exc}") from None
 
 
+def _pct(value: float, digits: int = 2) -> str:
+    """``12.34%`` right-aligned, or a dash for a value that was not measured (NaN)."""
+    return f"{'-':>{digits + 4}} " if math.isnan(value) else f"{value:{digits + 4}.{digits}f}%"
+
+
 def _label(run_dir: Path, config) -> str:
     tiles = ",".join(map(str, config.tiles)) if config.tiles else "untiled"
     return f"{run_dir.name} ({config.scheme} {tiles})" if config.tiles else f"{run_dir.name} (untiled)"
@@ -65,9 +74,10 @@ def run(args: argparse.Namespace) -> int:
 
     from rapa.analysis.attack import (ATTACKS, HUMAN_THRESHOLD_DB, accuracy_at, gap_reduction, plot_robustness,
                                       robustness_curve)
-    from rapa.analysis.common import json_safe, name_list, output_dir, positive_int
+    from rapa.analysis.common import json_safe, name_list, positive_int
     from rapa.data import load_dataset
     from rapa.errors import RapaError
+    from rapa.progress import shown
     from rapa.train import load_run
 
     snrs = _floats("--snr", args.snr)
@@ -75,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
     for option, value in (("--eot", args.eot), ("--pgd-steps", args.pgd_steps), ("--limit", args.limit),
                           ("--batch-size", args.batch_size)):
         positive_int(option, value)
+    out = run_output(args.run_dir, args.out)
+    apply_threads(args.threads)
     model, config, _ = load_run(args.run_dir, device=args.device)
     runs = [("model", args.run_dir, model, config)]
     if args.baseline is not None:
@@ -91,9 +103,10 @@ def run(args: argparse.Namespace) -> int:
     curves, labels = {}, {}
     for key, run_dir, net, cfg in runs:
         torch.manual_seed(args.seed)
-        curves[key] = robustness_curve(net, test, snrs, attacks, eot=args.eot, pgd_steps=args.pgd_steps,
-                                       batch_size=args.batch_size,
-                                       generator=torch.Generator().manual_seed(args.seed))
+        with shown(not args.quiet):
+            curves[key] = robustness_curve(net, test, snrs, attacks, eot=args.eot, pgd_steps=args.pgd_steps,
+                                           batch_size=args.batch_size,
+                                           generator=torch.Generator().manual_seed(args.seed))
         labels[key] = _label(Path(run_dir), cfg)
     at = {}
     for attack in attacks:
@@ -102,23 +115,28 @@ def run(args: argparse.Namespace) -> int:
             row["gap_reduction"] = gap_reduction(row["model"], row["baseline"])
         at[attack] = row
 
-    out = output_dir(args.out, args.run_dir)
     result = {"run_dir": str(args.run_dir), "baseline_dir": None if args.baseline is None else str(args.baseline),
               "dataset": config.dataset, "test_images": len(test), "snr_db": list(snrs),
               "input_space": "normalised images ((pixel/255 - mean) / std), no clipping",
               "labels": labels, "curves": curves, "at_db": HUMAN_THRESHOLD_DB, "at_threshold": at}
-    (out / "attack.json").write_text(json.dumps(json_safe(result), indent=1) + "\n")
+    write_text(out / "attack.json", json.dumps(json_safe(result), indent=1) + "\n")
     plot_robustness({labels[k]: c for k, c in curves.items()}, out / "attack.png")
 
     print(f"{config.dataset}, first {len(test)} test images, SNR {', '.join(f'{s:g}' for s in snrs)} dB")
     for key, c in curves.items():
         print(f"  {labels[key]}: {c['correct']} correct before the attack ({c['clean_accuracy']:.2f}%)"
               + (f", EOT over {c['eot']} draws" if c["stochastic"] else ", deterministic"))
-    print(f"accuracy at {HUMAN_THRESHOLD_DB:g} dB" + (" and gap reduction" if "baseline" in curves else "") + ":")
+    if not min(snrs) <= HUMAN_THRESHOLD_DB <= max(snrs):
+        print(f"accuracy at {HUMAN_THRESHOLD_DB:g} dB: not measured (the SNRs {min(snrs):g}-{max(snrs):g} dB "
+              f"do not reach it; give --snr values on both sides of it)")
+        at = {}
+    else:
+        print(f"accuracy at {HUMAN_THRESHOLD_DB:g} dB" + (" and gap reduction" if "baseline" in curves else "")
+              + " (- where no image was classified correctly to begin with):")
     for attack, row in at.items():
-        line = f"  {attack:<9} {labels['model']}: {row['model']:6.2f}%"
+        line = f"  {attack:<9} {labels['model']}: {_pct(row['model'])}"
         if "baseline" in row:
-            line += f"   baseline: {row['baseline']:6.2f}%   gap reduction {100 * row['gap_reduction']:6.1f}%"
+            line += f"   baseline: {_pct(row['baseline'])}   gap reduction {_pct(100 * row['gap_reduction'], 1)}"
         print(line)
     print(f"wrote attack.json and attack.png to {out}")
     return 0

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rapa.cli.options import add_threads, apply_threads, output_folder, write_text
+
 # per dataset: (epochs, limit_train, limit_test) that keep the demo well under 10 minutes on 2 cores
 DEMO_SIZES = {"fashion-mnist": (3, 10000, 2000), "digits": (15, None, None)}
 # (label, scheme, tiles, lr): short-run rates without warm-up. The paper's 0.005 / 0.025 (with
@@ -27,8 +29,7 @@ NETS = (("untiled", "none", None, 0.05), ("random 16,4,1", "random", (16, 4, 1),
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``demo`` subcommand."""
-    p = subparsers.add_parser("demo", help="train the untiled and the random-tiled net for a few epochs and "
-                              "compare them (minutes on a CPU)", description=__doc__)
+    p = subparsers.add_parser("demo", description=__doc__)
     p.add_argument("--dataset", default="auto",
                    help="auto (Fashion-MNIST when present, else digits) or any dataset name")
     p.add_argument("--epochs", type=int, help="epochs per net (default 3 on Fashion-MNIST, 15 on digits)")
@@ -37,9 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", help="folder holding the dataset files")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="CPU threads (default 1: at batch 10 the net is too small to gain from more, and "
-                        "extra threads slow it down many times on a busy machine; 0 = torch's default)")
+    add_threads(p, default="1")  # at batch 10 the net is too small to gain from more threads
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -63,10 +62,9 @@ def run(args: argparse.Namespace) -> int:
     from rapa.errors import RapaError
     from rapa.train import train
 
-    from rapa.cli.train import set_threads
-
     t0 = time.perf_counter()
-    set_threads(args.threads)
+    output_folder(args.out)
+    apply_threads(args.threads)
     try:
         dataset = pick_dataset(args.dataset, args.data_dir)
     except ValueError as exc:
@@ -92,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     print("\n" + table)
     png = args.out / "demo.png"
     plot_curves(curves, png, dataset)
-    (args.out / "demo.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_text(args.out / "demo.json", json.dumps(results, indent=2) + "\n")
     print(f"\nwrote {png} and {args.out / 'demo.json'} in {time.perf_counter() - t0:.0f} s")
     return 0
 

@@ -14,13 +14,14 @@ import dataclasses
 import json
 from pathlib import Path
 
+from rapa.cli.options import add_quiet, add_threads, apply_threads, run_output, write_text
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``reduce`` subcommand."""
     from rapa.analysis.reduce import METHODS
 
-    p = subparsers.add_parser("reduce", help="reduce a tiled net to one kernel per layer (paper Table 3)",
-                              description=__doc__)
+    p = subparsers.add_parser("reduce", description=__doc__)
     p.add_argument("run_dir", type=Path, metavar="DIR", help="run directory written by rapa train")
     p.add_argument("--methods", default=",".join(METHODS),
                    help=f"comma-separated filter selection methods (default all: {','.join(METHODS)})")
@@ -32,23 +33,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     p.add_argument("--data-dir", default=None, help="folder holding the dataset files (default: the run's)")
     p.add_argument("--out", type=Path, default=None, help="folder for reduce.json (default: DIR)")
+    add_threads(p)
+    add_quiet(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from rapa.analysis.common import digital_twin, json_safe, name_list, output_dir, positive_int, tiled_layers
+    from rapa.analysis.common import digital_twin, json_safe, name_list, positive_int, tiled_layers
     from rapa.analysis.reduce import METHODS, classification_error, reduce_errors
     from rapa.data import load_dataset
     from rapa.errors import RapaError
     from rapa.models import ConvNet
+    from rapa.progress import shown
     from rapa.train import load_run
 
     methods = name_list("--methods", args.methods, METHODS)
     for option, value in (("--limit-train", args.limit_train), ("--limit-test", args.limit_test),
                           ("--batch-size", args.batch_size)):
         positive_int(option, value)
+    out = run_output(args.run_dir, args.out)
+    apply_threads(args.threads)
     model, config, _ = load_run(args.run_dir, device=args.device)
     model = digital_twin(model)  # analog runs: reduce the arrays' weights, evaluate digitally
     if not isinstance(model, ConvNet):
@@ -63,21 +69,24 @@ def run(args: argparse.Namespace) -> int:
         if "maxpool_winner" in methods else None
 
     torch.manual_seed(args.seed)
-    tiled_error = classification_error(model, test, args.batch_size)
-    result = reduce_errors(model, test, methods, train, torch.Generator().manual_seed(args.seed), args.batch_size)
+    with shown(not args.quiet):
+        tiled_error = classification_error(model, test, args.batch_size, desc="tiled net")
+        result = reduce_errors(model, test, methods, train, torch.Generator().manual_seed(args.seed),
+                               args.batch_size)
     result = {"run_dir": str(args.run_dir), "dataset": config.dataset, "scheme": config.scheme,
               "pooling": config.pooling, "tiles": list(config.tiles) if config.tiles else None,
               "test_images": len(test), "train_images": None if train is None else len(train),
               "tiled_error": tiled_error, **result}
-    out = output_dir(args.out, args.run_dir)
-    (out / "reduce.json").write_text(json.dumps(json_safe(result), indent=1) + "\n")
+    write_text(out / "reduce.json", json.dumps(json_safe(result), indent=1) + "\n")
 
     tiles = ",".join(map(str, config.tiles)) if config.tiles else "untiled"
     print(f"{args.run_dir}: {config.dataset} ({len(test)} test images), {config.scheme} tiling {tiles}, "
           f"{config.pooling} pooling")
-    print(f"  {'tiled net (1 pass)':<22} {tiled_error:6.2f}%")
+    labels = {"": "tiled net (1 pass)", **{m: f"reduced, {m}" for m in result["methods"]}}
+    width = max(map(len, labels.values()))
+    print(f"  {labels['']:<{width}}  {tiled_error:6.2f}%   (test error)")
     for method, error in result["methods"].items():
         mark = "  <- best" if method == result["best_method"] else ""
-        print(f"  reduced, {method:<13} {error:6.2f}%{mark}")
+        print(f"  {labels[method]:<{width}}  {error:6.2f}%{mark}")
     print(f"wrote reduce.json to {out}")
     return 0

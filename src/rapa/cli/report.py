@@ -17,11 +17,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from rapa.cli.options import add_threads, apply_threads, output_folder
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``report`` subcommand."""
-    p = subparsers.add_parser("report", help="the paper's tables and figures from a sweep folder",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser("report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep_dir", type=Path, metavar="DIR", help="sweep folder written by rapa sweep")
     p.add_argument("--out", type=Path, help="folder for report.md, CSVs and figures (default DIR/report)")
     p.add_argument("--no-analysis", action="store_true",
@@ -32,13 +33,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="training images counted by the maxpool_winner reduction (default 10000)")
     p.add_argument("--device", default="auto", help="where the analyses run: auto, cpu, cuda (default auto)")
     p.add_argument("--quiet", action="store_true", help="print only where the report is")
+    add_threads(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from rapa.analysis.common import positive_int
     from rapa.config import resolve_device
-    from rapa.sweep.report import build_report
+    from rapa.sweep.report import build_report, check_sweep_dir
     from rapa.sweep.runs import Analyses
 
     for option, value in (("--attack-limit", args.attack_limit), ("--eot", args.eot),
@@ -50,6 +52,9 @@ def run(args: argparse.Namespace) -> int:
         path = write_battery_report(args.sweep_dir, log=None if args.quiet else print)
         print(f"rapa report: wrote {path} and {path.with_name('claims.json')}")
         return 0
+    check_sweep_dir(args.sweep_dir)
+    output_folder(args.out if args.out is not None else args.sweep_dir / "report")
+    apply_threads(args.threads)
     device = str(resolve_device(args.device))
     log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     analyses = Analyses(compute=not args.no_analysis, device=device, attack_limit=args.attack_limit,

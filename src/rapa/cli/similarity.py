@@ -12,34 +12,37 @@ import argparse
 import json
 from pathlib import Path
 
+from rapa.cli.options import add_threads, apply_threads, run_output, write_text
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``similarity`` subcommand."""
-    p = subparsers.add_parser("similarity", help="similarity of the filters across tiles (paper Fig. 6)",
-                              description=__doc__)
+    p = subparsers.add_parser("similarity", description=__doc__)
     p.add_argument("run_dir", type=Path, metavar="DIR", help="run directory written by rapa train")
     p.add_argument("--out", type=Path, default=None, help="folder for similarity.json and filters.png (default: DIR)")
     p.add_argument("--filters", type=int, default=10, help="filters (columns) shown in filters.png (default 10)")
     p.add_argument("--max-tiles", type=int, default=16, help="tiles (rows) shown in filters.png (default 16)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_threads(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from rapa.analysis.common import digital_twin, json_safe, output_dir, positive_int, tiled_layers
+    from rapa.analysis.common import digital_twin, json_safe, positive_int, tiled_layers
     from rapa.analysis.similarity import filter_similarity, plot_filters
     from rapa.train import load_run
 
     positive_int("--filters", args.filters)
     positive_int("--max-tiles", args.max_tiles)
+    out = run_output(args.run_dir, args.out)
+    apply_threads(args.threads)
     model, config, _ = load_run(args.run_dir, device="cpu")
     model = digital_twin(model)  # analog runs: the arrays' current weights
     result = filter_similarity(model)  # RapaError if nothing is tiled
-    out = output_dir(args.out, args.run_dir)
     name, first = tiled_layers(model)[0]
     result = {"run_dir": str(args.run_dir), "dataset": config.dataset, "scheme": config.scheme,
               "pooling": config.pooling, "tiles": list(config.tiles) if config.tiles else None, **result}
-    (out / "similarity.json").write_text(json.dumps(json_safe(result), indent=1) + "\n")
+    write_text(out / "similarity.json", json.dumps(json_safe(result), indent=1) + "\n")
     plot_filters(first.weight, out / "filters.png", args.filters, args.max_tiles,
                  title=f"{args.run_dir.name}: {name}, {config.scheme} tiling, {config.pooling} pooling")
     if args.json:

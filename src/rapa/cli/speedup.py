@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from rapa.cli.options import output_folder, write_text
 from rapa.errors import RapaError
 
 if TYPE_CHECKING:
@@ -27,11 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``speedup`` subcommand."""
     from rapa.schemes import SCHEMES
 
-    p = subparsers.add_parser(
-        "speedup",
-        help="analog run time and speed-up of a tiled network (paper Fig. 1, 4.2)",
-        description=__doc__,
-    )
+    p = subparsers.add_parser("speedup", description=__doc__)
     p.add_argument("--model", default="convnet",
                    help=f"network: {' or '.join(MODELS)} (default convnet, the paper's net)")
     p.add_argument("--tiles", default="balanced",
@@ -81,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
     input_size = DEFAULT_INPUT[args.model] if args.input_size is None else _ints(
         "--input-size", args.input_size, 3)
     channels = _ints("--channels", args.channels, 3)
+    if args.out is not None:
+        output_folder(args.out)
     try:
         model = build(args.model, input_size, channels)
     except ValueError as exc:
@@ -101,15 +100,11 @@ def run(args: argparse.Namespace) -> int:
           f"tiles {','.join(map(str, report.tiles))}")
     print(report.table())
     if args.out is not None:
-        try:
-            args.out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise RapaError(f"cannot create output folder {args.out}: {exc}") from None
         result = {"settings": {"model": args.model, "tiles": args.tiles, "scheme": args.scheme,
                                "input_size": list(input_size),
                                "channels": list(channels) if args.model == "convnet" else None},
                   **report.to_dict()}
-        (args.out / "runtime.json").write_text(json.dumps(result, indent=1))
+        write_text(args.out / "runtime.json", json.dumps(result, indent=1))
         report.write_csv(args.out / "runtime.csv")
         plot_runtime(report, args.out / "runtime.png")
         print(f"wrote runtime.json, runtime.csv and runtime.png to {args.out}")

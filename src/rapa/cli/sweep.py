@@ -20,8 +20,7 @@ from typing import Any
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``sweep`` subcommand."""
-    p = subparsers.add_parser("sweep", help="train an experiment's grid of runs on Ray (local or a cluster)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser("sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("experiment", metavar="EXPERIMENT", help="experiment name (experiments/NAME.yaml) or YAML file")
     p.add_argument("--out", type=Path, help="sweep folder, one run directory per run (default runs/EXPERIMENT)")
     add_ray_arguments(p)
@@ -82,6 +81,7 @@ def load_runs(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from rapa.cli.options import output_folder
     from rapa.sweep.runner import run_sweep
 
     exp = load_runs(args)
@@ -92,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         for r in exp.runs:
             print(f"  {r.name}  epochs={r.config.epochs}")
         return 0
+    output_folder(out)  # before Ray starts
     result = run_sweep(exp.runs, out, experiment=exp.name, address=args.address, cpus_per_trial=args.cpus_per_trial,
                        gpus_per_trial=args.gpus_per_trial, max_retries=args.max_retries, num_cpus=args.num_cpus,
                        info={"description": exp.description, "file": str(exp.path), "budget": exp.budget})

@@ -12,16 +12,13 @@ import argparse
 import json
 from pathlib import Path
 
+from rapa.cli.options import add_threads, apply_threads, output_folder, write_text
 from rapa.errors import RapaError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``theory`` subcommand."""
-    p = subparsers.add_parser(
-        "theory",
-        help="replicated logistic regression: implicit regulariser R (paper 3.5-3.6)",
-        description=__doc__,
-    )
+    p = subparsers.add_parser("theory", description=__doc__)
     p.add_argument("--nt", type=int, default=16, help="replicas per parameter (default 16)")
     p.add_argument("--epochs", type=int, default=200, help="SGD epochs (default 200)")
     p.add_argument("--lr", type=float, default=1.0, help="SGD learning rate (default 1.0)")
@@ -34,6 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "per sample (as the RAPA layer)")
     p.add_argument("--out", type=Path, default=Path("runs/theory"),
                    help="output folder for theory.json and theory.png (default runs/theory)")
+    add_threads(p)
     p.set_defaults(func=run)
 
 
@@ -99,17 +97,15 @@ def run(args: argparse.Namespace) -> int:
             raise RapaError(f"{name} must be >= {low}, got {value}")
     if args.lr <= 0:
         raise RapaError(f"--lr must be > 0, got {args.lr}")
+    output_folder(args.out)
+    apply_threads(args.threads)
     try:
         result = demo(nt=args.nt, epochs=args.epochs, lr=args.lr, seed=args.seed,
                       classes=tuple(args.classes), n_train=args.n_train, sampling=args.sampling)
     except ValueError as exc:
-        raise RapaError(str(exc)) from exc
-    try:
-        args.out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise RapaError(f"cannot create output folder {args.out}: {exc}") from exc
+        raise RapaError(str(exc)) from None
     print(_table(result))
-    (args.out / "theory.json").write_text(json.dumps(result, indent=1))
+    write_text(args.out / "theory.json", json.dumps(result, indent=1))
     _plot(result, args.out / "theory.png")
     print(f"wrote {args.out / 'theory.json'} and {args.out / 'theory.png'}")
     return 0

@@ -2,34 +2,43 @@
 
 A new run: ``rapa train --dataset cifar10 --scheme random --tiles 16,4,1 --epochs 700
 --out runs/c10-random``. Continue a stopped run: ``rapa train --resume runs/c10-random``
-(the run's saved config is used; only ``--epochs``, ``--device``, ``--data-dir``, ``--votes``
-and ``--eval-every`` may be given with it).
+(the run's saved config is used; only ``--epochs``, ``--device``, ``--data-dir``, ``--votes``,
+``--eval-every`` and ``--lr`` may be given with it: a lower ``--lr`` is the way on after a
+non-finite loss stopped a run). Train again into a folder that holds a run with ``--overwrite``
+(the old run's files are deleted). ``--tiles balanced`` takes the fewest tiles per layer that
+balance the layers' analog time (:func:`rapa.convert.balanced_tiles`; 16,4,1 on 32x32 images).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
+from rapa.cli.options import add_threads, apply_threads, output_folder
 from rapa.errors import RapaError
 
 # options that build a new config; with --resume only the ones in _RESUME_OK may be given
 _CONFIG_OPTIONS = ("dataset", "scheme", "tiles", "channels", "pooling", "epochs", "batch_size", "lr",
                    "warmup_epochs", "lr_step", "gamma", "augment", "seed", "device", "data_dir",
                    "download", "limit_train", "limit_test", "votes", "analog", "eval_every")
-_RESUME_OK = ("epochs", "device", "data_dir", "votes", "eval_every")
+_RESUME_OK = ("epochs", "device", "data_dir", "votes", "eval_every", "lr")
 
 
 UNTILED = "none"
 """What ``--tiles none`` parses to (None would read as "not given")."""
+BALANCED = "balanced"
+"""``--tiles balanced``: :func:`rapa.convert.balanced_tiles` of the dataset's layer sizes."""
 
 
 def tiles_arg(text: str) -> tuple[int, ...] | str:
-    """``"16,4,1"`` -> ``(16, 4, 1)``; ``"none"`` -> :data:`UNTILED`."""
-    return UNTILED if text.strip().lower() == "none" else int_triple(text)
+    """``"16,4,1"`` -> ``(16, 4, 1)``; ``"none"`` -> :data:`UNTILED`; ``"balanced"`` -> :data:`BALANCED`."""
+    word = text.strip().lower()
+    return word if word in (UNTILED, BALANCED) else int_triple(text)
 
 
 def int_triple(text: str) -> tuple[int, ...]:
@@ -43,16 +52,16 @@ def int_triple(text: str) -> tuple[int, ...]:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``train`` subcommand."""
-    p = subparsers.add_parser("train", help="train the paper's ConvNet (tiled or not) into a run directory",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser("train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(p)
     p.add_argument("--out", type=Path, help="run directory (default runs/DATASET-SCHEME-TILES-sSEED)")
     p.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR from its last checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="train afresh into --out even if it holds a run (that run's files are deleted)")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no per-epoch lines")
-    p.add_argument("--threads", type=int, default=0,
-                   help="CPU threads (default 0: torch's default; 1 is often fastest at batch 10 on a busy machine)")
-    p.add_argument("--json", action="store_true", help="print the final summary as JSON")
+    add_threads(p)
+    p.add_argument("--json", action="store_true",
+                   help="print the final summary as one JSON document on stdout (progress goes to stderr)")
     p.set_defaults(func=run)
 
 
@@ -63,7 +72,9 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     p.add_argument("--dataset", help=f"cifar10, cifar100, svhn, fashion-mnist, digits (default {d.dataset})")
     p.add_argument("--scheme", help=f"tiling scheme; none = untiled (default {d.scheme})")
-    p.add_argument("--tiles", type=tiles_arg, help="tiles per conv layer, e.g. 16,4,1; none = untiled (default 16,4,1)")
+    p.add_argument("--tiles", type=tiles_arg,
+                   help="tiles per conv layer, e.g. 16,4,1; balanced = the fewest that balance the layers; "
+                        "none = untiled (default 16,4,1)")
     p.add_argument("--channels", type=int_triple, help="conv channels (default 32,32,64)")
     p.add_argument("--enlarged", action="store_true",
                    help="channels 54,64,64 (the paper's enlarged baseline is --enlarged --scheme none)")
@@ -91,6 +102,8 @@ def given_options(args: argparse.Namespace) -> dict[str, Any]:
     out = {k: getattr(args, k) for k in _CONFIG_OPTIONS if getattr(args, k, None) is not None}
     if out.get("tiles") == UNTILED:
         out["tiles"] = None
+    elif out.get("tiles") == BALANCED:
+        out["tiles"] = balanced(out.get("dataset"), out.get("scheme"))
     if getattr(args, "enlarged", False):
         if "channels" in out:
             raise RapaError("give either --enlarged or --channels, not both")
@@ -98,6 +111,22 @@ def given_options(args: argparse.Namespace) -> dict[str, Any]:
 
         out["channels"] = tuple(ENLARGED_CHANNELS)
     return out
+
+
+def balanced(dataset: str | None, scheme: str | None) -> tuple[int, ...]:
+    """:func:`rapa.convert.balanced_tiles` of the paper's net on ``dataset`` (square numbers
+    for the grid schemes)."""
+    from rapa import schemes
+    from rapa.config import TrainConfig, output_pixels
+    from rapa.convert import balanced_tiles
+    from rapa.data import dataset_info
+
+    d = TrainConfig()
+    try:
+        info = dataset_info(dataset or d.dataset)
+    except ValueError as exc:
+        raise RapaError(str(exc)) from None
+    return tuple(balanced_tiles(output_pixels(info.size), square=(scheme or d.scheme) in schemes.GRID_SCHEMES))
 
 
 def config_from_args(args: argparse.Namespace):
@@ -116,7 +145,6 @@ def default_out(config) -> Path:
 def run(args: argparse.Namespace) -> int:
     from rapa.train import read_config, train
 
-    set_threads(args.threads)
     if args.resume is not None:
         given = given_options(args)
         extra = sorted(set(given) - set(_RESUME_OK))
@@ -131,22 +159,15 @@ def run(args: argparse.Namespace) -> int:
         config = config_from_args(args)
         config.validate()
         out, resume = (args.out if args.out is not None else default_out(config)), False
-    if not args.quiet:
-        print(f"rapa train: {'resuming' if resume else 'run'} {out}")
-    summary = train(config, out, resume=resume, progress=not args.quiet, overwrite=args.overwrite)
+    output_folder(out, "--resume" if resume else "--out")
+    apply_threads(args.threads)
+    # with --json stdout carries the summary alone: the progress lines go to stderr
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        if not args.quiet:
+            print(f"rapa train: {'resuming' if resume else 'run'} {out}")
+        summary = train(config, out, resume=resume, progress=not args.quiet, overwrite=args.overwrite)
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     return 0
-
-
-def set_threads(threads: int | None) -> None:
-    """``torch.set_num_threads`` for this command's process (None or 0: leave torch's default)."""
-    import torch
-
-    if threads is None or threads == 0:
-        return
-    if threads < 0:
-        raise RapaError(f"--threads must be >= 0, got {threads}")
-    torch.set_num_threads(threads)
 
 
 def format_summary(s: dict[str, Any]) -> str:
@@ -156,7 +177,7 @@ def format_summary(s: dict[str, Any]) -> str:
 
     tiles = ",".join(map(str, s["tiles"])) if s.get("tiles") else "untiled"
     lines = [
-        f"{s['dataset']}, {s['scheme']} {tiles}, {s['epochs']} epochs",
+        f"{s['dataset']}, {s['scheme']} {tiles}, {s['epochs']} epoch{'' if s['epochs'] == 1 else 's'}",
         f"  best test error (5-epoch average): {pct(s['best5_test_error'])} "
         f"(train {pct(s['best5_train_error'])}, epochs {s['best5_first_epoch']}-{s['best5_last_epoch']})",
         f"  final test error: single {pct(s['final_test_error'])}, {s['votes']}-vote {pct(s['vote_test_error'])}, "

@@ -12,11 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from rapa.errors import RapaError
 from rapa.sweep.figures import more_tiles_table, plot_similarity, robustness_table, similarity_table
 from rapa.sweep.runs import Analyses, RunRecord, collect_runs
 from rapa.sweep.tables import MISSING, POOL_ORDER, TABLE_ROWS, Table, table1, table2, table3
 
-__all__ = ["MISSING", "POOL_ORDER", "TABLE_ROWS", "Report", "Table", "build_report", "more_tiles_table",
+__all__ = ["MISSING", "POOL_ORDER", "TABLE_ROWS", "Report", "Table", "build_report", "check_sweep_dir",
+           "more_tiles_table",
            "robustness_table", "similarity_table", "table1", "table2", "table3"]
 
 
@@ -37,12 +39,29 @@ class Report:
     """The runs it read."""
 
 
+def check_sweep_dir(sweep_dir: str | Path) -> None:
+    """RapaError unless ``sweep_dir`` is a folder holding a run directory (a folder with a
+    ``config.json``) or a sweep state file (``sweep-*.json``): a report of nothing is an error."""
+    root = Path(sweep_dir)
+    if not root.is_dir():
+        raise RapaError(f"no sweep folder {sweep_dir}")
+    if any((d / "config.json").is_file() for d in root.iterdir()) or any(root.glob("sweep-*.json")):
+        return
+    hint = " (it is itself a run directory: give the folder above it)" if (root / "config.json").is_file() else ""
+    raise RapaError(f"{sweep_dir} holds no runs{hint}: expected run directories (folders with a config.json, "
+                    f"as rapa train or rapa sweep --out {sweep_dir} write) or a sweep-*.json state file")
+
+
 def build_report(sweep_dir: str | Path, out: str | Path | None = None, analyses: Analyses | None = None,
                  log: Callable[[str], None] | None = None) -> Report:
     """Tables and figures of the runs in ``sweep_dir``, written to ``out`` (default
     ``sweep_dir/report``): ``report.md``, ``table*.csv``, ``fig*.csv``, ``fig*.png``."""
     sweep_dir = Path(sweep_dir)
+    check_sweep_dir(sweep_dir)
     records = collect_runs(sweep_dir)
+    if not records:
+        raise RapaError(f"no run in {sweep_dir} could be read (each config.json is invalid; "
+                        f"`rapa eval RUN_DIR` on one of them says why)")
     out = Path(out) if out is not None else sweep_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     analyses = analyses if analyses is not None else Analyses(log=log)

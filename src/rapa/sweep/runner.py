@@ -22,7 +22,6 @@ kept in ``DIR/sweep-EXPERIMENT.json``.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import socket
@@ -33,14 +32,12 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from rapa.errors import RapaError
+from rapa.sweep.cluster import check_address, connect  # re-exported: connect is used by rapa.sweep.reproduce
 from rapa.sweep.experiments import RunSpec
 
 __all__ = ["RunOutcome", "SweepResult", "check_address", "connect", "is_finished", "run_sweep", "sweep_state_path"]
 
 RUN_FILES = ("config.json", "metrics.csv", "checkpoint.pt", "summary.json")
-CONNECT_TIMEOUT_S = 3.0
-"""Seconds to wait for a TCP connection to a cluster address before giving up."""
-_DEFAULT_PORTS = {"": 6379, "ray": 10001}
 
 
 @dataclass
@@ -97,35 +94,6 @@ def is_finished(run_dir: str | Path, epochs: int) -> bool:
 def sweep_state_path(out: str | Path, experiment: str) -> Path:
     """Where the state of sweep ``experiment`` is kept: ``OUT/sweep-EXPERIMENT.json``."""
     return Path(out) / f"sweep-{experiment}.json"
-
-
-def check_address(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
-    """RapaError naming ``address`` unless a TCP connection to it opens within ``timeout`` s.
-
-    ``HOST:PORT`` (the head's GCS port, default 6379) and ``ray://HOST:PORT`` (Ray client,
-    default 10001) are checked; ``auto`` (the cluster started on this machine) is not.
-    """
-    if address == "auto" or address.startswith("local"):
-        return
-    scheme, _, rest = address.rpartition("://")
-    rest = rest.rstrip("/")
-    if rest.startswith("["):  # [IPv6]:port
-        host, _, port_text = rest[1:].partition("]")
-        port_text = port_text.lstrip(":")
-    else:
-        host, _, port_text = rest.rpartition(":") if ":" in rest else (rest, "", "")
-    try:
-        port = int(port_text) if port_text else _DEFAULT_PORTS.get(scheme, 6379)
-    except ValueError:
-        raise RapaError(f"Ray cluster address {address!r} is not HOST:PORT") from None
-    if not host:
-        raise RapaError(f"Ray cluster address {address!r} is not HOST:PORT")
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            pass
-    except OSError as exc:
-        raise RapaError(f"cannot reach the Ray cluster at {address}: {exc.strerror or exc} "
-                        f"(is the head running? start it with `ray start --head`)") from None
 
 
 def _execute(train_fn: Callable[..., dict], config: dict[str, Any], run_dir: str, cpus: float,
@@ -192,32 +160,6 @@ class _State:
 
 
 # --------------------------------------------------------------------------- Ray
-
-
-def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
-    """Make sure Ray is initialised (the cluster at ``address``, else a local one with
-    ``num_cpus``); True if this call started it (and must ``ray.shutdown()`` it).
-    RapaError naming the address if it cannot be reached."""
-    if address is not None:
-        check_address(address)
-    try:
-        import ray
-    except ImportError:
-        raise RapaError('sweeps run on Ray, which is not installed: pip install "rapa[ray]"') from None
-    if ray.is_initialized():
-        return False
-    kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
-                                  configure_logging=True)
-    try:
-        if address is None:
-            ray.init(num_cpus=num_cpus or os.cpu_count() or 1, **kwargs)
-        else:
-            ray.init(address=address, **kwargs)
-    except Exception as exc:  # ConnectionError, RuntimeError, TimeoutError ... from Ray
-        where = f"the Ray cluster at {address}" if address is not None else "a local Ray instance"
-        first = str(exc).strip().splitlines()[:1]
-        raise RapaError(f"cannot connect to {where}: {type(exc).__name__}: {first[0] if first else ''}") from None
-    return True
 
 
 def _slots(cpus: float, gpus: float) -> int:
