@@ -214,3 +214,28 @@ def test_cli_attack_errors(digits_runs, tmp_path, capsys):
         assert main(["attack", tiled, "--device", "cpu", "--out", str(tmp_path), *argv]) == 2
         err = capsys.readouterr().err
         assert msg in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_snr_is_measured_on_pixel_space_images():
+    """With the dataset's normalisation the SNR is that of the pixel images x*std+mean and their
+    perturbation (what a person sees), not of the normalised inputs."""
+    from rapa.analysis.attack import measured_snr, pixel_epsilon
+
+    torch.manual_seed(0)
+    mean, std = (0.2860,), (0.3530,)
+    pixels = torch.rand(6, 1, 28, 28)  # pixel values in [0, 1]
+    x = (pixels - mean[0]) / std[0]  # the model's inputs
+    direction = torch.randn_like(x).sign()
+    for snr in (20.0, 33.0):
+        adv = x + pixel_epsilon(x, snr, (mean, std)) * direction
+        adv_pixels = adv * std[0] + mean[0]
+        got = 20 * torch.log10(pixels.flatten(1).norm(dim=1) / (adv_pixels - pixels).flatten(1).norm(dim=1))
+        torch.testing.assert_close(got, torch.full((6,), snr), rtol=0, atol=1e-3)
+        # the same step measured on the normalised inputs gives another SNR
+        assert (measured_snr(x, adv) - snr).abs().min() > 0.5
+    # three channels: the step in the model's space is scaled by 1/std per channel
+    mean3, std3 = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    x3 = torch.randn(2, 3, 4, 4)
+    eps = pixel_epsilon(x3, 30.0, (mean3, std3))
+    assert eps.shape == (2, 3, 1, 1)
+    torch.testing.assert_close(eps[:, 0] * 0.2, eps[:, 2] * 0.3)

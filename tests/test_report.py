@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from pathlib import Path
 
 import pytest
 
 import rapa
 from rapa.config import TrainConfig
-from rapa.sweep import claims as C
 from rapa.sweep.experiments import run_name
 from rapa.sweep.report import MISSING, build_report
 from rapa.sweep.runs import Analyses
@@ -136,105 +134,3 @@ def test_report_command_runs_without_analysis(sweep, capsys):
     assert "Table 1" in capsys.readouterr().out
     assert (sweep / "r" / "report.md").is_file() and (sweep / "r" / "table2.csv").is_file()
     assert main(["report", str(sweep / "nope")]) == 2
-
-
-# ------------------------------------------------------------------------------ claims
-
-
-def test_mcnemar_matches_the_binomial_test():
-    scipy_stats = pytest.importorskip("scipy.stats")
-    for b, c in ((0, 0), (3, 12), (40, 25), (7, 7), (0, 9)):
-        ref = 1.0 if b + c == 0 else scipy_stats.binomtest(min(b, c), b + c, 0.5).pvalue
-        assert C.mcnemar_p(b, c) == pytest.approx(ref, rel=1e-9)
-
-
-def test_standard_error_of_a_difference():
-    # 10% vs 20% on 1000 images each: sqrt(.09/1000 + .16/1000)
-    assert C.se_pp(10.0, 1000, 20.0, 1000) == pytest.approx(100 * math.sqrt(0.25 / 1000))
-
-
-@pytest.mark.parametrize("random_err, untiled_err, n, verdict", [
-    (9.0, 9.5, 10000, C.HOLDS),          # better
-    (10.4, 9.5, 10000, C.HOLDS),         # 0.9 pp worse: close
-    (12.0, 9.5, 10000, C.NOT),           # 2.5 pp worse, se ~0.44: beyond 1 pp + 2 se
-    (12.0, 9.5, 300, C.INCONCLUSIVE),    # the same on 300 images: se ~2.5
-])
-def test_claim_random_close_to_untiled(random_err, untiled_err, n, verdict):
-    assert C.claim_close_or_better(random_err, untiled_err, n).verdict == verdict
-
-
-def test_claim_verdicts_follow_the_numbers():
-    assert C.claim_voting(10.0, 9.0, only_single_right=20, only_vote_right=120, images=10000).verdict == C.HOLDS
-    assert C.claim_voting(10.0, 9.9, only_single_right=20, only_vote_right=30, images=10000).verdict == C.INCONCLUSIVE
-    assert C.claim_voting(10.0, 10.5, only_single_right=60, only_vote_right=10, images=10000).verdict == C.NOT
-    assert C.claim_perforated(15.0, 10.0, 10000).verdict == C.HOLDS
-    assert C.claim_perforated(9.0, 10.0, 10000).verdict == C.NOT
-    assert C.claim_perforated(10.2, 10.0, 1000).verdict == C.INCONCLUSIVE
-    assert C.claim_random_best({"random": 10.0, "alternate": 10.5, "perforated": 14.0}, 10000).verdict == C.HOLDS
-    assert C.claim_random_best({"random": 11.0, "alternate": 10.0}, 10000).verdict == C.NOT
-    assert C.claim_similarity({"random": 0.8, "alternate": 0.1, "image w/pad": 0.2}).verdict == C.HOLDS
-    assert C.claim_similarity({"random": 0.22, "alternate": 0.2}).verdict == C.INCONCLUSIVE
-    assert C.claim_similarity({"random": 0.1, "alternate": 0.2}).verdict == C.NOT
-    assert C.claim_reduction({"random": 12.0, "alternate": 60.0}, 10000).verdict == C.HOLDS
-    assert C.claim_reduction({"random": 60.0, "alternate": 50.0}, 10000).verdict == C.NOT
-    fgsm = C.claim_fgsm(62.0, 5000, 25.0, 5000)
-    assert fgsm.verdict == C.HOLDS and fgsm.values["gap_reduction"] == pytest.approx(37 / 75)
-    assert C.claim_fgsm(24.0, 5000, 25.0, 5000).verdict == C.NOT
-    eot = C.claim_eot(40.0, 5000, 25.0, 5000, acc_fgsm=62.0)
-    assert eot.verdict == C.HOLDS and eot.values["kept"] == pytest.approx(15 / 37)
-    assert C.claim_eot(25.5, 5000, 25.0, 5000, acc_fgsm=62.0).verdict == C.INCONCLUSIVE
-    assert C.claim_eot(20.0, 5000, 25.0, 5000, acc_fgsm=62.0).verdict == C.NOT
-    assert C.claim_fgsm(None, 0, 25.0, 5000).verdict == C.INCONCLUSIVE
-
-
-def test_claims_are_computed_from_the_runs_of_a_sweep_folder(tmp_path):
-    from rapa.sweep.reproduce import evaluate_claims
-    from rapa.sweep.runs import collect_runs
-
-    root = tmp_path / "quick"
-    errors = {("none", None): 0.100, ("random", (54, 64, 64)): 0.095, ("perforated", None): 0.180,
-              ("random", None): 0.098, ("alternate", None): 0.110, ("random_fixed", None): 0.105,
-              ("image_overlap", None): 0.120, ("image_pad", None): 0.125}
-    dirs = {}
-    for (scheme, channels), err in errors.items():
-        if channels is not None:  # the enlarged untiled net
-            dirs["enlarged"] = make_run(root, done(err), dataset="digits", scheme="none", tiles=None, channels=channels)
-        else:
-            dirs[scheme] = make_run(root, done(err), dataset="digits", scheme=scheme,
-                                    tiles=None if scheme == "none" else (16, 4, 1))
-    (dirs["random"] / "voting.json").write_text(json.dumps(
-        {"limit": None, "images": 599, "votes": 9, "single_error": 10.0, "vote_error": 8.0,
-         "only_single_right": 2, "only_vote_right": 14}))
-    for scheme, best in (("random", 12.0), ("alternate", 70.0), ("random_fixed", 60.0), ("image_overlap", 80.0),
-                         ("image_pad", 85.0)):
-        (dirs[scheme] / "reduce.json").write_text(json.dumps(
-            {"methods": {"norm": best}, "best_method": "norm", "best_error": best}))
-    for key, (fgsm, eot) in (("random", ((60.0, 70.0), (30.0, 40.0))), ("none", ((20.0, 30.0), (20.0, 30.0))),
-                             ("enlarged", ((25.0, 35.0), (25.0, 35.0)))):
-        curve = {"snr_db": [30.0, 35.0], "accuracy": {"fgsm": list(fgsm), "fgsm_eot": list(eot)}, "correct": 500,
-                 "images": 599, "clean_accuracy": 90.0}
-        (dirs[key] / "attack.json").write_text(json.dumps({"limit": None, "test_images": 599,
-                                                           "curves": {"model": curve}}))
-    claims = {c.key: c for c in evaluate_claims(collect_runs(root), Analyses(compute=False))}
-    n = 599  # the digits test split
-    assert claims["random_vs_untiled"].verdict == C.HOLDS and claims["random_vs_untiled"].values["diff"] == \
-        pytest.approx(-0.2)
-    assert claims["random_best"].verdict == C.HOLDS
-    assert claims["voting"].verdict == C.HOLDS  # 14 vs 2 discordant images
-    se = 100 * math.sqrt(0.18 * 0.82 / n + 0.098 * 0.902 / n)
-    assert claims["perforated"].values["se"] == pytest.approx(se) and claims["perforated"].verdict == C.HOLDS
-    assert claims["similarity"].verdict == C.INCONCLUSIVE  # no checkpoints: not measured
-    assert claims["reduction"].verdict == C.HOLDS
-    # at 33 dB (interpolated): random 66%, untiled 26%, EOT random 36%
-    assert claims["fgsm"].values["random"] == pytest.approx(66.0) and claims["fgsm"].values["untiled"] == \
-        pytest.approx(26.0)
-    assert claims["fgsm"].values["gap_reduction"] == pytest.approx(40 / 74) and claims["fgsm"].verdict == C.HOLDS
-    assert claims["eot"].values["kept"] == pytest.approx(10 / 40) and claims["eot"].verdict == C.HOLDS
-
-
-def test_attacks_are_compared_where_they_bite():
-    snrs = [10.0, 20.0, 30.0, 40.0]
-    assert C.comparison_snr(snrs, [5.0, 40.0, 60.0, 80.0]) == 33.0  # 66% at 33 dB: the paper's point
-    # 95% at 33 dB: the attack barely acts there; compare where the untiled net keeps 50%
-    assert C.comparison_snr(snrs, [10.0, 30.0, 94.0, 98.0]) == pytest.approx(20.0 + 10.0 * 20.0 / 64.0)
-    assert C.comparison_snr(snrs, [70.0, 80.0, 94.0, 98.0]) == 33.0  # never down to 50%
