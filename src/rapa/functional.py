@@ -466,6 +466,10 @@ def tiled_conv2d(
     if x.dim() == 3:  # unbatched, as nn.Conv2d accepts
         return tiled_conv2d(x.unsqueeze(0), weight, bias, stride, padding, dilation, scheme, tiles,
                             training, generator, fixed_seed, index, groups, padding_mode).squeeze(0)
+    if x.dtype != weight.dtype or x.device != weight.device:
+        raise ValueError(f"input of dtype {x.dtype} on {x.device} does not match the layer's weights "
+                         f"({weight.dtype} on {weight.device}): convert the input (x.to(weight.dtype)) "
+                         f"or the layer (layer.to(...)) so that both agree")
     nk = weight.shape[0]
     nt = nk if tiles is None else tiles
     schemes.check_scheme(scheme, nt)
