@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Iterable, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -54,27 +54,64 @@ def balanced_tiles(nps: Sequence[int], square: bool = False) -> list[int]:
     return out
 
 
+Skip = Union[Iterable[str], Callable[[str, nn.Module], bool], None]
+
+
+def skipped_names(model: nn.Module, skip: Skip) -> set[str]:
+    """Names of the ``nn.Conv2d`` layers of ``model`` that ``skip`` leaves digital.
+
+    ``skip`` is ``None``, a predicate ``(name, layer) -> bool``, or layer names; a name also
+    covers every layer inside the module of that name (``"stem"`` covers ``"stem.0"``). A
+    name that matches no conv layer raises ``ValueError`` naming it.
+    """
+    convs = [(n, m) for n, m in conv_layers(model) if isinstance(m, nn.Conv2d)]
+    if skip is None:
+        return set()
+    if callable(skip):
+        return {n for n, m in convs if skip(n, m)}
+    if isinstance(skip, str):
+        skip = [skip]
+    names = list(skip)
+    out: set[str] = set()
+    for want in names:
+        hit = {n for n, _ in convs if n == want or n.startswith(want + ".")}
+        if not hit:
+            raise ValueError(f"skip={want!r} names no nn.Conv2d layer of the model; its conv layers "
+                             f"are {[n for n, _ in convs]}")
+        out |= hit
+    return out
+
+
 def convert(
     model: nn.Module,
     tiles: int | Sequence[int] | str = "balanced",
     scheme: str = "random",
     input_size: Sequence[int] | None = None,
     generator: torch.Generator | None = None,
+    skip: Skip = None,
 ) -> nn.Module:
     """Replace every ``nn.Conv2d`` of ``model`` (in place, walking ``named_children()``) by a
-    ``TiledConv2d`` whose tiles copy its kernel.
+    ``TiledConv2d`` whose tiles copy its kernel (groups, padding and padding mode included).
 
-    ``tiles`` is one number for all layers, one per conv layer (in definition order), or
-    ``"balanced"``, which needs ``input_size`` ``(C, H, W)`` (see :func:`balanced_tiles`).
-    Returns ``model``.
+    ``tiles`` is one number for all converted layers, one per converted layer (in definition
+    order), or ``"balanced"``, which needs ``input_size`` ``(C, H, W)`` (see
+    :func:`balanced_tiles`; balanced over the converted layers). ``skip`` leaves layers as
+    they are (:func:`skipped_names`: names or a predicate). Returns ``model``;
+    :func:`rapa.summary.conversion_summary` describes the result.
     """
-    convs = [(n, m) for n, m in conv_layers(model) if isinstance(m, nn.Conv2d)]
+    left = skipped_names(model, skip)
+    convs = [(n, m) for n, m in conv_layers(model) if isinstance(m, nn.Conv2d) and n not in left]
     if isinstance(tiles, str):
         if tiles != "balanced":
             raise ValueError(f"tiles={tiles!r}: give a number, one number per layer, or 'balanced'")
         if input_size is None:
             raise ValueError("tiles='balanced' needs input_size=(C, H, W) to count output pixels")
+        if not convs:
+            return model
         nps = conv_output_pixels(model, input_size)
+        missing = [n for n, _ in convs if n not in nps]
+        if missing:
+            raise ValueError(f"conv layers {missing} are not called in the model's forward")
         per_layer = balanced_tiles([nps[n] for n, _ in convs], square=scheme in schemes.GRID_SCHEMES)
     elif isinstance(tiles, int):
         per_layer = [tiles] * len(convs)
@@ -82,7 +119,7 @@ def convert(
         per_layer = [int(t) for t in tiles]
         if len(per_layer) != len(convs):
             raise ValueError(f"tiles={tuple(tiles)} has {len(per_layer)} entries but the model has "
-                             f"{len(convs)} nn.Conv2d layers")
+                             f"{len(convs)} nn.Conv2d layers to convert")
     if scheme == "none":
         per_layer = [1] * len(convs)
     plan = dict(zip((n for n, _ in convs), per_layer))

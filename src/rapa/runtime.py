@@ -24,6 +24,12 @@ in every layer: load balance 1.0 and a pipelined speed-up of 16.
 ``perforated`` layers hold one array but, in training, only ``ceil(np/nt)`` patches go
 through it; in evaluation all ``np`` do (``LayerCost.inference``).
 
+A grouped layer (``groups > 1``; depthwise: ``groups == cin``) has one ``k x cout/groups``
+kernel matrix per group (``k = kh*kw*cin/groups``), each its own array; a tile is one array
+per group. All of a layer's arrays work in parallel on the same patches, so its cycles are
+those of an ungrouped layer with the same ``np`` and ``nt``; it occupies ``nt * groups``
+arrays (``LayerCost.groups``, ``arrays``, ``weights``).
+
 AlexNet (:func:`alexnet_convs`, torchvision's layout at 224x224) has
 ``np = (3025, 729, 169, 169, 169)``. :func:`rapa.convert.balanced_tiles` asks that no
 layer exceed the smallest ``np`` and so gives ``ceil(np/169) = (18, 5, 1, 1, 1)``
@@ -53,7 +59,7 @@ PASSES: tuple[str, ...] = ("forward", "backward", "update")
 
 CSV_COLUMNS: tuple[str, ...] = (
     "name", "np", "k", "cout", "macs", "nt", "scheme", "arrays", "weights", "patches_per_tile",
-    "forward", "backward", "update", "cycles", "untiled_cycles", "inference", "speedup",
+    "forward", "backward", "update", "cycles", "untiled_cycles", "inference", "speedup", "groups",
 )
 
 
@@ -68,19 +74,23 @@ class LayerCost:
     k: int
     """Patch length ``kh * kw * cin`` (per group): rows of the kernel matrix."""
     cout: int
-    """Output channels: columns of the kernel matrix."""
+    """Output channels of the layer (all groups together)."""
     nt: int = 1
     """Tiles: patches are divided among ``nt`` arrays (for ``perforated`` the perforation factor)."""
     scheme: str = "none"
     """Tiling scheme (:data:`rapa.schemes.SCHEMES`)."""
     bias: bool = True
     """Whether each array also holds a bias per output channel (counted in ``weights``)."""
+    groups: int = 1
+    """Groups of a grouped convolution: each group's ``k x cout/groups`` kernel matrix is its
+    own array, all groups' arrays work in parallel on the same patches (so cycles do not
+    change with ``groups``; arrays and weights count every group)."""
     arrays: int = field(init=False)
-    """Analog arrays the layer occupies: ``nt``, or 1 for ``none`` and ``perforated``."""
+    """Analog arrays the layer occupies: ``nt * groups`` (``groups`` for ``none`` and ``perforated``)."""
     macs: int = field(init=False)
     """Multiply-accumulates of the forward pass, ``np * k * cout`` (the same tiled or not)."""
     weights: int = field(init=False)
-    """Stored weights over all arrays, biases included: ``arrays * (k + bias) * cout``."""
+    """Stored weights over all arrays, biases included: ``arrays * (k + bias) * cout / groups``."""
     patches_per_tile: int = field(init=False)
     """Patches the busiest array processes: ``ceil(np / nt)``."""
     forward: int = field(init=False)
@@ -95,7 +105,7 @@ class LayerCost:
     """Cycles of one pass on a single untiled array: ``np``."""
 
     def __post_init__(self) -> None:
-        for name in ("np", "k", "cout", "nt"):
+        for name in ("np", "k", "cout", "nt", "groups"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be an integer >= 1 (layer {self.name!r})")
@@ -106,9 +116,11 @@ class LayerCost:
         if self.nt > self.np:
             raise ValueError(f"tiles={self.nt} for layer {self.name!r}, which has only np={self.np} "
                              "output pixels: some tiles would get no patch")
-        self.arrays = schemes.num_kernels(self.scheme, self.nt)
+        if self.cout % self.groups:
+            raise ValueError(f"groups={self.groups} does not divide cout={self.cout} (layer {self.name!r})")
+        self.arrays = schemes.num_kernels(self.scheme, self.nt) * self.groups
         self.macs = self.np * self.k * self.cout
-        self.weights = self.arrays * (self.k + int(self.bias)) * self.cout
+        self.weights = self.arrays * (self.k + int(self.bias)) * (self.cout // self.groups)
         self.patches_per_tile = -(-self.np // self.nt)
         self.forward = self.backward = self.update = self.patches_per_tile
         self.inference = self.np if self.scheme == "perforated" else self.patches_per_tile
@@ -172,7 +184,7 @@ class RuntimeReport:
     @property
     def untiled_weights(self) -> int:
         """Weights of the same layers with one array each."""
-        return sum((c.k + int(c.bias)) * c.cout for c in self.layers)
+        return sum((c.k + int(c.bias)) * c.cout for c in self.layers)  # cout = groups * cout/groups
 
     @property
     def sequential_cycles(self) -> int:
@@ -262,13 +274,14 @@ class RuntimeReport:
         return "\n".join(lines)
 
 
-def _layer_shape(layer: nn.Module) -> tuple[int, int, int, str, bool]:
-    """``(k, cout, nt, scheme, bias)`` of an ``nn.Conv2d`` or ``TiledConv2d``."""
+def _layer_shape(layer: nn.Module) -> tuple[int, int, int, str, bool, int]:
+    """``(k, cout, nt, scheme, bias, groups)`` of an ``nn.Conv2d`` or ``TiledConv2d`` (``k``
+    per group)."""
     kh, kw = layer.kernel_size
+    k = kh * kw * layer.in_channels // layer.groups
     if isinstance(layer, TiledConv2d):
-        return kh * kw * layer.in_channels, layer.out_channels, layer.tiles, layer.scheme, layer.bias is not None
-    return (kh * kw * layer.in_channels // layer.groups, layer.out_channels, 1, "none",
-            layer.bias is not None)
+        return k, layer.out_channels, layer.tiles, layer.scheme, layer.bias is not None, layer.groups
+    return k, layer.out_channels, 1, "none", layer.bias is not None, layer.groups
 
 
 def runtime_model(
@@ -305,7 +318,7 @@ def runtime_model(
         for j, shape in enumerate(model_or_layers):
             if len(shape) != 3:
                 raise ValueError(f"layer {j}: {tuple(shape)!r} must be (np, k, cout)")
-            rows.append((f"conv{j + 1}", *(int(v) for v in shape), 1, "none", True))
+            rows.append((f"conv{j + 1}", *(int(v) for v in shape), 1, "none", True, 1))
         if not rows:
             raise ValueError("model_or_layers=[]: give at least one layer")
     if tiles is not None:
@@ -320,10 +333,11 @@ def runtime_model(
             if len(nts) != len(rows):
                 raise ValueError(f"tiles={tuple(nts)} has {len(nts)} entries but the model has "
                                  f"{len(rows)} conv layers")
-        rows = [(n, np_, k, cout, nt, scheme, bias) for (n, np_, k, cout, _, _, bias), nt in zip(rows, nts)]
+        rows = [(n, np_, k, cout, nt, scheme, bias, groups)
+                for (n, np_, k, cout, _, _, bias, groups), nt in zip(rows, nts)]
     elif scheme is not None:
         raise ValueError(f"scheme={scheme!r} without tiles: give tiles to re-tile the model")
-    layers = [LayerCost(n, np_, k, cout, nt, sch, bias) for n, np_, k, cout, nt, sch, bias in rows]
+    layers = [LayerCost(n, np_, k, cout, nt, sch, bias, groups) for n, np_, k, cout, nt, sch, bias, groups in rows]
     return RuntimeReport(layers, input_size if isinstance(model_or_layers, nn.Module) else None)
 
 
