@@ -31,6 +31,7 @@ COMMANDS: dict[str, str] = {
     "attack": "FGSM/EOT/PGD robustness against SNR (paper Fig. 7)",
     "theory": "replicated logistic regression: implicit regulariser R (paper 3.5-3.6)",
     "speedup": "analog run time and speed-up of a tiled network (paper Fig. 1, 4.2)",
+    "convert": "what rapa.convert makes of a net: tiles, patches per tile, analog speed-ups",
     "sweep": "train an experiment's grid of runs on Ray (local or a cluster)",
     "report": "the paper's tables and figures from a sweep folder",
     "reproduce": "the quick battery on Fashion-MNIST with the paper's claims checked",
