@@ -36,6 +36,19 @@ if [ -z "${CXX:-}" ] && ! command -v c++ >/dev/null && ! command -v g++ >/dev/nu
   fi
 fi
 python -c "import rapa.native as n; print('rapa tiled conv on CPU:', n.describe())"
+# Fashion-MNIST from Debian's dataset-fashion-mnist (/usr/share/datasets/fashion-mnist, where rapa
+# looks): `bash scripts/demo.sh` and `rapa reproduce` then train on it, not on the digits fallback
+if [ ! -e /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ] \
+   && ! python -c "from rapa.data import load_dataset; load_dataset('fashion-mnist', 'test', limit=1)" 2>/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    { apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 \
+      || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null; }; } \
+      || echo "setup.sh: could not install dataset-fashion-mnist: rapa demo will use the digits" >&2
+  else
+    echo "setup.sh: no Fashion-MNIST (as root: apt-get install dataset-fashion-mnist, or rapa train" \
+         "--download): rapa demo will use the digits" >&2
+  fi
+fi
 if [ "$analog" = 1 ] && ! python -c "import aihwkit" 2>/dev/null; then
   # aihwkit 1.2.0 is a source package: it compiles against OpenBLAS (about 4 minutes)
   if [ ! -e /usr/include/x86_64-linux-gnu/cblas.h ] && [ ! -e /usr/include/openblas/cblas.h ] \

@@ -256,3 +256,71 @@ def test_report_is_rebuilt_from_a_results_tree_without_checkpoints(tmp_path, cap
     row = next(ln for ln in text.splitlines() if ln.startswith("| random |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[3].startswith("9.97") and cells[4] == "9.50 ± 0.00"
+
+
+# ------------------------------------------------------------- the battery on Ray
+
+
+TINY_BATTERY = """
+description: tiny digits battery
+base: {dataset: digits, epochs: 2, limit_train: 100, limit_test: 100, batch_size: 10, warmup_epochs: 0,
+       lr_step: 10, augment: none, tiles: [16, 4, 1]}
+runs:
+  - {scheme: random, lr: 0.1, grid: {seed: [0, 1]}}
+  - {scheme: none, lr: 0.05, grid: {seed: [0, 1]}}
+"""
+
+
+@pytest.mark.ray
+def test_battery_resumes_analyses_and_exports_the_small_files(tmp_path):
+    """A killed battery continues: a run finished before without its analyses gets them, a run
+    stopped after one epoch resumes; every finished run's small files (no checkpoint) land in
+    the results tree, and the report is rebuilt from that tree alone."""
+    pytest.importorskip("ray")
+    from rapa.sweep.experiments import load_experiment
+    from rapa.sweep.reproduce import SMALL_FILES, reproduce
+    from rapa.train import train
+
+    exp_file = tmp_path / "tiny.yaml"
+    exp_file.write_text(TINY_BATTERY)
+    runs = load_experiment(str(exp_file)).runs
+    work, results = tmp_path / "work", tmp_path / "results"
+    # as left by a killed battery: one run finished (no analyses, not exported), one after epoch 1 of 2
+    train(runs[0].config, work / runs[0].name, progress=False)
+    import dataclasses
+
+    train(dataclasses.replace(runs[2].config, epochs=1), work / runs[2].name, progress=False)
+    lines: list[str] = []
+    path = reproduce(str(exp_file), work, results, attack_limit=50, eot=2, log=lines.append,
+                     sweep_options={"num_cpus": 2}, command="rapa reproduce --experiment tiny.yaml",
+                     progress_every=3600)
+    text = "\n".join(lines)
+    assert "[battery] 0/4 runs done" in text and "[battery] 4/4 runs done" in text and "epochs" in text
+    assert "1 finished before" in text
+    assert len((work / runs[2].name / "metrics.csv").read_text().splitlines()) == 3  # header + epochs 1, 2
+    for spec in runs:
+        dest = results / "runs" / spec.name
+        assert not (dest / "checkpoint.pt").exists()
+        assert {"config.json", "metrics.csv", "summary.json"} <= {p.name for p in dest.iterdir()} <= set(SMALL_FILES)
+    first = results / "runs" / runs[0].name  # the run finished before: its analyses were computed now
+    assert {"voting.json", "similarity.json", "reduce.json", "attack.json"} <= {p.name for p in first.iterdir()}
+    attack = json.loads((first / "attack.json").read_text())
+    assert attack["curves"]["model"]["snr_space"] == "pixel" and 33.0 in attack["snr_db"]
+    manifest = json.loads((results / "battery.json").read_text())
+    assert manifest["command"] == "rapa reproduce --experiment tiny.yaml" and manifest["wall_seconds"] > 0
+    assert manifest["runs"] == 4 and (manifest["commit"] is None or len(manifest["commit"]) == 40)
+    claims = json.loads((results / "claims.json").read_text())
+    assert len(claims) == 8 and all(c["n_seeds"] in (0, 2) for c in claims)
+    report = path.read_text()
+    # rebuilt from the results tree alone: the same claims
+    import shutil
+
+    copy = tmp_path / "fresh"
+    shutil.copytree(results, copy)
+    shutil.rmtree(work)
+    (copy / "REPORT.md").unlink()
+    from rapa.sweep.battery_report import write_battery_report
+
+    write_battery_report(copy)
+    assert json.loads((copy / "claims.json").read_text()) == claims
+    assert (copy / "REPORT.md").read_text().split("## Claims")[1] == report.split("## Claims")[1]

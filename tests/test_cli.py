@@ -120,6 +120,7 @@ def test_demo_writes_table_and_plot(tmp_path, capsys):
     assert main(["demo", "--dataset", "digits", "--epochs", "2", "--limit-train", "60", "--limit-test", "30",
                  "--device", "cpu", "--quiet", "--out", str(out)]) == 0
     text = capsys.readouterr().out
+    assert text.splitlines()[0].startswith("rapa demo: data: scikit-learn's digits;")  # the first line names the data
     assert "untiled" in text and "random 16,4,1" in text and "9-vote" in text
     assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads((out / "demo.json").read_text())

@@ -36,6 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--limit-train", type=int, help="training images (default 10000 on Fashion-MNIST, all digits)")
     p.add_argument("--limit-test", type=int, help="test images (default 2000 on Fashion-MNIST, all digits)")
     p.add_argument("--data-dir", help="folder holding the dataset files")
+    p.add_argument("--download", action="store_true", help="download missing dataset files")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     add_threads(p, default="1")  # at batch 10 the net is too small to gain from more threads
@@ -73,14 +74,18 @@ def run(args: argparse.Namespace) -> int:
     epochs = args.epochs if args.epochs is not None else epochs
     limit_train = args.limit_train if args.limit_train is not None else limit_train
     limit_test = args.limit_test if args.limit_test is not None else limit_test
-    print(f"rapa demo: {dataset}, {epochs} epochs, "
+    data = {"fashion-mnist": "Fashion-MNIST", "digits": "scikit-learn's digits"}.get(dataset, dataset)
+    if dataset == "digits" and args.dataset == "auto":
+        data += " (Fashion-MNIST not found: as root, bash scripts/setup.sh installs dataset-fashion-mnist)"
+    print(f"rapa demo: data: {data}; {epochs} epochs, "
           f"{'all' if limit_train is None else limit_train} training / "
           f"{'all' if limit_test is None else limit_test} test images, output in {args.out}")
     results: dict[str, dict[str, Any]] = {}
     curves: dict[str, list[float]] = {}
     for label, scheme, tiles, lr in NETS:
         config = TrainConfig(dataset=dataset, scheme=scheme, tiles=tiles, epochs=epochs, seed=args.seed,
-                             device=args.device, data_dir=args.data_dir, limit_train=limit_train,
+                             device=args.device, data_dir=args.data_dir, download=args.download,
+                             limit_train=limit_train,
                              limit_test=limit_test, lr=lr, warmup_epochs=0)
         print(f"\n{label}: lr {config.resolved_lr()}")
         run_dir = args.out / label.split()[0]

@@ -225,7 +225,10 @@ def write_battery_report(results: str | Path, log: Callable[[str], None] | None 
             + (f" (started {manifest['started']})" if manifest.get("started") else ""),
             f"- Runs: {sum(r.finished for r in records)} finished" + (f" of {total}" if total else "")
             + f"; seeds {', '.join(map(str, seeds)) or '–'} (the same for every scheme)",
-            f"- Recipe: {recipe or '–'}" + (f". {manifest['description']}" if manifest.get("description") else ""),
+            f"- Recipe as run: {recipe or '–'}"
+            + ("; budget options: " + ", ".join(f"{k}={v}" for k, v in manifest["budget"].items())
+               if manifest.get("budget") else ""),
+            f"- Experiment: {manifest.get('description') or manifest.get('experiment', '?')}",
             f"- Analyses: voting and attacks on the first {opts.get('attack_limit') or 'all'} test images, EOT with "
             f"{opts.get('eot', 8)} draws, SNRs {', '.join(f'{s:g}' for s in opts.get('snrs') or []) or 'default'} dB "
             "(pixel space)",

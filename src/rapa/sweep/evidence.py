@@ -81,8 +81,13 @@ def recipe_text(records: Sequence[RunRecord]) -> str:
     tiled = sorted({r.config.resolved_lr() for r in done if r.config.scheme != "none"})
     rates = " / ".join(",".join(f"{v:g}" for v in vals) for vals in (untiled, tiled) if vals)
     n_img = "all" if images == [0] else "/".join(str(i) if i else "all" for i in images)
-    return (f"{'/'.join(map(str, epochs))} epochs on {n_img} {c.dataset} training images, lr {rates}, "
-            f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''}")
+    warm = sorted({r.config.warmup_epochs for r in done})
+    steps = sorted({r.config.lr_step for r in done if r.config.lr_step < r.config.epochs})
+    decay = f", x{c.gamma:g} every {'/'.join(map(str, steps))} epochs" if steps else ""
+    return (f"{'/'.join(map(str, epochs))} epoch{'s' if epochs != [1] else ''} on {n_img} {c.dataset} training "
+            f"images, lr {rates}" + (f" ({'/'.join(map(str, warm))} warm-up epoch(s) at lr/{c.warmup_divisor:g})"
+                                     if any(warm) else "")
+            + f"{decay}, {len(seeds)} seed{'s' if len(seeds) != 1 else ''}")
 
 
 def _values(groups: Groups, row: str, fn: Callable[[RunRecord], float | None]) -> dict[int, float]:

@@ -179,20 +179,23 @@ class Progress:
         """``[battery] 7/24 runs done (analysed, in results), 40/144 epochs, 35 min elapsed, about 80 min left``."""
         done = epochs = total_epochs = 0
         speeds: dict[str, list[float]] = {}
+        tails: dict[str, list[float]] = {}  # seconds from the last epoch's checkpoint to the export
         state = []
         for spec in self.runs:
-            run_dir = self.out / spec.name
+            run_dir, dest = self.out / spec.name, self.results_runs / spec.name
             n, spe = _epochs_and_speed(run_dir)
             n = min(n, spec.config.epochs)
-            exported = (self.results_runs / spec.name / "summary.json").is_file()
             needs = needed_analyses(spec.config)
-            analysed = exported and all((self.results_runs / spec.name / _FILE_OF[k]).is_file() for k in needs)
+            analysed = (dest / "summary.json").is_file() and all((dest / _FILE_OF[k]).is_file() for k in needs)
             done += analysed
             epochs += n
             total_epochs += spec.config.epochs
             label = scheme_label(spec.config)
             if spe is not None:
                 speeds.setdefault(label, []).append(spe)
+            if analysed and (run_dir / "checkpoint.pt").is_file():
+                last = max(p.stat().st_mtime for p in dest.iterdir())
+                tails.setdefault(label, []).append(max(0.0, last - (run_dir / "checkpoint.pt").stat().st_mtime))
             state.append((spec, n, spe, analysed, label, needs))
         every = [s for v in speeds.values() for s in v]
         left = 0.0
@@ -204,12 +207,13 @@ class Progress:
                 or (sum(every) / len(every) if every else None)
             if per is None:
                 continue
-            left += (spec.config.epochs - n) * per + (1.5 * per if needs else 0.2 * per)  # + final eval, analyses
+            tail = sum(tails[label]) / len(tails[label]) if label in tails else (1.5 if needs else 0.2) * per
+            left += (spec.config.epochs - n) * per + tail  # + the final evaluation and the analyses
         busy = min(self.workers, sum(1 for s in state if not s[3])) or 1
         elapsed = (time.perf_counter() - self.t0) / 60
         eta = f"about {left / busy / 60:.0f} min left" if known else "time left: known after the first epoch"
         return (f"[battery] {done}/{len(self.runs)} runs done, {epochs}/{total_epochs} epochs, "
-                f"{elapsed:.0f} min elapsed in this session, {eta}")
+                f"{elapsed:.1f} min elapsed in this session, {eta}")
 
 
 def _ticker(progress: Progress, say: Callable[[str], None], every: float, stop: threading.Event) -> None:
