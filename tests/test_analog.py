@@ -415,3 +415,71 @@ def test_digital_twin_of_an_analog_convnet_has_its_weights():
     torch.testing.assert_close(twin.fc.weight, model.fc.weight, atol=1e-6, rtol=1e-5)
     assert filter_similarity(twin)["overall"] == pytest.approx(filter_similarity(model)["overall"], abs=1e-5)
     assert digital_twin(model) is model
+
+
+# ----------------------------------------------------- grouped layers, padding modes (issue 17)
+
+
+@pytest.mark.parametrize("kwargs,scheme,nt", [
+    (dict(groups=2), "random", 4),
+    (dict(groups=4, out_channels=4), "image_pad", 4),  # depthwise
+    (dict(groups=4, out_channels=8), "perforated", 3),  # depthwise with a channel multiplier
+    (dict(padding_mode="circular"), "random", 5),
+    (dict(padding="same", padding_mode="reflect", kernel_size=(3, 2)), "alternate", 4),
+    (dict(groups=2, padding="valid"), "none", 1),
+])
+@pytest.mark.analog
+def test_ideal_analog_grouped_and_padded_layer_equals_digital(kwargs, scheme, nt):
+    """Distinct replicas on ``ideal`` arrays reproduce the digital layer, forward and input
+    gradient; one array per replica and group, of the group's kernel-matrix size."""
+    _aihwkit()
+    from rapa.analog import AnalogTiledConv2d
+
+    torch.manual_seed(0)
+    args = dict(in_channels=4, out_channels=6, kernel_size=3, padding=1, tiles=nt, scheme=scheme)
+    args.update(kwargs)
+    digital = TiledConv2d(**args)
+    analog = AnalogTiledConv2d.from_tiled(digital, "ideal")
+    groups = args.get("groups", 1)
+    arrays = analog.analog_arrays()
+    kh, kw = analog.kernel_size
+    assert len(arrays) == digital.num_kernels * groups
+    assert {tuple(a.get_weights()[0].shape) for a in arrays} == {(args["out_channels"] // groups,
+                                                                   4 // groups * kh * kw)}
+    weight, bias = analog.get_weights()
+    torch.testing.assert_close(weight, digital.weight.detach())
+    torch.testing.assert_close(bias, digital.bias.detach())
+    x = torch.randn(2, 4, 6, 7)
+    index = digital.assignment(x)
+    xd, xa = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yd, ya = digital(xd, index), analog(xa, index)
+    torch.testing.assert_close(ya, yd, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(yd)
+    yd.backward(g)
+    ya.backward(g)
+    torch.testing.assert_close(xa.grad, xd.grad, atol=1e-5, rtol=1e-5)
+    assert analog.to_digital().groups == groups
+
+
+@pytest.mark.analog
+def test_convert_to_analog_takes_converted_modern_nets():
+    """``convert_to_analog`` after ``rapa.convert`` on a depthwise-separable net: every conv
+    layer on arrays (the skipped, untiled stem too), the same function on ``ideal`` arrays."""
+    _aihwkit()
+    import rapa
+    from rapa.analog import AnalogTiledConv2d, convert_to_analog
+    from rapa.nets import SeparableNet
+
+    torch.manual_seed(1)
+    net = SeparableNet(channels=(4, 8, 8), strides=(1, 2)).eval()
+    rapa.convert(net, "balanced", input_size=(1, 8, 8), skip=["blocks.1.depthwise"])
+    analog = convert_to_analog(net, "ideal")
+    convs = [m for m in analog.modules() if isinstance(m, (nn.Conv2d, TiledConv2d))]
+    assert not convs  # nothing digital left
+    dw = analog.get_submodule("blocks.1.depthwise.0")  # a grouped nn.Conv2d: aihwkit cannot take it
+    assert isinstance(dw, AnalogTiledConv2d) and dw.groups == 8 and dw.scheme == "none"
+    x = torch.randn(2, 1, 8, 8)
+    torch.manual_seed(2)
+    yd = net(x)
+    torch.manual_seed(2)  # the same random assignments
+    torch.testing.assert_close(analog(x), yd, atol=1e-4, rtol=1e-4)

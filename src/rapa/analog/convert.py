@@ -3,8 +3,11 @@
 ``convert_to_analog`` walks ``named_children()`` like aihwkit's own
 ``aihwkit.nn.conversion.convert_to_analog`` and replaces
 
-* every :class:`rapa.TiledConv2d` by an :class:`AnalogTiledConv2d` (one array per replica),
-* every ``nn.Conv2d`` by aihwkit's ``AnalogConv2d`` (one array),
+* every :class:`rapa.TiledConv2d` by an :class:`AnalogTiledConv2d` (one array per replica
+  and group),
+* every ``nn.Conv2d`` by aihwkit's ``AnalogConv2d`` (one array); a grouped one, or one with
+  another padding mode or a padding string, which aihwkit does not take, by an untiled
+  :class:`AnalogTiledConv2d` (one array per group),
 * every ``nn.Linear`` by aihwkit's ``AnalogLinear`` (one array),
 
 copying the weights. ``prepare`` does that for a :class:`rapa.models.ConvNet` and a
@@ -45,8 +48,11 @@ def _convert_children(module: nn.Module, preset: AnalogPreset, generator: torch.
     for name, child in module.named_children():
         if isinstance(child, (AnalogLayerBase, AnalogTiledConv2d)):  # already analog
             continue
-        if isinstance(child, TiledConv2d):
-            seeds = [draw_construction_seed(generator) for _ in range(child.num_kernels)]
+        if isinstance(child, nn.Conv2d) and (child.groups != 1 or child.padding_mode != "zeros"
+                                             or isinstance(child.padding, str)):
+            child = TiledConv2d.from_conv2d(child, 1, "none")  # aihwkit's AnalogConv2d takes none of these
+        if isinstance(child, TiledConv2d):  # one array per replica and group
+            seeds = [draw_construction_seed(generator) for _ in range(child.num_kernels * child.groups)]
             new: nn.Module = AnalogTiledConv2d.from_tiled(child, preset, construction_seeds=seeds)
         elif isinstance(child, nn.Conv2d):
             new = AnalogConv2d.from_digital(child, preset.rpu_config(draw_construction_seed(generator)))

@@ -1,13 +1,17 @@
 """``AnalogTiledConv2d``: a RAPA convolution whose every replica is its own analog array.
 
 Each of the ``nk`` kernel matrices ``K_j`` (``k x cout``, ``k = cin*kh*kw``) lives on a
-separate aihwkit ``AnalogLinear`` tile with its own converters and noise (SPEC §5). The
+separate aihwkit ``AnalogLinear`` tile with its own converters and noise (SPEC §5). A grouped
+layer (``groups > 1``, depthwise: ``groups == cin``) has one ``k/groups x cout/groups``
+matrix per replica and group, each its own array: ``nk * groups`` arrays, replica ``j``'s
+group ``g`` at index ``j * groups + g``. Padding modes and padding strings are applied to
+the input first, as ``nn.Conv2d`` does. The
 forward pass gathers the patches of every tile (the same gather index as the digital
 :class:`rapa.TiledConv2d`, from :mod:`rapa.schemes`), sends tile ``j``'s ``(N*M, k)``
 patch matrix through array ``j`` (forward, backward and pulsed update are aihwkit's, the
 update happens in :class:`aihwkit.optim.AnalogSGD`'s ``step``) and scatters the outputs
-back. The loop over the ``nt`` arrays is the only Python loop: each iteration is one
-array's whole batch of matrix-vector products.
+back. The loop over the arrays is the only Python loop: each iteration is one array's whole
+batch of matrix-vector products.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from rapa import schemes
 from rapa.analog.backend import draw_construction_seed
 from rapa.analog.patches import gather_patches
 from rapa.analog.presets import AnalogPreset, get_preset
-from rapa.functional import _size2
+from rapa.functional import _size2, pad_input, resolve_padding
 from rapa.tiled_conv import TiledConv2d, check_conv_args
 
 
@@ -35,7 +39,7 @@ class AnalogTiledConv2d(nn.Module):
     :data:`rapa.analog.PRESETS`, ``aihwkit:CLASS`` or an :class:`AnalogPreset`) and
     ``construction_seeds`` (one non-zero seed per array for its device-to-device
     variations; default: drawn from ``generator`` / torch's generator). The arrays are
-    ``self.arrays[j]``; read and write their weights with :meth:`get_weights` /
+    ``self.arrays[j * groups + g]``; read and write their weights with :meth:`get_weights` /
     :meth:`set_weights`, which use the digital layer's shapes.
     """
 
@@ -45,7 +49,7 @@ class AnalogTiledConv2d(nn.Module):
         out_channels: int,
         kernel_size: _size2,
         stride: _size2 = 1,
-        padding: _size2 = 0,
+        padding: _size2 | str = 0,
         dilation: _size2 = 1,
         bias: bool = True,
         tiles: int = 1,
@@ -55,10 +59,15 @@ class AnalogTiledConv2d(nn.Module):
         dtype: torch.dtype | None = None,
         generator: torch.Generator | None = None,
         construction_seeds: Sequence[int] | None = None,
+        groups: int = 1,
+        padding_mode: str = "zeros",
     ) -> None:
         super().__init__()
         self.kernel_size, self.stride, self.padding, self.dilation = check_conv_args(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, scheme, tiles)
+            in_channels, out_channels, kernel_size, stride, padding, dilation, scheme, tiles,
+            groups, padding_mode)
+        self.groups = groups
+        self.padding_mode = padding_mode
         if dtype not in (None, torch.float32):
             raise ValueError(f"dtype={dtype}: the analog simulator computes in float32")
         self.in_channels = in_channels
@@ -70,13 +79,13 @@ class AnalogTiledConv2d(nn.Module):
         self.has_bias = bool(bias)
         nk = schemes.num_kernels(scheme, tiles)
         if construction_seeds is None:
-            construction_seeds = [draw_construction_seed(generator) for _ in range(nk)]
-        if len(construction_seeds) != nk:
+            construction_seeds = [draw_construction_seed(generator) for _ in range(nk * groups)]
+        if len(construction_seeds) != nk * groups:
             raise ValueError(f"construction_seeds has {len(construction_seeds)} entries; the layer has "
-                             f"{nk} arrays")
-        self.k = in_channels * self.kernel_size[0] * self.kernel_size[1]
+                             f"{nk * groups} arrays")
+        self.k = in_channels // groups * self.kernel_size[0] * self.kernel_size[1]  # rows per array
         self.arrays = nn.ModuleList(
-            AnalogLinear(self.k, out_channels, bias, rpu_config=self.preset.rpu_config(int(seed)))
+            AnalogLinear(self.k, out_channels // groups, bias, rpu_config=self.preset.rpu_config(int(seed)))
             for seed in construction_seeds
         )
         if scheme == "random_fixed":  # the partition is a function of this seed: saved state
@@ -104,13 +113,13 @@ class AnalogTiledConv2d(nn.Module):
         return TiledConv2d.output_size(self, h, w)  # type: ignore[arg-type]
 
     def analog_arrays(self) -> list[AnalogLinear]:
-        """The ``nk`` arrays, replica ``j`` at index ``j``."""
+        """The ``nk * groups`` arrays, replica ``j``'s group ``g`` at index ``j * groups + g``."""
         return [cast(AnalogLinear, array) for array in self.arrays]
 
     @property
     def num_kernels(self) -> int:
-        """Number of kernel matrices (arrays) held."""
-        return len(self.arrays)
+        """Number of replicas held (each ``groups`` arrays)."""
+        return len(self.arrays) // self.groups
 
     def reset_parameters(self) -> None:
         """``nn.Conv2d``'s default initialisation, drawn independently for every array."""
@@ -119,49 +128,64 @@ class AnalogTiledConv2d(nn.Module):
 
     @torch.no_grad()
     def get_weights(self) -> tuple[Tensor, Tensor | None]:
-        """Weights ``(nk, cout, cin, kh, kw)`` and biases ``(nk, cout)`` (or ``None``) as
+        """Weights ``(nk, cout, cin/groups, kh, kw)`` and biases ``(nk, cout)`` (or ``None``) as
         stored on the arrays (an exact, not a hardware-realistic, read-out; on CPU)."""
-        ws, bs = zip(*(array.get_weights() for array in self.analog_arrays()))
-        weight = torch.stack(ws).view(self.num_kernels, self.out_channels, self.in_channels,
+        ws, bs = zip(*(array.get_weights() for array in self.analog_arrays()))  # (cout/groups, k) each
+        weight = torch.stack(ws).view(self.num_kernels, self.out_channels, self.in_channels // self.groups,
                                       *self.kernel_size)
-        return weight, (torch.stack(bs) if self.has_bias else None)
+        return weight, (torch.stack(bs).view(self.num_kernels, self.out_channels) if self.has_bias else None)
 
     @torch.no_grad()
     def set_weights(self, weight: Tensor, bias: Tensor | None = None) -> None:
-        """Program every array with ``weight[j]`` (``(nk, cout, cin, kh, kw)``) and ``bias[j]``
-        (exact write; a pulsed device clips to its bounds)."""
-        shape = (self.num_kernels, self.out_channels, self.in_channels, *self.kernel_size)
+        """Program every array with its rows of ``weight[j]`` (``(nk, cout, cin/groups, kh, kw)``)
+        and ``bias[j]`` (exact write; a pulsed device clips to its bounds)."""
+        shape = (self.num_kernels, self.out_channels, self.in_channels // self.groups, *self.kernel_size)
         if tuple(weight.shape) != shape:
             raise ValueError(f"weight of shape {tuple(weight.shape)}: expected {shape}")
         if self.has_bias and (bias is None or tuple(bias.shape) != shape[:2]):
             raise ValueError(f"bias must have shape {shape[:2]}, got "
                              f"{None if bias is None else tuple(bias.shape)}")
+        og = self.out_channels // self.groups
+        w = weight.detach().cpu().float().reshape(-1, og, self.k)  # (nk*groups, cout/groups, k)
+        b = bias.detach().cpu().float().reshape(-1, og) if bias is not None and self.has_bias else None
         for j, array in enumerate(self.analog_arrays()):
-            array.set_weights(weight[j].reshape(self.out_channels, self.k).detach().cpu().float(),
-                              bias[j].detach().cpu().float() if bias is not None and self.has_bias else None)
+            array.set_weights(w[j], None if b is None else b[j])
+
+    def _apply_arrays(self, cols: Tensor, replica: int) -> Tensor:
+        """Replica ``replica``'s arrays on patches ``cols`` (L, cin*kh*kw) in ``(C, kh, kw)``
+        order: group ``g`` reads its channels' entries; outputs ``(L, cout)``."""
+        arrays = self.analog_arrays()[replica * self.groups:(replica + 1) * self.groups]
+        if self.groups == 1:
+            return arrays[0](cols)
+        return torch.cat([array(part) for array, part in zip(arrays, cols.split(self.k, dim=1))], 1)
 
     def forward(self, x: Tensor, index: Tensor | None = None) -> Tensor:
-        """Apply the layer; ``index`` (B, nt, M) overrides the scheme's assignment."""
+        """Apply the layer to ``x`` (N, C, H, W) or (C, H, W); ``index`` (B, nt, M) overrides
+        the scheme's assignment."""
+        if x.dim() == 3:  # unbatched, as nn.Conv2d accepts
+            return self.forward(x.unsqueeze(0), index).squeeze(0)
         n, _, h, w = x.shape
         if index is None:
             index = self.assignment(x)
         oh, ow = self.output_size(h, w)
         np_, cout = oh * ow, self.out_channels
-        if index is None:  # one array for every pixel: an ordinary analog convolution
-            cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # (N, k, np)
-            y = self.arrays[0](cols.transpose(1, 2))  # (N, np, cout)
-            return y.transpose(1, 2).reshape(n, cout, oh, ow)
+        top, _, left, _ = resolve_padding(self.padding, self.kernel_size, self.stride, self.dilation)
+        x, padding = pad_input(x, self.padding, self.padding_mode, self.kernel_size, self.stride, self.dilation)
+        if index is None:  # one array (per group) for every pixel: an ordinary analog convolution
+            cols = F.unfold(x, self.kernel_size, self.dilation, padding, self.stride)  # (N, k, np)
+            y = self._apply_arrays(cols.transpose(1, 2).reshape(n * np_, -1), 0)  # (N*np, cout)
+            return y.view(n, np_, cout).transpose(1, 2).reshape(n, cout, oh, ow)
         if index.shape[1] != self.num_kernels:
-            raise ValueError(f"index has {index.shape[1]} tiles; the layer has {self.num_kernels} arrays")
+            raise ValueError(f"index has {index.shape[1]} tiles; the layer has {self.num_kernels} replicas")
         mask = None
-        if self.scheme == "image_pad":
+        if self.scheme == "image_pad":  # regions of the input as given, before any padding
             mask = schemes.region_mask(self.tiles, h, w, oh, ow, self.kernel_size, self.stride,
-                                       self.padding, self.dilation, x.device).to(x.dtype)  # (np, kh*kw)
+                                       (top, left), self.dilation, x.device).to(x.dtype)  # (np, kh*kw)
         covered = self.scheme != "perforated"  # every other scheme's index is a partition
-        cols, dest, has_empty = gather_patches(x, index, self.kernel_size, self.stride, self.padding,
+        cols, dest, has_empty = gather_patches(x, index, self.kernel_size, self.stride, padding,
                                                self.dilation, mask, covered)  # (nt, N*M, k)
-        y = torch.cat([array(cols[j])  # (N*M, cout): one analog array's whole batch
-                       for j, array in enumerate(self.analog_arrays())])  # (nt*N*M, cout)
+        y = torch.cat([self._apply_arrays(cols[j], j)  # (N*M, cout): the replica's whole batch
+                       for j in range(self.num_kernels)])  # (nt*N*M, cout)
         rows = n * np_ + int(has_empty)  # empty slots write to the extra last row
         out = (y.new_empty if covered else y.new_zeros)(rows, cout).index_copy(0, dest, y)
         return out[: n * np_].view(n, oh, ow, cout).permute(0, 3, 1, 2)  # (N, cout, oh, ow)
@@ -170,11 +194,12 @@ class AnalogTiledConv2d(nn.Module):
     def from_tiled(cls, conv: TiledConv2d, preset: str | AnalogPreset = "rpu-baseline",
                    generator: torch.Generator | None = None,
                    construction_seeds: Sequence[int] | None = None) -> "AnalogTiledConv2d":
-        """An analog copy of ``conv``: same shapes, scheme, assignment seed and weights."""
+        """An analog copy of ``conv``: same shapes, groups, padding, scheme, assignment seed
+        and weights."""
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                     conv.dilation, conv.bias is not None, conv.tiles, conv.scheme, preset,
                     conv.weight.device, None, conv.generator if generator is None else generator,
-                    construction_seeds)
+                    construction_seeds, conv.groups, conv.padding_mode)
         if conv.fixed_seed is not None:
             layer.fixed_seed = conv.fixed_seed.detach().cpu().clone()
         layer.set_weights(conv.weight, conv.bias)
@@ -185,7 +210,7 @@ class AnalogTiledConv2d(nn.Module):
         """A digital :class:`rapa.TiledConv2d` with the arrays' current weights."""
         conv = TiledConv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
                            self.padding, self.dilation, self.has_bias, self.tiles, self.scheme,
-                           generator=self.generator)
+                           generator=self.generator, groups=self.groups, padding_mode=self.padding_mode)
         weight, bias = self.get_weights()
         with torch.no_grad():
             conv.weight.copy_(weight)
@@ -201,6 +226,10 @@ class AnalogTiledConv2d(nn.Module):
              f"stride={self.stride}, padding={self.padding}")
         if self.dilation != (1, 1):
             s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode!r}"
         if not self.has_bias:
             s += ", bias=False"
         return s + f", tiles={self.tiles}, scheme={self.scheme!r}, preset={self.preset.name!r}"
