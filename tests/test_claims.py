@@ -324,3 +324,29 @@ def test_battery_resumes_analyses_and_exports_the_small_files(tmp_path):
     write_battery_report(copy)
     assert json.loads((copy / "claims.json").read_text()) == claims
     assert (copy / "REPORT.md").read_text().split("## Claims")[1] == report.split("## Claims")[1]
+
+
+def test_commit_results_commits_only_the_results_tree(tmp_path):
+    import subprocess
+
+    from rapa.sweep.reproduce import commit_results
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(tmp_path), *args], capture_output=True, text=True, check=True).stdout
+
+    git("init", "-q")
+    git("config", "user.email", "t@example.com")
+    git("config", "user.name", "t")
+    (tmp_path / "other.txt").write_text("a")
+    git("add", "other.txt")
+    git("commit", "-q", "-m", "first")
+    (tmp_path / "other.txt").write_text("someone else's change, staged")
+    git("add", "other.txt")
+    results = tmp_path / "results" / "fmnist"
+    (results / "runs" / "r1").mkdir(parents=True)
+    (results / "runs" / "r1" / "summary.json").write_text("{}")
+    said: list[str] = []
+    assert commit_results(results, "results: r1", said.append) and not said
+    assert git("show", "--name-only", "--format=", "HEAD").split() == ["results/fmnist/runs/r1/summary.json"]
+    assert "M  other.txt" in git("status", "--porcelain")  # the other change is still staged, not committed
+    assert commit_results(results, "nothing new", said.append)  # nothing to commit is fine

@@ -14,7 +14,7 @@ RESULTS`` rebuilds them from the results tree alone. While it runs it prints the
 done out of the total and the time left. Killed, the same command continues where it
 stopped. ``--quick`` is the smaller battery of experiments/quick.yaml; the budget options
 shrink either (``--epochs 1 --limit-train 300 --limit-test 300 --seeds 0,1`` is a smoke test
-of a few minutes).
+of a few minutes). ``--commit`` commits the results tree (and nothing else) after every run.
 """
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="where the analyses run: auto, cpu, cuda (default auto)")
     p.add_argument("--progress-every", type=float, default=300.0,
                    help="seconds between progress lines (default 300)")
+    p.add_argument("--commit", action="store_true",
+                   help="git commit the results tree (only it) after every finished run and at the end")
     p.set_defaults(func=run)
 
 
@@ -65,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
     command = "rapa " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["reproduce"] \
         else None
     path = reproduce(experiment, args.out, args.results, budget(args), args.data_dir, sweep_options,
-                     args.attack_limit, args.eot, args.device, command=command, progress_every=args.progress_every)
+                     args.attack_limit, args.eot, args.device, command=command, progress_every=args.progress_every,
+                     commit=args.commit)
     print(f"rapa reproduce: wrote {path}")
     return 0

@@ -33,7 +33,7 @@ from rapa.sweep.battery_report import MANIFEST, read_manifest, write_battery_rep
 from rapa.sweep.evidence import claims_json, evaluate_claims
 from rapa.sweep.runs import Analyses, RunRecord, collect_runs, scheme_label
 
-__all__ = ["BATTERY_SNRS", "QUICK_EXPERIMENT", "SMALL_FILES", "STANDARD_EXPERIMENT", "BatteryTask", "claims_json",
+__all__ = ["BATTERY_SNRS", "QUICK_EXPERIMENT", "SMALL_FILES", "STANDARD_EXPERIMENT", "BatteryTask", "claims_json", "commit_results",
            "evaluate_claims", "export_run", "finish_run", "needed_analyses", "reproduce", "source_commit"]
 
 STANDARD_EXPERIMENT = "fmnist"
@@ -241,6 +241,36 @@ def source_commit() -> tuple[str | None, bool]:
     return head.stdout.strip(), bool(dirty.stdout.strip())
 
 
+def commit_results(results: str | Path, message: str, say: Callable[[str], None] = print,
+                   attempts: int = 5) -> bool:
+    """``git add`` and ``git commit -- RESULTS`` (only that folder) in the repository holding
+    ``results``; retried while another process holds git's index lock. False (said) on failure."""
+    results = Path(results).resolve()
+    top = subprocess.run(["git", "-C", str(results), "rev-parse", "--show-toplevel"], capture_output=True, text=True)
+    if top.returncode != 0:
+        say(f"reproduce: {results} is not in a git repository: nothing committed")
+        return False
+    root = top.stdout.strip()
+    rel = os.path.relpath(results, root)
+    for i in range(attempts):
+        add = subprocess.run(["git", "-C", root, "add", "--", rel], capture_output=True, text=True)
+        out = add
+        if add.returncode == 0:
+            same = subprocess.run(["git", "-C", root, "diff", "--cached", "--quiet", "HEAD", "--", rel],
+                                  capture_output=True, text=True)
+            if same.returncode == 0:  # nothing new under the results tree
+                return True
+            out = subprocess.run(["git", "-C", root, "commit", "-q", "-m", message, "--", rel], capture_output=True,
+                                 text=True)
+            if out.returncode == 0:
+                return True
+        if "index.lock" not in out.stderr or i + 1 == attempts:
+            say(f"reproduce: git commit of {rel} failed: {(out.stderr or out.stdout).strip().splitlines()[-1:]}")
+            return False
+        time.sleep(2.0 + 2.0 * i)
+    return False
+
+
 def _write_manifest(results: Path, doc: dict[str, Any]) -> None:
     results.mkdir(parents=True, exist_ok=True)
     tmp = results / (MANIFEST + ".tmp")
@@ -255,7 +285,8 @@ def reproduce(experiment: str = STANDARD_EXPERIMENT, out: str | Path | None = No
               results: str | Path | None = None, budget: dict[str, Any] | None = None, data_dir: str | None = None,
               sweep_options: dict[str, Any] | None = None, attack_limit: int | None = 5000, eot: int = 8,
               device: str = "auto", command: str | None = None, log: Callable[[str], None] | None = None,
-              progress_every: float = 300.0, error_metric: str = "final_test_error") -> Path:
+              progress_every: float = 300.0, error_metric: str = "final_test_error",
+              commit: bool = False) -> Path:
     """Run the battery ``experiment`` into ``out`` (run directories with checkpoints, default
     ``runs/EXPERIMENT``), export its small files to ``results`` (default
     ``results/EXPERIMENT``), and write ``results/REPORT.md`` (returned) and ``claims.json``.
@@ -265,7 +296,8 @@ def reproduce(experiment: str = STANDARD_EXPERIMENT, out: str | Path | None = No
     ``attack_limit``: test images attacked and voted on per net; ``command``: the command
     line recorded in the report; ``progress_every``: seconds between progress lines;
     ``error_metric``: the error the claims compare the schemes by (``final_test_error``: the
-    final net's one pass; ``best5_test_error``: the paper's 5-epoch average, for long runs).
+    final net's one pass; ``best5_test_error``: the paper's 5-epoch average, for long runs);
+    ``commit``: ``git commit`` the results tree (only it) after every finished run and at the end.
     """
     import dataclasses
 
@@ -317,6 +349,8 @@ def reproduce(experiment: str = STANDARD_EXPERIMENT, out: str | Path | None = No
             say(msg)
             if "] done " in msg or "FAILED" in msg:
                 say(progress.line())
+                if commit and "] done " in msg:
+                    commit_results(results, f"results/{exp.name}: {msg.split('] done ', 1)[1]}", say)
 
         result = run_sweep(runs, out, experiment=exp.name, log=sweep_log, train_fn=BatteryTask(str(results_runs),
                                                                                                  options),
@@ -352,6 +386,9 @@ def reproduce(experiment: str = STANDARD_EXPERIMENT, out: str | Path | None = No
     manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     _write_manifest(results, manifest)
     path = write_battery_report(results, log=say)
+    if commit:
+        commit_results(results, f"results/{exp.name}: REPORT.md, claims.json ({len(runs)} runs, "
+                                f"{manifest['wall_seconds'] / 60:.0f} min)", say)
     say(f"reproduce: {result.count('done')} runs trained now, {result.count('skipped')} before, "
         f"{result.count('failed')} failed; {seconds / 60:.1f} min in this session")
     for c in json.loads((results / "claims.json").read_text()):
