@@ -1,6 +1,7 @@
 """Benchmark of one RAPA conv layer against ``nn.Conv2d`` and the naive method.
 
-For the paper's three layer shapes it measures forward+backward time and peak memory of
+For the paper's three layer shapes, a depthwise layer (3x3, ``groups = channels``, as in
+MobileNets) and a grouped one (3x3, 4 groups) it measures forward+backward time and peak memory of
 ``nn.Conv2d``, ``TiledConv2d`` (``random`` and ``none``) and the naive method, which
 convolves with all ``nt`` kernels and picks one output per pixel (``nt`` times the MACs).
 On the CPU, ``random`` runs on the native kernels where they build (:mod:`rapa.native`);
@@ -26,11 +27,16 @@ from rapa.bench.common import geomean, resolve_device, sync, time_interleaved
 from rapa.functional import tiled_conv2d_dense
 from rapa.tiled_conv import TiledConv2d
 
-# (cin, cout, size, nt, input requires grad): conv1, conv2, conv3 of the paper's net
-PAPER_SHAPES: tuple[tuple[int, int, int, int, bool], ...] = (
-    (3, 32, 32, 16, False),
-    (32, 32, 16, 4, True),
-    (32, 64, 8, 1, True),
+# (cin, cout, size, nt, input requires grad, groups, kernel): conv1, conv2, conv3 of the
+# paper's net (5x5, padding 2), then a depthwise and a grouped 3x3 layer (padding 1)
+PAPER_SHAPES: tuple[tuple[int, int, int, int, bool, int, int], ...] = (
+    (3, 32, 32, 16, False, 1, 5),
+    (32, 32, 16, 4, True, 1, 5),
+    (32, 64, 8, 1, True, 1, 5),
+)
+GROUPED_SHAPES: tuple[tuple[int, int, int, int, bool, int, int], ...] = (
+    (64, 64, 16, 4, True, 64, 3),
+    (32, 32, 16, 4, True, 4, 3),
 )
 METHODS: tuple[str, ...] = ("conv2d", "none", "random", "random-pt", "naive")
 
@@ -44,12 +50,13 @@ class ConvCase:
     nt: int
     seconds: dict[str, float]
     peak_bytes: dict[str, int]
+    groups: int = 1
 
 
-def _make(method: str, cin: int, cout: int, nt: int, device: torch.device):
+def _make(method: str, cin: int, cout: int, nt: int, device: torch.device, groups: int = 1, kernel: int = 5):
     """A forward+backward closure for ``method`` and the tensors it keeps alive."""
     torch.manual_seed(0)
-    conv = nn.Conv2d(cin, cout, 5, padding=2, device=device)
+    conv = nn.Conv2d(cin, cout, kernel, padding=kernel // 2, groups=groups, device=device)
     if method == "conv2d":
         return conv
     if method == "none":
@@ -67,7 +74,7 @@ def _make(method: str, cin: int, cout: int, nt: int, device: torch.device):
 
     def naive(x):
         s = layer.tile_map(x)  # (N, np): same draw as the layer would use
-        return tiled_conv2d_dense(x, layer.weight, layer.bias, s, padding=2)
+        return tiled_conv2d_dense(x, layer.weight, layer.bias, s, padding=kernel // 2, groups=groups)
 
     naive.parameters = layer.parameters  # type: ignore[attr-defined]
     return naive
@@ -90,9 +97,9 @@ def _step_fn(module, x):
 def measure_peak(method: str, shape: tuple, batch: int, device: torch.device,
                  channels_last: bool = False) -> int:
     """Peak extra memory (bytes) of one forward+backward of ``method``."""
-    cin, cout, size, nt, grad_in = shape
+    cin, cout, size, nt, grad_in, groups, kernel = shape
     if device.type == "cuda":
-        module = _make(method, cin, cout, nt, device)
+        module = _make(method, cin, cout, nt, device, groups, kernel)
         x = _input(batch, cin, size, device, grad_in, channels_last)
         step = _step_fn(module, x)
         step()  # allocator warm-up
@@ -122,8 +129,8 @@ def _peak_child(method: str, shape: tuple, batch: int, channels_last: bool = Fal
     memory before it (bytes). The parent sets ``MALLOC_MMAP_THRESHOLD_`` low so that freed
     buffers leave the resident set at once, and the peak (VmHWM) is reset through
     ``/proc/self/clear_refs`` just before the step."""
-    cin, cout, size, nt, grad_in = shape
-    module = _make(method, cin, cout, nt, torch.device("cpu"))
+    cin, cout, size, nt, grad_in, groups, kernel = shape
+    module = _make(method, cin, cout, nt, torch.device("cpu"), groups, kernel)
     x = _input(batch, cin, size, torch.device("cpu"), grad_in, channels_last)
     step = _step_fn(module, x)
     step()  # first call: load kernels, size thread pools
@@ -139,7 +146,7 @@ def _peak_child(method: str, shape: tuple, batch: int, channels_last: bool = Fal
 
 
 def run_conv_bench(batches=(10, 128), device: str = "auto", repeats: int = 5,
-                   memory: bool = True, shapes=PAPER_SHAPES,
+                   memory: bool = True, shapes=PAPER_SHAPES + GROUPED_SHAPES,
                    channels_last: bool = False) -> list[ConvCase]:
     """Measure every method on every shape and batch size (inputs in NCHW or, with
     ``channels_last``, NHWC memory for every method alike)."""
@@ -147,13 +154,14 @@ def run_conv_bench(batches=(10, 128), device: str = "auto", repeats: int = 5,
     cases = []
     for batch in batches:
         for shape in shapes:
-            cin, cout, size, nt, grad_in = shape
+            cin, cout, size, nt, grad_in, groups, kernel = shape
             x = _input(batch, cin, size, dev, grad_in, channels_last)
-            fns = {m: _step_fn(_make(m, cin, cout, nt, dev), x) for m in METHODS}
+            fns = {m: _step_fn(_make(m, cin, cout, nt, dev, groups, kernel), x) for m in METHODS}
             secs = time_interleaved(fns, dev, repeats)
             peaks = ({m: measure_peak(m, shape, batch, dev, channels_last) for m in METHODS}
                      if memory else {})
-            cases.append(ConvCase(f"{cin}->{cout} @{size}x{size}", batch, nt, secs, peaks))
+            kind = "" if groups == 1 else " dw" if groups == cin == cout else f" g{groups}"
+            cases.append(ConvCase(f"{cin}->{cout} @{size}x{size}{kind}", batch, nt, secs, peaks, groups))
     return cases
 
 
@@ -172,12 +180,18 @@ def format_conv_bench(cases: list[ConvCase], device: str, memory_format: str = "
                      f"{s['none'] / s['conv2d']:>7.2f}{s['random'] / s['conv2d']:>8.2f}"
                      f"{s['random-pt'] / s['conv2d']:>8.2f}{s['naive'] / s['conv2d']:>8.2f}{s['naive'] / s['random']:>11.2f}{mem}")
     for batch in sorted({c.batch for c in cases}):
-        cs = [c for c in cases if c.batch == batch]
+        cs = [c for c in cases if c.batch == batch and c.groups == 1]
+        if not cs:
+            continue
         g = geomean([c.seconds["random"] / c.seconds["conv2d"] for c in cs])
         gn = geomean([c.seconds["none"] / c.seconds["conv2d"] for c in cs])
         gp = geomean([c.seconds["random-pt"] / c.seconds["conv2d"] for c in cs])
         lines.append(f"batch {batch}: geomean random/conv2d = {g:.2f}x (target <= 2), "
                      f"none/conv2d = {gn:.2f}x (target <= 1.1), random-pt/conv2d = {gp:.2f}x")
+    for c in cases:
+        if c.shape.endswith(" dw"):
+            lines.append(f"batch {c.batch}, depthwise: random/conv2d = "
+                         f"{c.seconds['random'] / c.seconds['conv2d']:.2f}x (target <= 1.5)")
     for c in cases:
         if c.nt == 16:
             lines.append(f"batch {c.batch}, 16 tiles: naive/random = "
