@@ -33,8 +33,9 @@ from rapa.sweep.battery_report import MANIFEST, read_manifest, write_battery_rep
 from rapa.sweep.evidence import claims_json, evaluate_claims
 from rapa.sweep.runs import Analyses, RunRecord, collect_runs, scheme_label
 
-__all__ = ["BATTERY_SNRS", "QUICK_EXPERIMENT", "SMALL_FILES", "STANDARD_EXPERIMENT", "BatteryTask", "claims_json", "commit_results",
-           "evaluate_claims", "export_run", "finish_run", "needed_analyses", "reproduce", "source_commit"]
+__all__ = ["BATTERY_SNRS", "QUICK_EXPERIMENT", "SMALL_FILES", "STANDARD_EXPERIMENT", "BatteryTask", "claims_json",
+           "commit_results", "evaluate_claims", "export_run", "finish_run", "needed_analyses", "reproduce",
+           "source_commit"]
 
 STANDARD_EXPERIMENT = "fmnist"
 QUICK_EXPERIMENT = "quick"
@@ -319,16 +320,16 @@ def reproduce(experiment: str = STANDARD_EXPERIMENT, out: str | Path | None = No
         raise RapaError(f"a battery must be on one dataset, experiment {exp.name} has {', '.join(sorted(datasets))}")
     options: dict[str, Any] = dict(device=device, attack_limit=attack_limit, eot=eot, snrs=list(BATTERY_SNRS))
     opts = dict(sweep_options or {})
-    commit, dirty = source_commit()
+    head, dirty = source_commit()
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
     old = read_manifest(results) or {}
     sessions = list(old.get("sessions") or []) if old.get("experiment") == exp.name else []
     manifest = {"experiment": exp.name, "description": exp.description, "command": command or
-                f"rapa reproduce --experiment {exp.name}", "commit": commit, "dirty": dirty,
+                f"rapa reproduce --experiment {exp.name}", "commit": head, "dirty": dirty,
                 "started": (old.get("started") if sessions else None) or started, "runs": len(runs),
                 "budget": budget or {}, "analyses": {k: v for k, v in options.items() if k != "device"},
                 "error_metric": error_metric, "work_dir": str(out), "wall_seconds": None,
-                "sessions": sessions + [{"started": started, "commit": commit, "seconds": None}]}
+                "sessions": sessions + [{"started": started, "commit": head, "seconds": None}]}
     _write_manifest(results, manifest)
     results_runs.mkdir(parents=True, exist_ok=True)
 
