@@ -95,7 +95,7 @@ class SeparableNet(nn.Module):
     average pooling, linear classifier."""
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1,
-                 channels: Sequence[int] = (32, 64, 128, 128, 256), strides: Sequence[int] = (1, 2, 1, 2)) -> None:
+                 channels: Sequence[int] = (16, 32, 64, 64, 128), strides: Sequence[int] = (1, 2, 1, 2)) -> None:
         super().__init__()
         self.channels = _check("channels", channels)
         self.strides = _check("strides", strides)
