@@ -109,6 +109,7 @@ def plot_more_tiles(curves: dict[str, Any], path: str | Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     runs = curves["runs"]
     datasets = sorted({r["dataset"] for r in runs})
@@ -119,6 +120,7 @@ def plot_more_tiles(curves: dict[str, Any], path: str | Path) -> None:
         if pts:
             ax_a.plot(*zip(*pts), color=f"C{j % 10}", lw=1.2, label=_label(r, many))
     ax_a.set_xlabel("epoch")
+    ax_a.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs, even for a 2-epoch run
     ax_a.set_ylabel("test error (%)")
     ax_a.set_title("A: test error per tiling")
     ax_a.legend(fontsize=7)

@@ -85,8 +85,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
     args = parser.parse_args(argv)
+    stdout, sys.stdout = sys.stdout, _GuardedStdout(sys.stdout)
     try:
         rc = args.func(args)
+        sys.stdout.flush()
     except RapaError as exc:
         print(f"rapa {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_status
@@ -97,17 +99,49 @@ def main(argv: Sequence[str] | None = None) -> int:
         _silence_stdout()
         return 1
     except OSError as exc:  # a write that failed after the outputs were checked (disk full ...)
-        where = f"{exc.filename}: " if exc.filename else ""
+        if exc.filename:
+            where = f"{exc.filename}: "
+        elif isinstance(exc, _StdoutError):  # print() to a full or closed stdout
+            where = "cannot write to standard output: "
+            _silence_stdout()
+        else:
+            where = ""
         print(f"rapa {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 1
-    try:
-        sys.stdout.flush()
-    except OSError as exc:  # print() to a full or closed stdout fails here
-        _silence_stdout()
-        print(f"rapa {args.command}: error: cannot write to standard output: {exc.strerror or exc}",
-              file=sys.stderr)
-        return 1
+    finally:
+        sys.stdout = stdout
     return int(rc or 0)
+
+
+class _StdoutError(OSError):
+    """A write to standard output failed."""
+
+
+class _GuardedStdout:
+    """``sys.stdout`` whose failed writes raise :class:`_StdoutError`, so that the message
+    can say it was standard output (a print() error carries no file name)."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise _StdoutError(exc.errno, exc.strerror) from None
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise _StdoutError(exc.errno, exc.strerror) from None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 def _silence_stdout() -> None:

@@ -39,6 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the tile draws and PGD starts (default 0)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     p.add_argument("--data-dir", default=None, help="folder holding the dataset files (default: the run's)")
+    p.add_argument("--download", action="store_true", help="download missing dataset files")
     p.add_argument("--out", type=Path, default=None, help="folder for attack.json and attack.png (default: DIR)")
     add_threads(p)
     add_quiet(p)
@@ -98,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
     if args.data_dir is not None:
         config = dataclasses.replace(config, data_dir=args.data_dir)
     limit = args.limit if args.limit is not None else config.limit_test
-    test = load_dataset(config.dataset, "test", data_dir=config.data_dir, limit=limit)
+    test = load_dataset(config.dataset, "test", data_dir=config.data_dir, download=args.download,
+                        limit=limit)
 
     curves, labels = {}, {}
     for key, run_dir, net, cfg in runs:

@@ -25,6 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="adaptive voting: confidence that needs no extra pass (default: the run's, 0.9)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     p.add_argument("--data-dir", help="folder holding the dataset files (default: the run's)")
+    p.add_argument("--download", action="store_true", help="download missing dataset files")
     p.add_argument("--limit-test", type=int, help="evaluate only the first N test images (default: the run's)")
     p.add_argument("--seed", type=int, default=None, help="seed of the random tile assignments (default: the run's)")
     add_threads(p)
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     if args.data_dir is not None:
         config = dataclasses.replace(config, data_dir=args.data_dir)
     limit = args.limit_test if args.limit_test is not None else config.limit_test
-    data = load_dataset(config.dataset, "test", data_dir=config.data_dir, limit=limit)
+    data = load_dataset(config.dataset, "test", data_dir=config.data_dir, download=args.download, limit=limit)
     votes = config.votes if args.votes is None else args.votes
     threshold = config.adaptive_threshold if args.threshold is None else args.threshold
     torch.manual_seed(config.seed if args.seed is None else args.seed)

@@ -32,6 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random methods and tile draws (default 0)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     p.add_argument("--data-dir", default=None, help="folder holding the dataset files (default: the run's)")
+    p.add_argument("--download", action="store_true", help="download missing dataset files")
     p.add_argument("--out", type=Path, default=None, help="folder for reduce.json (default: DIR)")
     add_threads(p)
     add_quiet(p)
@@ -64,9 +65,9 @@ def run(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, data_dir=args.data_dir)
     limit_train = args.limit_train if args.limit_train is not None else config.limit_train
     limit_test = args.limit_test if args.limit_test is not None else config.limit_test
-    test = load_dataset(config.dataset, "test", data_dir=config.data_dir, limit=limit_test)
-    train = load_dataset(config.dataset, "train", data_dir=config.data_dir, limit=limit_train) \
-        if "maxpool_winner" in methods else None
+    load = dict(data_dir=config.data_dir, download=args.download)
+    test = load_dataset(config.dataset, "test", limit=limit_test, **load)
+    train = load_dataset(config.dataset, "train", limit=limit_train, **load) if "maxpool_winner" in methods else None
 
     torch.manual_seed(args.seed)
     with shown(not args.quiet):

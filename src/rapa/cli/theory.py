@@ -60,6 +60,7 @@ def _plot(result: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(1, 3, figsize=(15, 4.2))
     sp = result["spread"]
@@ -78,6 +79,7 @@ def _plot(result: dict, path: Path) -> None:
             a.plot(h["epoch"], h[f"train_{key}"], "--", color=color, label=f"{name} train")
             a.plot(h["epoch"], h[f"test_{key}"], "-", color=color, label=f"{name} test")
         a.set_xlabel("epoch")
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs
         a.set_ylabel(label)
         a.set_title(f"Train/test {label}")
         a.legend()

@@ -154,12 +154,15 @@ class ImageDataset:
     # -- where files live --------------------------------------------------------------
 
     def search_dirs(self) -> list[Path]:
-        """Folders searched for the distribution files, in order, without duplicates."""
+        """Folders searched for the distribution files, in order, without duplicates: with a
+        ``data_dir`` only that folder (and its ``subdir``), so that its files are never mixed
+        with another copy; otherwise the cache, then :attr:`system_dirs`."""
         dirs: list[Path] = []
         if self.data_dir is not None:
             dirs += [self.data_dir, self.data_dir / self.subdir]
-        dirs += [cache_dir(), cache_dir() / self.subdir]
-        dirs += [Path(d) for d in self.system_dirs]
+        else:
+            dirs += [cache_dir(), cache_dir() / self.subdir]
+            dirs += [Path(d) for d in self.system_dirs]
         unique: list[Path] = []
         for d in dirs:
             if d not in unique:
@@ -187,10 +190,11 @@ class ImageDataset:
         ``wanted`` names the files looked for, ``get`` says what to download from where.
         """
         looked = ", ".join(str(d) for d in self.search_dirs())
+        elsewhere = (f"or drop --data-dir to use the cache ({cache_dir()})" if self.data_dir is not None
+                     else "or pass --data-dir DIR (data_dir=DIR) naming the folder that holds it")
         return DatasetError(
             f"{self.title} ({split} split) not found: looked for {wanted} in {looked}. "
-            f"Download {get} (see {self.homepage}) and put it into one of these folders, "
-            f"or pass --data-dir DIR (data_dir=DIR) naming the folder that holds it, "
+            f"Download {get} (see {self.homepage}) and put it into one of these folders, {elsewhere}, "
             f"or pass --download (download=True) to fetch it into {self.download_dir()} "
             f"(set {CACHE_ENV} to change the cache)."
         )
@@ -199,7 +203,7 @@ class ImageDataset:
         """The error for a file whose checksum is wrong."""
         return DatasetError(
             f"{self.title} file {path} is corrupt or incomplete (md5 {got}, expected {expected}). "
-            f"Delete it and get it again from {url}, or pass --download (download=True) "
+            f"Delete it, then get it again from {url} or pass --download (download=True) "
             f"to fetch a fresh copy into {self.download_dir()}."
         )
 

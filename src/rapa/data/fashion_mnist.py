@@ -1,7 +1,8 @@
 """Fashion-MNIST (Xiao et al. 2017) from its IDX files, gzipped or not.
 
-Searched also in ``/usr/share/datasets/fashion-mnist``, where Debian's
-``dataset-fashion-mnist`` package installs the four ``.gz`` files. Debian recompresses
+Without a ``data_dir`` also searched in ``/usr/share/datasets/fashion-mnist``, where Debian's
+``dataset-fashion-mnist`` package installs the four ``.gz`` files (a ``data_dir`` is the only
+place searched, so that its files are never mixed with Debian's). Debian recompresses
 them, so the ``.gz`` md5 differs from upstream's; the integrity check is therefore the md5
 of the *decompressed* IDX content (the upstream values, the same for every copy), plus the
 gzip CRC and the IDX header and length.
@@ -87,8 +88,8 @@ class FashionMNIST(ImageDataset):
                 raw = gzip.decompress(raw)
             except (OSError, EOFError, zlib.error) as exc:  # bad CRC, truncated stream
                 raise DatasetError(
-                    f"{self.title} file {path} is corrupt or incomplete ({exc}). Delete it and get it "
-                    f"again from {self.mirrors[0]}{stem}.gz, or pass --download (download=True)."
+                    f"{self.title} file {path} is corrupt or incomplete ({exc}). Delete it, then get it "
+                    f"again from {self.mirrors[0]}{stem}.gz or pass --download (download=True)."
                 )
         expected = self.resources[stem][1]
         got = md5_bytes(raw)
