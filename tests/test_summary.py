@@ -125,3 +125,40 @@ def test_build_net_rejects_unknown_and_bad_arguments():
         build_net("vgg")
     with pytest.raises(ValueError, match="strides"):
         SeparableNet(channels=(8, 16), strides=(1, 2))
+
+
+def test_modern_demonstration_runs_aggregates_and_skips_finished_runs(tmp_path, capsys):
+    """A tiny run of each kind on the embedded digits (8x8: np = 64, 16, 4 -> tiles 16, 4, 1),
+    its record, the aggregate's mean and t-interval, and a rerun that trains nothing."""
+    import math
+
+    from rapa import modern
+
+    runs = [modern.ModernRun("resnet", tiled, seed, epochs=1, batch_size=16, dataset="digits", limit_train=64,
+                             limit_test=40, votes=3) for tiled in (False, True) for seed in (0, 1)]
+    results = [modern.run_one(r, tmp_path) for r in runs]
+    tiled = results[2]
+    assert tiled["tiles"] == [16] * 3 + [4] * 3 + [1] * 3 and tiled["speedup_pipelined"] == pytest.approx(16.0)
+    assert results[0]["tiles"] == [1] * 9 and results[0]["vote"] == results[0]["single"]
+    assert json.loads((tmp_path / "resnet-tiled-s1" / "run.json").read_text())["test_images"] == 40
+    lo, hi = tiled["single_ci"]
+    assert lo <= tiled["single"] <= hi
+    text = modern.aggregate(tmp_path)
+    row = json.loads((tmp_path / "summary.json").read_text())["rows"][1]
+    singles = [results[2]["single"], results[3]["single"]]
+    mean, sd = sum(singles) / 2, abs(singles[0] - singles[1]) / math.sqrt(2)
+    assert row["single"][0] == pytest.approx(mean) and row["single"][1] == pytest.approx(12.706 * sd / math.sqrt(2))
+    assert "| resnet | balanced random | 2 |" in text
+    assert modern.main(["--out", str(tmp_path), "--nets", "resnet", "--seeds", "0", "1", "--jobs", "1"]) == 0
+    assert "wall time" not in capsys.readouterr().out  # nothing left to train
+
+
+def test_modern_intervals_and_option_errors(capsys):
+    from rapa import modern
+
+    assert modern.wilson(0, 10)[1] == pytest.approx(0.2775, abs=1e-4)  # the textbook value
+    lo, hi = modern.wilson(50, 1000)
+    assert (lo, hi) == (pytest.approx(0.0382, abs=1e-4), pytest.approx(0.0653, abs=1e-4))
+    assert modern._mean_ci([0.1, 0.2, 0.3]) == (pytest.approx(0.2), pytest.approx(4.303 * 0.1 / 3 ** 0.5))
+    assert modern.main(["--epochs", "0"]) == 2
+    assert "--epochs must be >= 1, got 0" in capsys.readouterr().err
