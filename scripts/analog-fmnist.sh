@@ -1,26 +1,47 @@
 #!/usr/bin/env bash
-# Fashion-MNIST, untiled and random (16,4,1), FP and rpu-baseline: 3 epochs on 10,000 training
-# images (2,000 test), no warm-up, seed 0, one thread per run. The two rpu-baseline runs go
-# side by side, then the two FP runs.
-#   bash scripts/analog-fmnist.sh LR_UNTILED LR_TILED OUT     e.g. 0.01 0.025 runs/analog
+# Fashion-MNIST on simulated analog arrays (rpu-baseline) against floating point at the same
+# recipe: untiled and random (16,4,1), seed 0, one thread per run, no warm-up. The analog runs
+# take the analog recipe's defaults (--init he, lr 0.01 untiled / 0.025 tiled: `rapa train
+# --help`); their FP twins are given the same init and rates explicitly.
+#   bash scripts/analog-fmnist.sh short [OUT]   3 epochs on the first 10,000 training images,
+#                                               2,000 test images (default OUT runs/analog)
+#   bash scripts/analog-fmnist.sh full  [OUT]   5 epochs on all 60,000 / 10,000 (default OUT
+#                                               runs/analog-full; about 2 hours on 2 cores)
+# The two analog runs go side by side, then the two FP runs. Rerunning the command resumes
+# unfinished runs (rapa train --resume) and skips finished ones. Then:
+#   python scripts/analog_table.py OUT          the README's table from the runs' files
 set -eu
 cd "$(dirname "$0")/.."
-lr_none=${1:-0.01}; lr_random=${2:-0.025}; out=${3:-runs/analog}
+mode=${1:-short}
+case "$mode" in
+  short) out=${2:-runs/analog}; budget="--epochs 3 --limit-train 10000 --limit-test 2000" ;;
+  full) out=${2:-runs/analog-full}; budget="--epochs 5" ;;
+  *) echo "analog-fmnist.sh: mode must be short or full, got '$mode'" >&2; exit 2 ;;
+esac
 . .venv/bin/activate
 mkdir -p "$out"
-common="--dataset fashion-mnist --epochs 3 --limit-train 10000 --limit-test 2000 --warmup-epochs 0
-        --seed 0 --threads 1 --quiet --overwrite"
-run() {  # backend scheme
-  local analog=""; [ "$1" = fp ] || analog="--analog $1"
-  if [ "$2" = none ]; then
-    rapa train $common --scheme none --tiles none --lr "$lr_none" $analog --out "$out/fmnist-none-$1"
+read -r lr_none lr_tiled < <(python -c "from rapa.config import ANALOG_LR_UNTILED as u, ANALOG_LR_TILED as t; print(u, t)")
+common="--dataset fashion-mnist $budget --warmup-epochs 0 --seed 0 --threads 1 --quiet"
+run() {  # backend (fp | preset) net (none | random)
+  local dir="$out/fmnist-$2-$1" extra=""
+  if [ "$1" = fp ]; then
+    extra="--init he --lr $([ "$2" = none ] && echo "$lr_none" || echo "$lr_tiled")"
   else
-    rapa train $common --scheme random --tiles 16,4,1 --lr "$lr_random" $analog --out "$out/fmnist-random-$1"
+    extra="--analog $1"
+  fi
+  if [ -f "$dir/summary.json" ]; then echo "$dir: finished"; return 0; fi
+  if [ -f "$dir/checkpoint.pt" ]; then rapa train --resume "$dir" --threads 1 --quiet; return; fi
+  if [ "$2" = none ]; then
+    rapa train $common --scheme none --tiles none $extra --overwrite --out "$dir"
+  else
+    rapa train $common --scheme random --tiles 16,4,1 $extra --overwrite --out "$dir"
   fi
 }
+start=$(date +%s)
 run rpu-baseline none > "$out/none-rpu.log" 2>&1 &
 run rpu-baseline random > "$out/random-rpu.log" 2>&1 &
 wait
 run fp none > "$out/none-fp.log" 2>&1
 run fp random > "$out/random-fp.log" 2>&1
+echo "wall time $(( $(date +%s) - start )) s" | tee "$out/wall.txt"
 tail -n 4 "$out"/*.log

@@ -32,7 +32,7 @@ LR_TILED = 0.025
 """The paper's learning rate with tiling (§2.2)."""
 ANALOG_LR_UNTILED = 0.01
 """Default learning rate of an untiled net on analog arrays (``analog`` set; README)."""
-ANALOG_LR_TILED = 0.025
+ANALOG_LR_TILED = 0.01
 """Default learning rate of a tiled net on analog arrays (``analog`` set; README)."""
 META_KEYS: tuple[str, ...] = ("torch_version", "rapa_version")
 """Keys a run's config.json carries besides the fields (ignored by ``from_dict``)."""
@@ -218,6 +218,10 @@ class TrainConfig:
             raise RapaError(f"mirror must be true, false or null, got {self.mirror!r}")
         if self.analog is not None and (not isinstance(self.analog, str) or not self.analog):
             raise RapaError(f"analog must be a preset name or None, got {self.analog!r}")
+        if self.analog is not None:
+            from rapa.analog.presets import get_preset
+
+            get_preset(self.analog)  # RapaError naming an unknown preset (aihwkit classes: at conversion)
         if self.init is not None and self.init not in ("caffe", "he"):
             raise RapaError(f"unknown init {self.init!r}; choose caffe or he")
         if self.version != CONFIG_VERSION:

@@ -30,6 +30,9 @@ ENLARGED_CHANNELS: tuple[int, int, int] = (54, 64, 64)  # the "no tiling enlarge
 PAPER_TILES: tuple[int, int, int] = (16, 4, 1)  # balanced for np = (1024, 256, 64)
 CONV_INIT_STD: tuple[float, float, float] = (1e-4, 0.01, 0.01)  # Caffe's Gaussian fillers
 FC_INIT_STD: float = 0.01
+INITS: tuple[str, ...] = ("caffe", "he")
+"""Initialisations: ``caffe`` (SPEC §2, the paper's) and ``he`` (He et al. 2015: Gaussian
+std ``sqrt(2 / fan_in)`` for every conv and the FC layer; what the analog recipe uses)."""
 _KERNEL, _CONV_PAD = 5, 2
 _POOL_K, _POOL_S, _POOL_P = 3, 2, 1
 
@@ -72,8 +75,11 @@ class ConvNet(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         generator: torch.Generator | None = None,
+        init: str = "caffe",
     ) -> None:
         super().__init__()
+        if init not in INITS:
+            raise ValueError(f"init={init!r} is unknown; choose one of {', '.join(INITS)}")
         for name, value in (("num_classes", num_classes), ("in_channels", in_channels)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
@@ -109,6 +115,7 @@ class ConvNet(nn.Module):
         self.image_size = size
         self.output_pixels = nps
         self.generator = generator
+        self.init = init
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         c1, c2, c3 = channels
         conv: dict[str, Any] = dict(kernel_size=_KERNEL, padding=_CONV_PAD, scheme=scheme,
@@ -152,13 +159,16 @@ class ConvNet(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Caffe's initialisation: Gaussian std 1e-4 (conv1), 0.01 (conv2, conv3, FC);
-        biases 0; every tile drawn independently; mixed pooling ``beta = 2/mu``."""
+        """The initialisation ``self.init``: Caffe's Gaussian std 1e-4 (conv1), 0.01 (conv2,
+        conv3, FC), or He's ``sqrt(2 / fan_in)``; biases 0; every tile drawn independently;
+        mixed pooling ``beta = 2/mu``."""
+        he = getattr(self, "init", "caffe") == "he"
         for layer, std in zip(self.convs, CONV_INIT_STD):
-            self._normal_(layer.weight, std)
+            fan_in = layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
+            self._normal_(layer.weight, math.sqrt(2.0 / fan_in) if he else std)
             if layer.bias is not None:
                 layer.bias.zero_()
-        self._normal_(self.fc.weight, FC_INIT_STD)
+        self._normal_(self.fc.weight, math.sqrt(2.0 / self.fc.in_features) if he else FC_INIT_STD)
         self.fc.bias.zero_()
         for pool in (self.pool1, self.pool2):
             if isinstance(pool, MixedPool2d):

@@ -26,6 +26,10 @@ from typing import Any, ClassVar
 
 from rapa.errors import RapaError
 
+WEIGHT_RANGE = 0.5
+"""Default weight scaling of the pulsed presets: largest weight of every array at half the
+device's mean bound (room to grow, and below most devices' varied bounds)."""
+
 
 @dataclass
 class AnalogPreset:
@@ -45,20 +49,18 @@ class AnalogPreset:
         return True
 
 
-def _one_array_per_replica(config: Any, digital_bias: bool | None = None) -> Any:
-    """Map every weight matrix onto one array of exactly its size (no splitting at 512)."""
-    config.mapping.max_input_size = 0
-    config.mapping.max_output_size = 0
-    if digital_bias is not None:
-        config.mapping.digital_bias = digital_bias
-    return config
-
-
 def _set_construction_seed(config: Any, seed: int) -> Any:
     device = getattr(config, "device", None)
     if device is not None and hasattr(device, "construction_seed"):
         device.construction_seed = int(seed)
     return config
+
+
+def _mapped(config: Any, weight_range: float, digital_bias: bool | None = None) -> Any:
+    """``config`` through :func:`rapa.analog.mapping.map_arrays` (imports aihwkit)."""
+    from rapa.analog.mapping import map_arrays
+
+    return map_arrays(config, weight_range, digital_bias)
 
 
 @dataclass
@@ -78,7 +80,7 @@ class IdealPreset(AnalogPreset):
     def rpu_config(self, construction_seed: int = 0) -> Any:
         from aihwkit.simulator.configs import FloatingPointRPUConfig
 
-        return _one_array_per_replica(FloatingPointRPUConfig(), self.digital_bias)
+        return _mapped(FloatingPointRPUConfig(), 0.0, self.digital_bias)
 
     @property
     def pulsed(self) -> bool:
@@ -126,9 +128,10 @@ class RPUBaselinePreset(AnalogPreset):
     """Maximal number of pulses in a stochastic update pulse train."""
     digital_bias: bool = False
     """False: each replica's bias is an extra column of its array, updated by pulses."""
-    weight_scaling_omega: float = 0.0
-    """aihwkit mapping: > 0 programs each array so that its largest weight is ``omega``,
-    with a fixed digital output scale per array; 0: weights are written as they are."""
+    weight_range: float = WEIGHT_RANGE
+    """Weight scaling (aihwkit's ``weight_scaling_omega = weight_range * w_max``): every
+    array's largest weight is written at this fraction of the mean bound, with one exact
+    digital output scale per array (:mod:`rapa.analog.mapping`); 0: written 1:1."""
 
     def rpu_config(self, construction_seed: int = 0) -> Any:
         from aihwkit.simulator.configs import ConstantStepDevice, SingleRPUConfig
@@ -155,8 +158,7 @@ class RPUBaselinePreset(AnalogPreset):
             update_bl_management=True, update_management=True,
         )
         config = SingleRPUConfig(device=device, forward=io(), backward=io(), update=update)
-        config.mapping.weight_scaling_omega = self.weight_scaling_omega
-        return _one_array_per_replica(config, self.digital_bias)
+        return _mapped(config, self.weight_range, self.digital_bias)
 
 
 @dataclass
@@ -168,6 +170,9 @@ class AihwkitPreset(AnalogPreset):
 
     class_name: str = "IdealizedPreset"
     """Name of the preset class, e.g. ``IdealizedPreset`` or ``GokmenVlasovPreset``."""
+    weight_range: float = WEIGHT_RANGE
+    """Weight scaling as for ``rpu-baseline``: the fraction of the device's ``w_max`` that
+    every array's largest weight is written at (0: the preset's own mapping)."""
 
     def rpu_config(self, construction_seed: int = 0) -> Any:
         from aihwkit.simulator import presets
@@ -177,9 +182,7 @@ class AihwkitPreset(AnalogPreset):
             names = sorted(n for n in dir(presets) if n.endswith("Preset"))
             raise RapaError(f"analog preset 'aihwkit:{self.class_name}' is unknown; aihwkit "
                             f"offers {', '.join(names)}")
-        config = cls()
-        if hasattr(config, "mapping"):
-            _one_array_per_replica(config)
+        config = _mapped(cls(), self.weight_range)
         return _set_construction_seed(config, construction_seed) if construction_seed else config
 
     @property

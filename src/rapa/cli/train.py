@@ -25,7 +25,7 @@ from rapa.errors import RapaError
 # options that build a new config; with --resume only the ones in _RESUME_OK may be given
 _CONFIG_OPTIONS = ("dataset", "scheme", "tiles", "channels", "pooling", "epochs", "batch_size", "lr",
                    "warmup_epochs", "lr_step", "gamma", "augment", "seed", "device", "data_dir",
-                   "download", "limit_train", "limit_test", "votes", "analog", "eval_every")
+                   "download", "limit_train", "limit_test", "votes", "analog", "eval_every", "init")
 _RESUME_OK = ("epochs", "device", "data_dir", "votes", "eval_every", "lr")
 
 
@@ -81,7 +81,8 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pooling", help=f"pool1/pool2: max, avg, stochastic, mixed (default {d.pooling})")
     p.add_argument("--epochs", type=int, help=f"training epochs (default {d.epochs})")
     p.add_argument("--batch-size", type=int, help=f"minibatch size (default {d.batch_size})")
-    p.add_argument("--lr", type=float, help="learning rate (default 0.005 untiled, 0.025 tiled)")
+    p.add_argument("--lr", type=float, help="learning rate (default 0.005 untiled, 0.025 tiled; with "
+                                             "--analog 0.01 for both)")
     p.add_argument("--warmup-epochs", type=int, help=f"epochs at lr/20 first (default {d.warmup_epochs})")
     p.add_argument("--lr-step", type=int, help=f"multiply lr by --gamma every N epochs (default {d.lr_step})")
     p.add_argument("--gamma", type=float, help=f"step decay factor (default {d.gamma})")
@@ -94,7 +95,13 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit-test", type=int, help="use only the first N test images")
     p.add_argument("--votes", type=int, help=f"predictions per image for majority voting (default {d.votes})")
     p.add_argument("--eval-every", type=int, help="measure the test error every N epochs (default 1)")
-    p.add_argument("--analog", metavar="PRESET", help="train on simulated analog arrays (needs rapa[analog])")
+    p.add_argument("--analog", metavar="PRESET",
+                   help="train on simulated analog arrays (needs rapa[analog]): rpu-baseline (the paper's "
+                        "device), idealized, ideal or aihwkit:CLASS; its recipe defaults to --init he and "
+                        "the --analog learning rates")
+    p.add_argument("--init", choices=("caffe", "he"),
+                   help="initialisation: caffe (the paper's, std 1e-4/0.01) or he (sqrt(2/fan_in)); "
+                        "default caffe, he with --analog")
 
 
 def given_options(args: argparse.Namespace) -> dict[str, Any]:
