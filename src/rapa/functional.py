@@ -460,8 +460,9 @@ def tiled_conv2d(
     gather ``index`` (B, nt, M) from :mod:`rapa.schemes` overrides the scheme's draw. CPU
     float32 calls run on the native kernels of :mod:`rapa.native` where they build
     (ungrouped and depthwise layers); other calls on the PyTorch path. Grouped layers with
-    up to :data:`GROUP_LOOP_MAX` groups run as one ungrouped call per group, others (not
-    depthwise on the native kernels) on :func:`grouped_tiled_conv2d`.
+    up to :data:`GROUP_LOOP_MAX` groups run as one ungrouped call per group, others on
+    :func:`grouped_tiled_conv2d`; layers with one input channel per group (depthwise) off
+    the native kernels on :func:`depthwise_tiled_conv2d`.
     """
     if x.dim() == 3:  # unbatched, as nn.Conv2d accepts
         return tiled_conv2d(x.unsqueeze(0), weight, bias, stride, padding, dilation, scheme, tiles,
@@ -503,6 +504,9 @@ def tiled_conv2d(
     if groups > 1 and native.supports_depthwise(x, weight, mask, groups):
         return native.NativeDepthwiseFn.apply(x, weight, bias, index, stride, padding, dilation,
                                               (oh, ow), covered)
+    if weight.shape[2] == 1:  # one input channel per group (depthwise, perhaps with a multiplier)
+        return depthwise_tiled_conv2d(x, weight, bias, index, mask, stride, padding, dilation, (oh, ow),
+                                      covered)
     if groups > GROUP_LOOP_MAX:
         return grouped_tiled_conv2d(x, weight, bias, index, mask, stride, padding, dilation,
                                     (oh, ow), groups)
@@ -549,6 +553,50 @@ def grouped_tiled_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, index: 
     y = y.permute(2, 1, 4, 0, 3).reshape(n, cout, nt * m)  # (N, cout, nt*M), channel = g*og + o
     out = y.new_zeros(n, cout, np_ + 1).scatter(2, idx.expand(n, cout, nt * m), y)
     return out[:, :, :np_].reshape(n, cout, oh, ow)
+
+
+def depthwise_tiled_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor,
+                           mask: Tensor | None, stride: tuple[int, int], padding: tuple[int, int],
+                           dilation: tuple[int, int], out_size: tuple[int, int], covered: bool = True) -> Tensor:
+    """The PyTorch path of a tiled convolution with one input channel per group (depthwise,
+    ``groups == C``; ``cout = m * C`` with a channel multiplier ``m``); autograd differentiates it.
+
+    A sum over the ``kh*kw`` kernel offsets of the input shifted by the offset (a strided view
+    of the padded input) times every pixel's own weight, gathered from its tile: only
+    output-sized tensors, no patch matrix. ``mask`` (np, kh*kw) zeroes reads (``image_pad``);
+    pixels no slot lists (``covered=False``) are 0.
+    """
+    n, c = x.shape[:2]
+    nt, cout, _, kh, kw = weight.shape
+    oh, ow = out_size
+    (sh, sw), (dh, dw) = stride, dilation
+    tmap = schemes.index_to_tile_map(index, oh * ow)  # (B, np), -1: no slot
+    t = tmap.clamp(min=0)
+    xp = F.pad(x, (padding[1], padding[1], padding[0], padding[0])) if any(padding) else x
+    if cout != c:  # output channel o reads input channel o // m
+        xp = xp.repeat_interleave(cout // c, 1)
+    # every pixel's weights and bias, picked from its tile by a one-hot matmul (whose backward,
+    # the per-tile sums of the weight gradient, is a matmul too, not a scatter-add)
+    onehot = F.one_hot(t, nt).to(x.dtype)  # (B, np, nt)
+
+    def per_pixel(v: Tensor) -> Tensor:  # (nt, cout) -> (B, cout, oh, ow)
+        return (onehot @ v).transpose(1, 2).reshape(-1, cout, oh, ow)
+
+    wq = weight.reshape(nt, cout, kh * kw)
+    out = None
+    for q in range(kh * kw):  # a loop over the kernel offsets, each a whole-tensor operation
+        ky, kx = divmod(q, kw)
+        xs = xp[:, :, ky * dh: ky * dh + sh * (oh - 1) + 1: sh, kx * dw: kx * dw + sw * (ow - 1) + 1: sw]
+        w = per_pixel(wq[:, :, q])
+        if mask is not None:
+            w = w * mask[:, q].view(1, 1, oh, ow)
+        out = xs * w if out is None else out + xs * w
+    assert out is not None
+    if bias is not None:
+        out = out + per_pixel(bias)
+    if not covered:
+        out = out * (tmap >= 0).view(-1, 1, oh, ow).to(out.dtype)
+    return out
 
 
 def check_input(x: Tensor, in_channels: int, kernel_size: tuple[int, int], stride: tuple[int, int],
