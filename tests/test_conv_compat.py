@@ -105,6 +105,31 @@ def test_distinct_tiles_match_per_tile_conv2d(name, kwargs, size, scheme, nt, ba
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("scheme,nt", [("random", 5), ("perforated", 3), ("image_pad", 4)])
+def test_unfold_grouped_path_matches_per_tile_conv2d(scheme, nt, monkeypatch, torch_path):
+    """Grouped layers with more groups than GROUP_LOOP_MAX (here: any) on the unfold path."""
+    monkeypatch.setattr(rapa.functional, "GROUP_LOOP_MAX", 0)
+    torch.manual_seed(7)
+    conv = nn.Conv2d(6, 9, 3, padding=1, groups=3)
+    layer = TiledConv2d.from_conv2d(conv, nt, scheme)
+    with torch.no_grad():
+        layer.weight.normal_()
+        layer.bias.normal_()
+    x = torch.randn(2, 6, 8, 8, requires_grad=True)
+    index = layer.assignment(x)
+    y = layer(x, index=index)
+    if scheme == "image_pad":  # the same layer, one call per group, is checked against regions
+        monkeypatch.setattr(rapa.functional, "GROUP_LOOP_MAX", 16)
+        torch.testing.assert_close(y, layer(x, index=index), rtol=1e-5, atol=1e-5)
+        return
+    ref = _per_tile_reference(x, layer.weight, layer.bias, rapa.schemes.index_to_tile_map(index, 64), conv)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    g = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad(y, [x, layer.weight, layer.bias], g),
+                    torch.autograd.grad(ref, [x, layer.weight, layer.bias], g)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_image_pad_grouped(backend):
     """``image_pad`` with groups: the pixels of each region equal a grouped ``F.conv2d`` of that
     region cut out of the image and zero-padded on its own (SPEC §1), every tile distinct."""
