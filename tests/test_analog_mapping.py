@@ -236,3 +236,43 @@ def test_first_50_steps_move_every_array_and_the_fc_gradient_flows(tiles, one_th
     assert (logits.abs() > 12).any(dim=1).all(), logits.abs().max()
     F.cross_entropy(logits, y).backward()
     assert (seen[0].grad.abs().sum(dim=1) > 0).all()
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+def _rapa(*args: str, tmp_path) -> "subprocess.CompletedProcess[str]":
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "rapa.cli", *args], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+
+
+@pytest.mark.parametrize("preset, says", [
+    ("nope", "analog preset 'nope' is unknown"),
+    ("aihwkit:NoSuchPreset", "analog preset 'aihwkit:NoSuchPreset' is unknown"),
+])
+def test_train_with_an_unknown_preset_says_so_in_one_line(preset, says, tmp_path):
+    out = _rapa("train", "--dataset", "digits", "--epochs", "1", "--limit-train", "20", "--limit-test", "10",
+                "--analog", preset, "--out", str(tmp_path / "run"), "--quiet", tmp_path=tmp_path)
+    assert out.returncode == 2, out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and says in lines[0] and "Traceback" not in out.stderr, out.stderr
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_analog_on_cuda_without_a_cuda_simulator_is_a_user_error(monkeypatch):
+    """aihwkit built without CUDA (as here): --analog with a CUDA device is refused before
+    anything runs, naming the device and what to do."""
+    from aihwkit.simulator.rpu_base import cuda
+
+    from rapa.config import TrainConfig
+    from rapa.errors import RapaError
+
+    if cuda.is_compiled():
+        pytest.skip("this aihwkit simulates on CUDA")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
+    with pytest.raises(RapaError, match=r"device 'cuda'.*built without CUDA.*--device cpu"):
+        TrainConfig(dataset="digits", analog="rpu-baseline", device="cuda").validate()
+    TrainConfig(dataset="digits", device="cuda").validate()  # digital training may use it

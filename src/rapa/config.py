@@ -229,7 +229,11 @@ class TrainConfig:
         if not isinstance(self.device, str):
             raise RapaError(f"device must be a name like cpu or cuda, got {self.device!r}")
         if check_device:
-            resolve_device(self.device)
+            device = resolve_device(self.device)
+            if self.analog is not None and device.type == "cuda":
+                from rapa.analog.backend import check_device as check_analog_device
+
+                check_analog_device(device)
 
     # ------------------------------------------------------------------------- JSON
 

@@ -50,6 +50,19 @@ def manual_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def check_device(device: torch.device | str) -> None:
+    """:class:`RapaError` if ``device`` is CUDA and this aihwkit was built without CUDA (its
+    arrays are then simulated on the CPU only)."""
+    if torch.device(device).type != "cuda":
+        return
+    require_aihwkit()
+    from aihwkit.simulator.rpu_base import cuda
+
+    if not cuda.is_compiled():
+        raise RapaError(f"device {str(device)!r}: this aihwkit was built without CUDA, so its analog arrays "
+                        "run on the CPU only; use --device cpu (or install aihwkit built with CUDA)")
+
+
 def draw_construction_seed(generator: torch.Generator | None = None) -> int:
     """A non-zero device construction seed drawn from ``generator`` (torch's if ``None``)."""
     return int(torch.randint(1, 2**31 - 1, (), generator=generator))

@@ -26,7 +26,7 @@ from aihwkit.nn import AnalogConv2d, AnalogLinear
 from aihwkit.nn.modules.base import AnalogLayerBase
 from aihwkit.optim import AnalogSGD
 
-from rapa.analog.backend import draw_construction_seed
+from rapa.analog.backend import check_device, draw_construction_seed
 from rapa.analog.layers import AnalogTiledConv2d
 from rapa.analog.presets import AnalogPreset, get_preset
 from rapa.analog.state import use_plain_state_dict
@@ -118,10 +118,7 @@ def prepare(model: nn.Module, config: Any) -> tuple[nn.Module, AnalogSGD]:
                          else getattr(config, "weight_decay", 0.0) or 0.0)
     momentum = float(getattr(config, "momentum", 0.0))
     param = next(model.parameters(), None)
-    if param is not None and param.device.type == "cuda":
-        from aihwkit.simulator.rpu_base import cuda
-
-        if not cuda.is_compiled():
-            raise RapaError("the model is on CUDA but aihwkit was built without CUDA; use --device cpu")
+    if param is not None:
+        check_device(param.device)
     analog_model = convert_to_analog(model, preset)
     return analog_model, analog_optimizer(analog_model, lr, momentum, weight_decay)
