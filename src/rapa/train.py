@@ -248,11 +248,7 @@ def _prepare_dir(out: Path, config: TrainConfig, resume: bool, overwrite: bool) 
             raise RapaError(f"cannot resume {out}: it holds results but no checkpoint.pt; start it again "
                             f"with --overwrite (or train into another --out)")
         return None  # killed before the first epoch ended: start again
-    ckpt = load_checkpoint(out / "checkpoint.pt")
-    done = int(ckpt.get("epoch", 0))
-    if done >= config.epochs and (out / "summary.json").is_file():
-        raise RapaError(f"{out} is already finished ({done} epochs); give a larger --epochs to train it on")
-    return ckpt
+    return load_checkpoint(out / "checkpoint.pt")
 
 
 def _metric_rows(path: Path) -> int:

@@ -162,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
                             f"(only {', '.join('--' + k.replace('_', '-') for k in _RESUME_OK)})")
         config = dataclasses.replace(read_config(args.resume), **given)
         out, resume = args.resume, True
+        refuse_finished(out, config.epochs)
     else:
         config = config_from_args(args)
         config.validate()
@@ -175,6 +176,18 @@ def run(args: argparse.Namespace) -> int:
         summary = train(config, out, resume=resume, progress=not args.quiet, overwrite=args.overwrite)
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     return 0
+
+
+def refuse_finished(run_dir: Path, epochs: int) -> None:
+    """RapaError if ``run_dir`` already finished ``epochs`` epochs: resuming it would only
+    evaluate it again (``rapa eval`` does that)."""
+    try:
+        done = json.loads((run_dir / "summary.json").read_text()).get("epochs")
+    except (OSError, ValueError, AttributeError):
+        return
+    if isinstance(done, int) and done >= epochs:
+        raise RapaError(f"{run_dir} is already finished ({done} epochs); give a larger --epochs to train it on "
+                        f"(`rapa eval {run_dir}` evaluates it)")
 
 
 def format_summary(s: dict[str, Any]) -> str:
