@@ -186,9 +186,10 @@ def test_a_run_killed_while_writing_a_checkpoint_resumes_bit_identically(tmp_pat
 def test_resume_refuses_a_folder_with_results_but_no_checkpoint(run_copy):
     run = run_copy()
     (run / "checkpoint.pt").unlink()
-    before = (run / "summary.json").read_text()
+    (run / "summary.json").unlink()
+    before = (run / "metrics.csv").read_text()
     one_line(rapa("train", "--resume", run), 2, "no checkpoint.pt", "--overwrite")
-    assert (run / "summary.json").read_text() == before  # nothing overwritten
+    assert (run / "metrics.csv").read_text() == before  # nothing overwritten
 
 
 def test_resume_of_a_finished_run_says_so(run_copy):
