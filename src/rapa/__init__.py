@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, str] = {
     "functional": "rapa.functional", "schemes": "rapa.schemes", "SCHEMES": "rapa.schemes",
     "convert": "rapa.convert", "balanced_tiles": "rapa.convert",
+    "conversion_summary": "rapa.summary",
     "WithinChannelLRN": "rapa.lrn", "within_channel_lrn": "rapa.lrn",
     "ENLARGED_CHANNELS": "rapa.models", "ConvNet": "rapa.models", "build_model": "rapa.models",
     "MixedPool2d": "rapa.pooling", "StochasticPool2d": "rapa.pooling", "make_pool": "rapa.pooling",
@@ -28,7 +29,7 @@ _EXPORTS: dict[str, str] = {
 }
 
 __all__ = [
-    "TiledConv2d", "convert", "balanced_tiles", "functional", "schemes", "SCHEMES",
+    "TiledConv2d", "convert", "balanced_tiles", "conversion_summary", "functional", "schemes", "SCHEMES",
     "ConvNet", "build_model", "ENLARGED_CHANNELS",
     "StochasticPool2d", "MixedPool2d", "make_pool", "WithinChannelLRN", "within_channel_lrn",
     "majority_vote", "adaptive_vote", "vote_predictions", "__version__",
