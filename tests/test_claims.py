@@ -296,7 +296,7 @@ def test_battery_resumes_analyses_and_exports_the_small_files(tmp_path):
                      progress_every=3600)
     text = "\n".join(lines)
     assert "[battery] 0/4 runs done" in text and "[battery] 4/4 runs done" in text and "epochs" in text
-    assert "1 finished before" in text and "git" not in text  # nothing committed without commit=True
+    assert "1 finished before" in text and "committed" not in text  # no git commit without commit=True
     assert len((work / runs[2].name / "metrics.csv").read_text().splitlines()) == 3  # header + epochs 1, 2
     for spec in runs:
         dest = results / "runs" / spec.name
