@@ -86,9 +86,15 @@ def _plot_bands(series: Mapping[str, Mapping[str, list[float]]], x: str, path: P
             continue
         style = "--" if "EOT" in label else "-"
         ax.plot(s[x], s["mean"], style, color=f"C{j % 10}", marker="o", ms=3, label=label)
-        ax.fill_between(s[x], s["lo"], s["hi"], color=f"C{j % 10}", alpha=0.18, lw=0)
+        ax.fill_between(s[x], [max(v, 0.0) for v in s["lo"]], [min(v, 100.0) for v in s["hi"]],
+                        color=f"C{j % 10}", alpha=0.18, lw=0)  # percentages: the band clipped to 0-100
     if vline is not None:
         ax.axvline(vline, color="0.5", lw=0.8)
+    ax.set_ylim(bottom=0, top=min(100.0, ax.get_ylim()[1]) + 1)
+    if x == "epoch":
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
