@@ -191,7 +191,7 @@ def test_cli_attack(digits_runs, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "gap reduction" in out and "33 dB" in out
     res = json.loads((tmp_path / "attack.json").read_text())
-    assert res["snr_db"] == [10, 30, 50] and res["test_images"] == 20
+    assert res["snr_db"] == [10, 30, 50] and res["test_images"] == 20 and res["snr_space"] == "pixel"
     assert set(res["curves"]) == {"model", "baseline"}
     assert res["curves"]["model"]["stochastic"] and not res["curves"]["baseline"]["stochastic"]
     for curve in res["curves"].values():

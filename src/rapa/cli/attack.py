@@ -1,7 +1,8 @@
 """``rapa attack DIR --baseline DIR2``: adversarial robustness against SNR (paper Fig. 7).
 
 Attacks the test images each net classifies correctly with FGSM at every ``--snr``
-(dB, ``20 log10(||x|| / ||delta||)`` on the normalised images), and for a randomly tiled
+(dB, ``20 log10(||x|| / ||delta||)`` on the pixel-space images, as a person sees them;
+``--normalised-snr``: on the normalised model inputs, as rapa did before), and for a randomly tiled
 net also with EOT-FGSM and EOT-PGD (see :mod:`rapa.analysis.attack`). Prints the
 accuracy at 33 dB (the threshold of human perception; interpolated) and, with a
 baseline, the gap reduction ``(acc - acc_base) / (100 - acc_base)`` per attack. Writes
@@ -33,6 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--attacks", default=",".join(ATTACKS),
                    help=f"comma-separated attacks (default {','.join(ATTACKS)})")
     p.add_argument("--eot", type=int, default=8, help="random draws averaged by the EOT attacks (default 8)")
+    p.add_argument("--normalised-snr", action="store_true",
+                   help="measure the SNR on the normalised model inputs instead of the pixel-space images")
     p.add_argument("--pgd-steps", type=int, default=10, help="PGD steps (default 10, step 2.5*eps/steps)")
     p.add_argument("--limit", type=int, default=None, help="attack only the first N test images (default: the run's)")
     p.add_argument("--batch-size", type=int, default=100, help="images per attack batch (default 100)")
@@ -102,13 +105,17 @@ def run(args: argparse.Namespace) -> int:
     test = load_dataset(config.dataset, "test", data_dir=config.data_dir, download=args.download,
                         limit=limit)
 
+    from rapa.data import dataset_info
+
+    info = dataset_info(config.dataset)
+    pixel = None if args.normalised_snr else (info.mean, info.std)
     curves, labels = {}, {}
     for key, run_dir, net, cfg in runs:
         torch.manual_seed(args.seed)
         with shown(not args.quiet):
             curves[key] = robustness_curve(net, test, snrs, attacks, eot=args.eot, pgd_steps=args.pgd_steps,
                                            batch_size=args.batch_size,
-                                           generator=torch.Generator().manual_seed(args.seed))
+                                           generator=torch.Generator().manual_seed(args.seed), pixel=pixel)
         labels[key] = _label(Path(run_dir), cfg)
     at = {}
     for attack in attacks:
@@ -120,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
     result = {"run_dir": str(args.run_dir), "baseline_dir": None if args.baseline is None else str(args.baseline),
               "dataset": config.dataset, "test_images": len(test), "snr_db": list(snrs),
               "input_space": "normalised images ((pixel/255 - mean) / std), no clipping",
+              "snr_space": "normalised" if pixel is None else "pixel",
               "labels": labels, "curves": curves, "at_db": HUMAN_THRESHOLD_DB, "at_threshold": at}
     write_text(out / "attack.json", json.dumps(json_safe(result), indent=1) + "\n")
     plot_robustness({labels[k]: c for k, c in curves.items()}, out / "attack.png")
