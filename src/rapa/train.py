@@ -42,7 +42,8 @@ CHECKPOINT_FORMAT = 1
 _DATA_SEED_OFFSET = 2**32  # the data order/augmentation stream is seeded apart from the model's
 # config fields that may differ when a run is resumed (they do not change the trajectory)
 _RESUMABLE_CHANGES = ("epochs", "device", "data_dir", "download", "votes", "adaptive_threshold",
-                      "eval_batch_size", "eval_every", "lr")  # lr: a lower rate after a non-finite loss
+                      "eval_batch_size", "eval_every")
+_RESUME_OVERRIDES = ("lr",)  # changes the trajectory from there on: a lower rate after a non-finite loss
 METRIC_FIELDS = ("epoch", "lr", "train_loss", "train_error", "test_error", "seconds")
 """Columns of metrics.csv (errors are fractions; test_error is empty where not measured)."""
 
@@ -239,10 +240,10 @@ def _prepare_dir(out: Path, config: TrainConfig, resume: bool, overwrite: bool) 
         raise RapaError(f"nothing to resume in {out}: no config.json")
     saved = read_config(out)
     changed = [f for f, v in config.to_dict().items()
-               if f not in _RESUMABLE_CHANGES and saved.to_dict().get(f) != v]
+               if f not in _RESUMABLE_CHANGES + _RESUME_OVERRIDES and saved.to_dict().get(f) != v]
     if changed:
         raise RapaError(f"cannot resume {out} with a different config: {', '.join(changed)} differ "
-                        f"(only {', '.join(_RESUMABLE_CHANGES)} may change)")
+                        f"(only {', '.join(_RESUMABLE_CHANGES + _RESUME_OVERRIDES)} may change)")
     if not (out / "checkpoint.pt").is_file():
         if (out / "summary.json").is_file() or _metric_rows(out / "metrics.csv"):
             raise RapaError(f"cannot resume {out}: it holds results but no checkpoint.pt; start it again "
