@@ -47,7 +47,7 @@ def test_skip_by_name_prefix_and_predicate():
     rapa.convert(net, 4, skip=["stem", "blocks.3"])
     tiled = _tiled(net)
     assert "stem.0" not in tiled and "blocks.3.depthwise.0" not in tiled and "blocks.3.pointwise.0" not in tiled
-    assert "blocks.0.depthwise.0" in tiled and tiled["blocks.0.depthwise.0"].groups == 32
+    assert "blocks.0.depthwise.0" in tiled and tiled["blocks.0.depthwise.0"].groups == 16
     net2 = SeparableNet()
     rapa.convert(net2, 4, skip=lambda name, layer: layer.groups > 1)  # depthwise layers stay digital
     assert all(m.groups == 1 for m in _tiled(net2).values())
@@ -69,9 +69,9 @@ def test_summary_numbers_follow_the_runtime_formulas():
     rapa.convert(net, "balanced", input_size=(1, 28, 28), skip=["stem"])
     s = conversion_summary(net, (1, 28, 28))
     rows = {r.name: r for r in s.layers}
-    stem, dw = rows["stem.0"], rows["blocks.1.depthwise.0"]  # dw: 64 channels, stride 2 -> 14x14
+    stem, dw = rows["stem.0"], rows["blocks.1.depthwise.0"]  # dw: 32 channels, stride 2 -> 14x14
     assert (stem.tiled, stem.nt, stem.np, stem.patches_per_tile, stem.speedup) == (False, 1, 784, 784, 1.0)
-    assert (dw.tiled, dw.groups, dw.np, dw.nt, dw.arrays, dw.patches_per_tile) == (True, 64, 196, 4, 4 * 64, 49)
+    assert (dw.tiled, dw.groups, dw.np, dw.nt, dw.arrays, dw.patches_per_tile) == (True, 32, 196, 4, 4 * 32, 49)
     assert dw.speedup == pytest.approx(4.0)
     # balanced over the converted layers: min np = 49, so ceil(784/49) = 16 tiles at 28x28
     assert rows["blocks.0.pointwise.0"].nt == 16

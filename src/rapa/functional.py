@@ -504,7 +504,7 @@ def tiled_conv2d(
     if groups > 1 and native.supports_depthwise(x, weight, mask, groups):
         return native.NativeDepthwiseFn.apply(x, weight, bias, index, stride, padding, dilation,
                                               (oh, ow), covered)
-    if weight.shape[2] == 1:  # one input channel per group (depthwise, perhaps with a multiplier)
+    if groups > 1 and weight.shape[2] == 1:  # one input channel per group (depthwise, perhaps with a multiplier)
         return depthwise_tiled_conv2d(x, weight, bias, index, mask, stride, padding, dilation, (oh, ow),
                                       covered)
     if groups > GROUP_LOOP_MAX:
