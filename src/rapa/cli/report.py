@@ -59,7 +59,10 @@ def run(args: argparse.Namespace) -> int:
     log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     analyses = Analyses(compute=not args.no_analysis, device=device, attack_limit=args.attack_limit,
                         reduce_train_limit=args.reduce_train_limit, eot=args.eot, log=log)
-    report = build_report(args.sweep_dir, args.out, analyses, log=log)
+    from rapa.progress import shown
+
+    with shown(not args.quiet):  # bars for the attacks and reductions it computes
+        report = build_report(args.sweep_dir, args.out, analyses, log=log)
     if not args.quiet:
         print(report.markdown)
     print(f"rapa report: wrote {len(report.files)} files to {report.files[0].parent}")
