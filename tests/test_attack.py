@@ -202,7 +202,8 @@ def test_cli_attack(digits_runs, tmp_path, capsys):
         if None not in m and None not in b:  # 33 dB lies between 30 and 50: linear interpolation
             assert row["model"] == pytest.approx(m[1] + (m[2] - m[1]) * 3 / 20)
             if row["baseline"] < 100:
-                assert row["gap_reduction"] == pytest.approx((row["model"] - row["baseline"]) / (100 - row["baseline"]))
+                assert row["gap_reduction_fraction"] == pytest.approx((row["model"] - row["baseline"])
+                                                                      / (100 - row["baseline"]))
     assert (tmp_path / "attack.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -6,7 +6,8 @@ Attacks the test images each net classifies correctly with FGSM at every ``--snr
 net also with EOT-FGSM and EOT-PGD (see :mod:`rapa.analysis.attack`). Prints the
 accuracy at 33 dB (the threshold of human perception; interpolated) and, with a
 baseline, the gap reduction ``(acc - acc_base) / (100 - acc_base)`` per attack. Writes
-``attack.json`` and ``attack.png`` to ``--out`` (default: DIR). PGD costs
+``attack.json`` (accuracies in percent, the gap reduction as ``gap_reduction_fraction``)
+and ``attack.png`` to ``--out`` (default: DIR). PGD costs
 ``steps * eot`` passes per SNR: use ``--limit`` on a CPU.
 """
 
@@ -121,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     for attack in attacks:
         row = {key: accuracy_at(snrs, curves[key]["accuracy"][attack], HUMAN_THRESHOLD_DB) for key in curves}
         if "baseline" in curves:
-            row["gap_reduction"] = gap_reduction(row["model"], row["baseline"])
+            row["gap_reduction_fraction"] = gap_reduction(row["model"], row["baseline"])  # the others: percent
         at[attack] = row
 
     result = {"run_dir": str(args.run_dir), "baseline_dir": None if args.baseline is None else str(args.baseline),
@@ -146,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     for attack, row in at.items():
         line = f"  {attack:<9} {labels['model']}: {_pct(row['model'])}"
         if "baseline" in row:
-            line += f"   baseline: {_pct(row['baseline'])}   gap reduction {_pct(100 * row['gap_reduction'], 1)}"
+            line += f"   baseline: {_pct(row['baseline'])}   gap reduction {_pct(100 * row['gap_reduction_fraction'], 1)}"
         print(line)
     print(f"wrote attack.json and attack.png to {out}")
     return 0
