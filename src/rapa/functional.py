@@ -510,6 +510,9 @@ def tiled_conv2d(
     if groups > GROUP_LOOP_MAX:
         return grouped_tiled_conv2d(x, weight, bias, index, mask, stride, padding, dilation,
                                     (oh, ow), groups)
+    nchw = groups > 1 and native.supports(x, weight, mask) and not (x.stride(1) == 1 and x.shape[1] > 1)
+    if nchw:  # one transposition here, not one per group: the groups' slices read channels-last
+        x = channels_last(x)
     outs = []
     for xg, wg, bg in zip(x.chunk(groups, 1), weight.chunk(groups, 1),  # one call per group
                           [None] * groups if bias is None else bias.chunk(groups, 1)):
@@ -519,7 +522,10 @@ def tiled_conv2d(
         else:
             outs.append(_TiledConv2dFn.apply(xg, wg, bg, index, mask, stride, padding, dilation,
                                              (oh, ow), covered))
-    return outs[0] if groups == 1 else torch.cat(outs, 1)
+    if groups == 1:
+        return outs[0]
+    out = torch.cat(outs, 1)
+    return out.contiguous() if nchw else out
 
 
 def grouped_tiled_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor,

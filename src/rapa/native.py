@@ -217,7 +217,7 @@ class NativeTiledConv2dFn(torch.autograd.Function):
         ctx.save_for_backward(x, weight, index)
         ctx.geo, ctx.has_bias = geo, bias is not None
         out = out.permute(0, 3, 1, 2)  # (N, cout, oh, ow) NHWC memory
-        if x.is_contiguous(memory_format=torch.channels_last) and x.stride(1) == 1:
+        if x.stride(1) == 1 and x.stride(2) >= x.shape[1]:  # channels-last memory (or a channel slice of it)
             return out
         return out.contiguous()
 
