@@ -6,8 +6,11 @@
 * :mod:`~rapa.sweep.runs`: the runs of a sweep folder and their cached analyses.
 * :mod:`~rapa.sweep.report`: the paper's tables (:mod:`~rapa.sweep.tables`, Markdown and
   CSV) and figures (:mod:`~rapa.sweep.figures`) from a sweep folder.
-* :mod:`~rapa.sweep.reproduce`: the quick battery and the paper's claims
-  (:mod:`~rapa.sweep.claims`) with verdicts.
+* :mod:`~rapa.sweep.reproduce`: ``rapa reproduce``, a battery of seeded runs with their
+  analyses, exported to a results tree as they finish; the paper's claims
+  (:mod:`~rapa.sweep.claims`, on per-seed numbers from :mod:`~rapa.sweep.evidence`, with
+  the intervals of :mod:`~rapa.sweep.stats`) with verdicts in the report of
+  :mod:`~rapa.sweep.battery_report`.
 
 Ray is imported only when a sweep runs (``pip install "rapa[ray]"``).
 """
