@@ -280,9 +280,7 @@ def claim_fgsm(random: PerSeed, untiled: PerSeed, enlarged: PerSeed | None = Non
                 + ("" if not enlarged else f"; enlarged {seed_stats(enlarged).text()}%"))
 
     def decide() -> tuple[str, str]:
-        v = _side(d)
-        return v, {HOLDS: "random keeps more accuracy in the whole interval",
-                   NOT: "random keeps less accuracy in the whole interval", INCONCLUSIVE: "the interval contains 0"}[v]
+        return _more_accuracy(d)
 
     return _finish("fgsm", paper, measured,
                    f"at {snr:g} dB, 95% interval over seeds of (random - untiled) FGSM accuracy on the images each "
@@ -291,6 +289,13 @@ def claim_fgsm(random: PerSeed, untiled: PerSeed, enlarged: PerSeed | None = Non
                     "diff": d.as_dict(), "gap_reduction": g.as_dict(), "snr_db": snr,
                     "enlarged": None if not enlarged else seed_stats(enlarged).as_dict()},
                    d.n, untrained, recipe, decide)
+
+
+def _more_accuracy(d: Any) -> tuple[str, str]:
+    """Verdict and reason for "random keeps more accuracy" from the paired interval ``d``."""
+    v = _side(d)
+    return v, {HOLDS: "random keeps more accuracy in the whole interval",
+               NOT: "random keeps less accuracy in the whole interval", INCONCLUSIVE: "the interval contains 0"}[v]
 
 
 def claim_eot(random_eot: PerSeed, untiled: PerSeed, random_fgsm: PerSeed | None = None, snr: float = 33.0,
@@ -305,9 +310,7 @@ def claim_eot(random_eot: PerSeed, untiled: PerSeed, random_fgsm: PerSeed | None
                 f"{seed_stats(untiled).text()}% (difference {_pp(d)}){kept}")
 
     def decide() -> tuple[str, str]:
-        v = _side(d)
-        return v, {HOLDS: "random keeps more accuracy in the whole interval",
-                   NOT: "random keeps less accuracy in the whole interval", INCONCLUSIVE: "the interval contains 0"}[v]
+        return _more_accuracy(d)
 
     return _finish("eot", paper, measured,
                    f"at {snr:g} dB, 95% interval over seeds of (random under EOT-FGSM - untiled under FGSM) accuracy; "
