@@ -76,7 +76,7 @@ def run_copy(digits_runs, tmp_path):
 @pytest.mark.parametrize("command", [
     ["similarity", "{run}"], ["reduce", "{run}", "--device", "cpu"], ["attack", "{run}", "--device", "cpu"],
     ["theory"], ["speedup"], ["demo", "--dataset", "digits"], ["report", "{root}"], ["train", *TINY],
-    ["sweep", "quick"],
+    ["sweep", "quick"], ["reproduce", "--quick"],
 ])
 def test_an_unwritable_out_fails_before_computing(command, digits_runs, tmp_path):
     bad = not_a_folder(tmp_path)
@@ -247,12 +247,15 @@ def test_bench_refuses_a_zero_batch(bench):
     one_line(rapa("bench", *bench, "--batch", "0", "--device", "cpu"), 2, "--batch must be >= 1, got 0")
 
 
-def test_a_dtype_mismatch_names_both_dtypes():
+@pytest.mark.parametrize("tiles, scheme", [(4, "random"), (1, "random"), (1, "none")])
+def test_a_dtype_mismatch_names_both_dtypes(tiles, scheme):
     import rapa as r
 
-    layer = r.TiledConv2d(3, 4, 3, tiles=4, scheme="random")
-    with pytest.raises(ValueError, match="torch.float64.*torch.float32"):
+    layer = r.TiledConv2d(3, 4, 3, tiles=tiles, scheme=scheme)  # one tile: the untiled path, nn.Conv2d's conv
+    with pytest.raises(ValueError, match="input of dtype torch.float64 on cpu does not match the layer's weights "
+                                         r"\(torch.float32 on cpu\)") as info:
         layer(torch.randn(2, 3, 8, 8, dtype=torch.float64))
+    assert len(str(info.value).splitlines()) == 1
 
 
 def test_train_accepts_balanced_tiles(tmp_path):
@@ -550,3 +553,47 @@ def test_a_corrupt_file_is_not_answered_with_a_download_that_would_not_happen(tm
     (tmp_path / "test_32x32.mat").write_bytes(b"not a mat file")
     with pytest.raises(DatasetError, match="Delete it, then"):
         load_dataset("svhn", "test", data_dir=tmp_path)
+
+
+# ---------------------------------------------------------------- leftovers of issue 14
+
+
+def test_reproduce_checks_its_results_tree_before_computing(tmp_path):
+    bad = not_a_folder(tmp_path)
+    t0 = time.perf_counter()
+    r = rapa("reproduce", "--quick", "--out", tmp_path / "work", "--results", bad)
+    one_line(r, 2, "--results", str(bad), "cannot write there")
+    assert time.perf_counter() - t0 < 30 and r.stdout == ""  # no Ray started, nothing trained
+
+
+def test_convert_json_is_checked_first_and_a_failed_write_exits_1(tmp_path):
+    missing = tmp_path / "no-such-folder" / "c.json"
+    r = rapa("convert", "--net", "resnet", "--json", missing)
+    one_line(r, 2, "--json", str(missing), "cannot write there")
+    assert r.stdout == ""  # nothing converted or printed before the check
+    one_line(rapa("convert", "--net", "resnet", "--json", "/dev/full"), 1, "/dev/full", "No space left")
+    good = tmp_path / "c.json"
+    assert rapa("convert", "--net", "resnet", "--json", good).returncode == 0
+    assert json.loads(good.read_text())
+
+
+def test_reproduce_warns_up_front_when_the_budget_is_too_small_to_learn(tmp_path):
+    # An unreachable Ray address stops the battery right after the warning: what comes before starting is seen.
+    small = rapa("reproduce", "--epochs", "1", "--limit-train", "300", "--seeds", "0,1", "--address", "127.0.0.1:1",
+                 "--out", tmp_path / "w1", "--results", tmp_path / "r1")
+    assert small.returncode == 2 and "Traceback" not in small.stderr, small.stderr
+    warning, error = small.stderr.strip().splitlines()
+    # 1 epoch of 300 images in minibatches of 10 (fmnist.yaml): 30 steps, far below the ~3,000 needed
+    assert warning.startswith("rapa reproduce: warning:") and "30 SGD steps" in warning and "3,000" in warning
+    assert "inconclusive" in warning and "127.0.0.1:1" in error
+    # the standard battery (6 epochs of 60,000 images) and one of exactly 3,000 steps: no warning
+    for budget in ([], ["--epochs", "1", "--limit-train", "30000"]):
+        r = rapa("reproduce", *budget, "--address", "127.0.0.1:1", "--out", tmp_path / "w2", "--results",
+                 tmp_path / "r2")
+        one_line(r, 2, "127.0.0.1:1")
+
+
+def test_help_summarises_reproduce_as_the_reproduction_battery():
+    text = " ".join(rapa("--help").stdout.split())  # argparse may wrap the summary onto the next line
+    assert "reproduce the reproduction battery on Fashion-MNIST, the paper's claims checked" in text
+    assert "quick battery" not in text

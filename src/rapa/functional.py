@@ -433,6 +433,14 @@ class _TiledConv2dFn(torch.autograd.Function):
         return grad_x, grad_w, gb, None, None, None, None, None, None, None
 
 
+def check_dtype_device(x: Tensor, weight: Tensor) -> None:
+    """ValueError naming both if the input's dtype or device differs from the weights'."""
+    if x.dtype != weight.dtype or x.device != weight.device:
+        raise ValueError(f"input of dtype {x.dtype} on {x.device} does not match the layer's weights "
+                         f"({weight.dtype} on {weight.device}): convert the input (x.to(weight.dtype)) "
+                         f"or the layer (layer.to(...)) so that both agree")
+
+
 def tiled_conv2d(
     x: Tensor,
     weight: Tensor,
@@ -467,10 +475,7 @@ def tiled_conv2d(
     if x.dim() == 3:  # unbatched, as nn.Conv2d accepts
         return tiled_conv2d(x.unsqueeze(0), weight, bias, stride, padding, dilation, scheme, tiles,
                             training, generator, fixed_seed, index, groups, padding_mode).squeeze(0)
-    if x.dtype != weight.dtype or x.device != weight.device:
-        raise ValueError(f"input of dtype {x.dtype} on {x.device} does not match the layer's weights "
-                         f"({weight.dtype} on {weight.device}): convert the input (x.to(weight.dtype)) "
-                         f"or the layer (layer.to(...)) so that both agree")
+    check_dtype_device(x, weight)
     nk = weight.shape[0]
     nt = nk if tiles is None else tiles
     schemes.check_scheme(scheme, nt)

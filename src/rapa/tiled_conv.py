@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.nn.modules.utils import _pair
 
 from rapa import schemes
-from rapa.functional import PADDING_MODES, _size2, check_input, pad_input, resolve_padding, tiled_conv2d
+from rapa.functional import PADDING_MODES, _size2, check_dtype_device, check_input, pad_input, resolve_padding, tiled_conv2d
 
 
 def check_conv_args(in_channels: int, out_channels: int, kernel_size: _size2, stride: _size2,
@@ -146,6 +146,7 @@ class TiledConv2d(nn.Module):
         if index is None:
             index = self.assignment(x)
             if index is None:  # one kernel: nn.Conv2d's own computation
+                check_dtype_device(x, self.weight)
                 xp, padding = pad_input(x, self.padding, self.padding_mode, self.kernel_size,
                                         self.stride, self.dilation)
                 return torch.nn.functional.conv2d(

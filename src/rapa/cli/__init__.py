@@ -34,7 +34,7 @@ COMMANDS: dict[str, str] = {
     "convert": "what rapa.convert makes of a net: tiles, patches per tile, analog speed-ups",
     "sweep": "train an experiment's grid of runs on Ray (local or a cluster)",
     "report": "the paper's tables and figures from a sweep folder",
-    "reproduce": "the quick battery on Fashion-MNIST with the paper's claims checked",
+    "reproduce": "the reproduction battery on Fashion-MNIST, the paper's claims checked",
 }
 
 

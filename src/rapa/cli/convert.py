@@ -12,6 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
+from rapa.cli.options import output_file, write_text
 from rapa.errors import RapaError
 
 
@@ -51,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
     if args.tiles != "balanced":
         per_layer = _ints("--tiles", args.tiles)
         tiles = per_layer[0] if len(per_layer) == 1 else per_layer
+    if args.json is not None:
+        output_file(args.json, "--json")
 
     import rapa
     from rapa.nets import build_net
@@ -66,8 +69,5 @@ def run(args: argparse.Namespace) -> int:
           f"input_size={size}, skip={args.skip})")
     print(summary)
     if args.json is not None:
-        try:
-            args.json.write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
-        except OSError as exc:
-            raise RapaError(f"--json {args.json}: cannot write it ({exc.strerror}); give a writable path") from None
+        write_text(args.json, json.dumps(summary.to_dict(), indent=2) + "\n")
     return 0

@@ -26,6 +26,13 @@ from pathlib import Path
 
 from rapa.cli.sweep import add_budget_arguments, add_ray_arguments, budget
 
+MIN_STEPS = 3000
+"""SGD steps a run needs to learn at all: the paper's nets at lr 0.005 leave chance on
+Fashion-MNIST only after about 3,000 minibatches (test error 90% -> 75% -> 35% after
+1,500 / 3,000 / 4,500 steps, measured for issue 13); fewer give inconclusive verdicts."""
+TRAIN_IMAGES = {"fashion-mnist": 60000, "cifar10": 50000, "cifar100": 50000, "svhn": 73257}
+"""Training images of the full datasets (for the steps of a run without ``limit_train``)."""
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``reproduce`` subcommand."""
@@ -52,7 +59,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from rapa.analysis.common import positive_int
+    from rapa.cli.options import output_folder
     from rapa.errors import RapaError
+    from rapa.sweep.experiments import apply_budget, load_experiment
     from rapa.sweep.reproduce import QUICK_EXPERIMENT, STANDARD_EXPERIMENT, reproduce
 
     positive_int("--attack-limit", args.attack_limit)
@@ -62,12 +71,39 @@ def run(args: argparse.Namespace) -> int:
     if args.quick and args.experiment:
         raise RapaError("give --quick or --experiment, not both")
     experiment = args.experiment or (QUICK_EXPERIMENT if args.quick else STANDARD_EXPERIMENT)
+    exp = load_experiment(experiment)
+    out = output_folder(args.out if args.out is not None else Path("runs") / exp.name, "--out")
+    results = output_folder(args.results if args.results is not None else Path("results") / exp.name, "--results")
+    warning = budget_warning(apply_budget(exp.runs, **budget(args)))
+    if warning:
+        print(f"rapa reproduce: warning: {warning}", file=sys.stderr, flush=True)
     sweep_options = dict(address=args.address, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
                          max_retries=args.max_retries, num_cpus=args.num_cpus)
     command = "rapa " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["reproduce"] \
         else None
-    path = reproduce(experiment, args.out, args.results, budget(args), args.data_dir, sweep_options,
+    path = reproduce(experiment, out, results, budget(args), args.data_dir, sweep_options,
                      args.attack_limit, args.eot, args.device, command=command, progress_every=args.progress_every,
                      commit=args.commit)
     print(f"rapa reproduce: wrote {path}")
     return 0
+
+
+def run_steps(config) -> int | None:
+    """SGD steps of a run: ``epochs * ceil(images / batch_size)`` (None: dataset size unknown)."""
+    images = TRAIN_IMAGES.get(config.dataset)
+    if config.limit_train is not None:
+        images = config.limit_train if images is None else min(images, config.limit_train)
+    if images is None:
+        return None
+    return config.epochs * -(-images // config.batch_size)
+
+
+def budget_warning(runs) -> str | None:
+    """A line saying the budget is too small to learn (fewer than :data:`MIN_STEPS` SGD steps
+    in some run), or None."""
+    steps = [s for s in (run_steps(r.config) for r in runs) if s is not None]
+    if not steps or min(steps) >= MIN_STEPS:
+        return None
+    return (f"this budget gives {min(steps):,} SGD steps per run, but the paper's nets need about {MIN_STEPS:,} "
+            f"to leave chance on Fashion-MNIST: expect every verdict to be inconclusive (give more --epochs or "
+            f"--limit-train for verdicts)")
