@@ -195,15 +195,16 @@ def test_cli_attack(digits_runs, tmp_path, capsys):
     assert set(res["curves"]) == {"model", "baseline"}
     assert res["curves"]["model"]["stochastic"] and not res["curves"]["baseline"]["stochastic"]
     for curve in res["curves"].values():
-        assert set(curve["accuracy"]) == {"fgsm", "fgsm_eot", "pgd_eot"}
-        assert all(a is None or 0 <= a <= 100 for v in curve["accuracy"].values() for a in v)
+        assert set(curve["accuracy_percent"]) == {"fgsm", "fgsm_eot", "pgd_eot"}
+        assert all(a is None or 0 <= a <= 100 for v in curve["accuracy_percent"].values() for a in v)
     for attack, row in res["at_threshold"].items():
-        m, b = res["curves"]["model"]["accuracy"][attack], res["curves"]["baseline"]["accuracy"][attack]
+        m = res["curves"]["model"]["accuracy_percent"][attack]
+        b = res["curves"]["baseline"]["accuracy_percent"][attack]
         if None not in m and None not in b:  # 33 dB lies between 30 and 50: linear interpolation
-            assert row["model"] == pytest.approx(m[1] + (m[2] - m[1]) * 3 / 20)
-            if row["baseline"] < 100:
-                assert row["gap_reduction_fraction"] == pytest.approx((row["model"] - row["baseline"])
-                                                                      / (100 - row["baseline"]))
+            model, base = row["model_accuracy_percent"], row["baseline_accuracy_percent"]
+            assert model == pytest.approx(m[1] + (m[2] - m[1]) * 3 / 20)
+            if base < 100:
+                assert row["gap_reduction_fraction"] == pytest.approx((model - base) / (100 - base))
     assert (tmp_path / "attack.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -597,3 +597,90 @@ def test_help_summarises_reproduce_as_the_reproduction_battery():
     text = " ".join(rapa("--help").stdout.split())  # argparse may wrap the summary onto the next line
     assert "reproduce the reproduction battery on Fashion-MNIST, the paper's claims checked" in text
     assert "quick battery" not in text
+
+
+def _unit_problems(value, where: str = "") -> list[str]:
+    """Keys holding errors or accuracies whose name does not say the unit: ``*_percent`` (0-100),
+    ``*_fraction``, or ``*_error`` / ``*_error_ci`` (fractions, 0-1, as summary.json)."""
+    def numbers(v):
+        if isinstance(v, bool):
+            return []
+        if isinstance(v, (int, float)):
+            return [v]
+        items = v.values() if isinstance(v, dict) else v if isinstance(v, list) else []
+        return [x for item in items for x in numbers(item)]
+
+    out = []
+    if isinstance(value, dict):
+        for k, v in value.items():
+            found = [x for x in numbers(v) if x is not None]
+            if ("error" in k or "accuracy" in k) and found:
+                if k.endswith("_percent"):
+                    bad = not all(0 <= x <= 100 for x in found)
+                elif k.endswith(("_error", "_error_ci")):
+                    bad = not all(0 <= x <= 1 for x in found)
+                else:
+                    bad = not k.endswith("_fraction")
+                if bad:
+                    out.append(f"{where}{k}")
+            out += _unit_problems(v, f"{where}{k}.")
+    elif isinstance(value, list):
+        for item in value:
+            out += _unit_problems(item, where)
+    return out
+
+
+def test_json_files_say_in_the_key_whether_a_number_is_a_fraction_or_a_percentage(run_copy, digits_runs,
+                                                                                   tmp_path):
+    from rapa.sweep import claims as C
+    from rapa.sweep.evidence import claims_json
+    from rapa.sweep.runs import Analyses, collect_runs
+
+    out = tmp_path / "out"
+    for command in (["reduce", digits_runs / "tiled", "--limit-train", "20", "--batch-size", "10"],
+                    ["attack", digits_runs / "tiled", "--baseline", digits_runs / "base", "--snr", "30,35",
+                     "--attacks", "fgsm", "--limit", "20", "--batch-size", "10"]):
+        r = rapa(*command, "--device", "cpu", "--out", out, "--quiet")
+        assert r.returncode == 0, r.stderr
+    reduce_json = json.loads((out / "reduce.json").read_text())
+    attack_json = json.loads((out / "attack.json").read_text())
+    assert {"tiled_error_percent", "method_error_percent", "best_error_percent"} <= set(reduce_json)
+    assert {"accuracy_percent", "clean_accuracy_percent"} <= set(attack_json["curves"]["model"])
+    assert {"model_accuracy_percent", "baseline_accuracy_percent", "gap_reduction_fraction"} == \
+        set(attack_json["at_threshold"]["fgsm"])
+    run = run_copy()
+    rec = collect_runs(run.parent)[0]
+    voting = Analyses(device="cpu", attack_limit=20).voting(rec, votes=3)
+    voting_json = json.loads((run / "voting.json").read_text())
+    assert voting_json["single_error_percent"] == voting["single_error"]  # the file says percent, as read
+    ev = rapa("eval", digits_runs / "tiled", "--device", "cpu", "--json", "--quiet")
+    assert ev.returncode == 0, ev.stderr
+    summary = json.loads((digits_runs / "tiled" / "summary.json").read_text())
+    assert 0 <= summary["final_test_error"] <= 1  # summary.json stays in fractions
+    claims = claims_json([C.claim_voting({0: 12.0, 1: 11.0}, {0: 10.0, 1: 9.5}),
+                          C.claim_similarity({"random": {0: 0.8, 1: 0.7}, "alternate": {0: 0.1, 1: 0.2}})])
+    assert [c["unit"] for c in claims] == ["percent", "correlation"]
+    for name, doc in (("reduce.json", reduce_json), ("attack.json", attack_json), ("voting.json", voting_json),
+                      ("eval --json", json.loads(ev.stdout)), ("summary.json", summary)):
+        assert _unit_problems(doc) == [], name
+
+
+def test_json_files_written_before_the_units_were_in_the_keys_read_the_same(run_copy):
+    from rapa.sweep.runs import Analyses, collect_runs
+
+    run = run_copy()
+    snrs = [30.0, 35.0]
+    curve = {"snr_db": snrs, "snr_space": "pixel", "correct": 18, "images": 20, "clean_accuracy": 90.0,
+             "accuracy": {"fgsm": [40.0, 60.0], "fgsm_eot": [30.0, 50.0]}}
+    old = {"reduce.json": {"methods": {"norm": 41.0}, "best_method": "norm", "best_error": 41.0, "tiled_error": 30.0},
+           "voting.json": {"limit": 20, "images": 20, "votes": 9, "single_error": 35.0, "vote_error": 30.0,
+                           "only_single_right": 1, "only_vote_right": 2},
+           "attack.json": {"limit": 20, "test_images": 20, "curves": {"model": curve}}}
+    for name, doc in old.items():  # as the rapa of the committed results/quick tree wrote them
+        (run / name).write_text(json.dumps(doc))
+    rec = collect_runs(run.parent)[0]
+    a = Analyses(compute=False, attack_limit=20, snrs=snrs)
+    assert a.reduction(rec)["best_error"] == 41.0 and a.reduction(rec)["tiled_error"] == 30.0
+    assert a.reduction(rec)["methods"] == {"norm": 41.0}
+    assert (a.voting(rec)["single_error"], a.voting(rec)["vote_error"]) == (35.0, 30.0)
+    assert a.robustness(rec)["accuracy"]["fgsm"] == [40.0, 60.0] and a.robustness(rec)["clean_accuracy"] == 90.0

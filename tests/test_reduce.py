@@ -177,15 +177,15 @@ def test_cli_reduce(digits_runs, tmp_path, capsys):
                  "--limit-train", "20"]) == 0
     out = capsys.readouterr().out
     res = json.loads((tmp_path / "reduce.json").read_text())
-    assert set(res["methods"]) == set(METHODS)
-    assert all(0 <= e <= 100 for e in res["methods"].values())
-    assert res["best_error"] == min(res["methods"].values())
-    assert res["methods"][res["best_method"]] == res["best_error"]
+    assert set(res["method_error_percent"]) == set(METHODS)
+    assert all(0 <= e <= 100 for e in res["method_error_percent"].values())
+    assert res["best_error_percent"] == min(res["method_error_percent"].values())
+    assert res["method_error_percent"][res["best_method"]] == res["best_error_percent"]
     assert res["test_images"] == 30 and res["train_images"] == 20
     assert "maxpool_winner" in out and "best" in out
     assert main(["reduce", str(digits_runs / "tiled"), "--out", str(tmp_path), "--methods", "norm,first_tile",
                  "--device", "cpu"]) == 0
-    assert set(json.loads((tmp_path / "reduce.json").read_text())["methods"]) == {"norm", "first_tile"}
+    assert set(json.loads((tmp_path / "reduce.json").read_text())["method_error_percent"]) == {"norm", "first_tile"}
 
 
 def test_cli_reduce_errors(digits_runs, tmp_path, capsys):

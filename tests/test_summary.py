@@ -139,15 +139,16 @@ def test_modern_demonstration_runs_aggregates_and_skips_finished_runs(tmp_path, 
     results = [modern.run_one(r, tmp_path) for r in runs]
     tiled = results[2]
     assert tiled["tiles"] == [16] * 3 + [4] * 3 + [1] * 3 and tiled["speedup_pipelined"] == pytest.approx(16.0)
-    assert results[0]["tiles"] == [1] * 9 and results[0]["vote"] == results[0]["single"]
+    assert results[0]["tiles"] == [1] * 9 and results[0]["vote_error"] == results[0]["single_error"]
     assert json.loads((tmp_path / "resnet-tiled-s1" / "run.json").read_text())["test_images"] == 40
-    lo, hi = tiled["single_ci"]
-    assert lo <= tiled["single"] <= hi
+    lo, hi = tiled["single_error_ci"]
+    assert lo <= tiled["single_error"] <= hi
     text = modern.aggregate(tmp_path)
     row = json.loads((tmp_path / "summary.json").read_text())["rows"][1]
-    singles = [results[2]["single"], results[3]["single"]]
+    singles = [results[2]["single_error"], results[3]["single_error"]]
     mean, sd = sum(singles) / 2, abs(singles[0] - singles[1]) / math.sqrt(2)
-    assert row["single"][0] == pytest.approx(mean) and row["single"][1] == pytest.approx(12.706 * sd / math.sqrt(2))
+    assert row["single_error"][0] == pytest.approx(mean)
+    assert row["single_error"][1] == pytest.approx(12.706 * sd / math.sqrt(2))
     assert "| resnet | balanced random | 2 |" in text
     assert modern.main(["--out", str(tmp_path), "--nets", "resnet", "--seeds", "0", "1", "--jobs", "1"]) == 0
     assert "wall time" not in capsys.readouterr().out  # nothing left to train

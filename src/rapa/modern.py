@@ -6,8 +6,8 @@ net (plain ``nn.Conv2d``) and the same net converted with
 recipe: SGD with momentum, cosine learning rate, weight decay, minibatch 64, moderate
 augmentation (mirroring, brightness). Each run records its test error of one pass and of a
 9-vote majority (:func:`rapa.voting.majority_vote`) with 95% Wilson intervals over the test
-images, the run-time model's speed-up (:func:`rapa.summary.conversion_summary`) and its
-wall time; :func:`aggregate` writes ``summary.md`` / ``summary.json`` with the mean over
+images (fractions: ``single_error``, ``vote_error``, ``*_error_ci``), the run-time model's
+speed-up (:func:`rapa.summary.conversion_summary`) and its wall time; :func:`aggregate` writes ``summary.md`` / ``summary.json`` with the mean over
 seeds and a 95% t-interval.
 
     python -m rapa.modern --out results/modern --epochs 2 --seeds 0 1 2 --jobs 2
@@ -142,8 +142,8 @@ def run_one(run: ModernRun, out_dir: str | Path, threads: int = 1) -> dict[str, 
         wrong_vote = wrong_single
     result = {
         "run": dataclasses.asdict(run), "name": run.name, "history": history, "test_images": n_test,
-        "single": wrong_single / n_test, "vote": wrong_vote / n_test,
-        "single_ci": wilson(wrong_single, n_test), "vote_ci": wilson(wrong_vote, n_test),
+        "single_error": wrong_single / n_test, "vote_error": wrong_vote / n_test,
+        "single_error_ci": wilson(wrong_single, n_test), "vote_error_ci": wilson(wrong_vote, n_test),
         "tiles": [layer.nt for layer in summary.layers],
         "speedup_pipelined": summary.report.speedup_pipelined,
         "speedup_sequential": summary.report.speedup_sequential,
@@ -154,6 +154,20 @@ def run_one(run: ModernRun, out_dir: str | Path, threads: int = 1) -> dict[str, 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "run.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+_ERROR_KEYS = {"single": "single_error", "vote": "vote_error", "single_ci": "single_error_ci",
+               "vote_ci": "vote_error_ci"}
+"""run.json's error keys (fractions) by their names before the unit was in the key."""
+
+
+def _read_run(path: Path) -> dict:
+    """A run.json, one written before the errors were named ``*_error`` too."""
+    run = json.loads(path.read_text())
+    for old, new in _ERROR_KEYS.items():
+        if new not in run and old in run:
+            run[new] = run.pop(old)
+    return run
 
 
 def _mean_ci(values: Sequence[float]) -> tuple[float, float]:
@@ -167,7 +181,7 @@ def _mean_ci(values: Sequence[float]) -> tuple[float, float]:
 def aggregate(out_dir: str | Path, command: str = "", wall_seconds: float | None = None) -> str:
     """Write ``summary.md`` and ``summary.json`` of the runs in ``out_dir``; return the table."""
     out = Path(out_dir)
-    runs = [json.loads(p.read_text()) for p in sorted(out.glob("*/run.json"))]
+    runs = [_read_run(p) for p in sorted(out.glob("*/run.json"))]
     if not runs:
         raise RapaError(f"{out}: no run.json found; run the demonstration first")
     rows, table = [], []
@@ -176,13 +190,11 @@ def aggregate(out_dir: str | Path, command: str = "", wall_seconds: float | None
             rs = [r for r in runs if r["run"]["net"] == net and r["run"]["tiled"] == tiled]
             if not rs:
                 continue
-            single, vote = _mean_ci([r["single"] for r in rs]), _mean_ci([r["vote"] for r in rs])
-            row = {"net": net, "tiled": tiled, "seeds": [r["run"]["seed"] for r in rs], "single": single,
-                   "vote": vote, "tiles": rs[0]["tiles"], "speedup_pipelined": rs[0]["speedup_pipelined"],
+            single, vote = _mean_ci([r["single_error"] for r in rs]), _mean_ci([r["vote_error"] for r in rs])
+            row = {"net": net, "tiled": tiled, "seeds": [r["run"]["seed"] for r in rs], "single_error": single,
+                   "vote_error": vote, "tiles": rs[0]["tiles"], "speedup_pipelined": rs[0]["speedup_pipelined"],
                    "speedup_sequential": rs[0]["speedup_sequential"],
-                   "per_seed": {str(r["run"]["seed"]): {"single": r["single"], "vote": r["vote"],
-                                                        "single_ci": r["single_ci"], "vote_ci": r["vote_ci"]}
-                                for r in rs},
+                   "per_seed": {str(r["run"]["seed"]): {k: r[k] for k in _ERROR_KEYS.values()} for r in rs},
                    "run_seconds": statistics.fmean(r["wall_seconds"] for r in rs)}
             rows.append(row)
             table.append(f"| {net} | {'balanced random' if tiled else 'untiled'} | {len(rs)} | "

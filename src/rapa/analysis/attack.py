@@ -39,7 +39,7 @@ from torch import Tensor
 
 from rapa.analysis.common import frozen_eval, iter_batches, model_device, stochastic_in_eval
 
-__all__ = ["ATTACKS", "DEFAULT_SNRS", "HUMAN_THRESHOLD_DB", "SNR_RANGE", "accuracy_at", "check_snrs", "fgsm",
+__all__ = ["ATTACKS", "AT_FILE_KEYS", "CURVE_FILE_KEYS", "DEFAULT_SNRS", "HUMAN_THRESHOLD_DB", "SNR_RANGE", "accuracy_at", "check_snrs", "fgsm",
            "gap_reduction", "input_gradient", "measured_snr", "pgd", "pixel_epsilon", "plot_robustness",
            "robustness_curve", "snr_epsilon"]
 Pixel = tuple[Sequence[float], Sequence[float]]
@@ -51,6 +51,12 @@ SNR_RANGE: tuple[float, float] = (-20.0, 100.0)
 """SNRs (dB) that :func:`check_snrs` accepts."""
 HUMAN_THRESHOLD_DB = 33.0
 """About the threshold of human perception (Cisse et al. 2017): where the gap reduction is read."""
+CURVE_FILE_KEYS = {"accuracy": "accuracy_percent", "clean_accuracy": "clean_accuracy_percent"}
+"""How ``attack.json`` names the accuracies (percent) of a :func:`robustness_curve`
+(:func:`rapa.analysis.common.file_keys`; files written before read the same)."""
+AT_FILE_KEYS = {"model": "model_accuracy_percent", "baseline": "baseline_accuracy_percent"}
+"""How ``attack.json``'s ``at_threshold`` rows name the accuracies at 33 dB (percent); the gap
+reduction there is ``gap_reduction_fraction``."""
 
 
 def check_snrs(snrs: Sequence[float]) -> tuple[float, ...]:

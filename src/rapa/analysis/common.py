@@ -12,8 +12,8 @@ from torch import Tensor
 from rapa.errors import RapaError
 from rapa.tiled_conv import TiledConv2d
 
-__all__ = ["digital_twin", "frozen_eval", "iter_batches", "json_safe", "model_device", "name_list",
-           "positive_int", "stochastic_in_eval", "tiled_layers"]
+__all__ = ["digital_twin", "file_keys", "frozen_eval", "iter_batches", "json_safe", "model_device", "name_list",
+           "positive_int", "read_keys", "stochastic_in_eval", "tiled_layers"]
 
 NO_TILED_LAYER = "model has no tiled layer"
 
@@ -135,6 +135,24 @@ def iter_batches(data: Any, batch_size: int = 200, device: torch.device | str | 
         seen += x.shape[0]
         if limit is not None and seen >= limit:
             break
+
+
+def file_keys(record: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
+    """``record`` with its keys renamed as a result file spells them (``names``: key -> file key,
+    e.g. ``tiled_error`` -> ``tiled_error_percent``: the unit in the key); other keys kept."""
+    return {names.get(k, k): v for k, v in record.items()}
+
+
+def read_keys(record: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
+    """The inverse of :func:`file_keys`: a result file's record with rapa's own keys; a file
+    written before the units were in the keys (``tiled_error`` itself, the same percentages)
+    reads the same."""
+    back = {v: k for k, v in names.items()}
+    out = {k: v for k, v in record.items() if k not in back}
+    for k, v in record.items():
+        if k in back:
+            out[back[k]] = v  # the new spelling wins over an old one
+    return out
 
 
 def json_safe(value: Any) -> Any:

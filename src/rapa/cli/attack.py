@@ -6,7 +6,7 @@ Attacks the test images each net classifies correctly with FGSM at every ``--snr
 net also with EOT-FGSM and EOT-PGD (see :mod:`rapa.analysis.attack`). Prints the
 accuracy at 33 dB (the threshold of human perception; interpolated) and, with a
 baseline, the gap reduction ``(acc - acc_base) / (100 - acc_base)`` per attack. Writes
-``attack.json`` (accuracies in percent, the gap reduction as ``gap_reduction_fraction``)
+``attack.json`` (accuracies in percent in keys ``*_percent``, the gap reduction as ``gap_reduction_fraction``)
 and ``attack.png`` to ``--out`` (default: DIR). PGD costs
 ``steps * eot`` passes per SNR: use ``--limit`` on a CPU.
 """
@@ -77,9 +77,9 @@ def _label(run_dir: Path, config) -> str:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from rapa.analysis.attack import (ATTACKS, HUMAN_THRESHOLD_DB, accuracy_at, gap_reduction, plot_robustness,
-                                      robustness_curve)
-    from rapa.analysis.common import json_safe, name_list, positive_int
+    from rapa.analysis.attack import (AT_FILE_KEYS, ATTACKS, CURVE_FILE_KEYS, HUMAN_THRESHOLD_DB, accuracy_at,
+                                      gap_reduction, plot_robustness, robustness_curve)
+    from rapa.analysis.common import file_keys, json_safe, name_list, positive_int
     from rapa.data import load_dataset
     from rapa.errors import RapaError
     from rapa.progress import shown
@@ -129,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
               "dataset": config.dataset, "test_images": len(test), "snr_db": list(snrs),
               "input_space": "normalised images ((pixel/255 - mean) / std), no clipping",
               "snr_space": "normalised" if pixel is None else "pixel",
-              "labels": labels, "curves": curves, "at_db": HUMAN_THRESHOLD_DB, "at_threshold": at}
+              "labels": labels, "curves": {k: file_keys(c, CURVE_FILE_KEYS) for k, c in curves.items()},
+              "at_db": HUMAN_THRESHOLD_DB, "at_threshold": {a: file_keys(row, AT_FILE_KEYS) for a, row in at.items()}}
     write_text(out / "attack.json", json.dumps(json_safe(result), indent=1) + "\n")
     plot_robustness({labels[k]: c for k, c in curves.items()}, out / "attack.png")
 

@@ -4,7 +4,8 @@ For every method (norm, random_tile, first_tile, random_filters, maxpool_winner;
 :mod:`rapa.analysis.reduce`) the reduced, untiled net is built and its test error
 printed, with the best method and the tiled net's own single-pass error for comparison.
 ``maxpool_winner`` counts max-pooling wins on the training images (``--limit-train``);
-conv3 (average pooling) falls back to ``norm``. Writes ``reduce.json`` to ``--out``.
+conv3 (average pooling) falls back to ``norm``. Writes ``reduce.json`` to ``--out`` (errors
+in percent: ``tiled_error_percent``, ``method_error_percent``, ``best_error_percent``).
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from rapa.analysis.common import digital_twin, json_safe, name_list, positive_int, tiled_layers
-    from rapa.analysis.reduce import METHODS, classification_error, reduce_errors
+    from rapa.analysis.common import digital_twin, file_keys, json_safe, name_list, positive_int, tiled_layers
+    from rapa.analysis.reduce import METHODS, REDUCE_FILE_KEYS, classification_error, reduce_errors
     from rapa.data import load_dataset
     from rapa.errors import RapaError
     from rapa.models import ConvNet
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
               "pooling": config.pooling, "tiles": list(config.tiles) if config.tiles else None,
               "test_images": len(test), "train_images": None if train is None else len(train),
               "tiled_error": tiled_error, **result}
-    write_text(out / "reduce.json", json.dumps(json_safe(result), indent=1) + "\n")
+    write_text(out / "reduce.json", json.dumps(json_safe(file_keys(result, REDUCE_FILE_KEYS)), indent=1) + "\n")
 
     tiles = ",".join(map(str, config.tiles)) if config.tiles else "untiled"
     print(f"{args.run_dir}: {config.dataset} ({len(test)} test images), {config.scheme} tiling {tiles}, "

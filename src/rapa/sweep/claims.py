@@ -57,6 +57,10 @@ class Claim:
     """Why the verdict is what it is (always given for inconclusive)."""
     recipe: str = ""
     """The training recipe the numbers come from (``not reproduced under RECIPE``)."""
+    unit: str = "percent"
+    """What the numbers in ``values`` are: ``percent`` (errors, accuracies and the gap reduction;
+    their differences in percentage points; ``snr_db`` in dB, ``mcnemar_p`` a probability) or
+    ``correlation`` (filter similarity)."""
 
     @property
     def verdict_text(self) -> str:
@@ -245,7 +249,9 @@ def claim_similarity(similarity: Mapping[str, PerSeed], untrained: Sequence[str]
     others = {k: v for k, v in clean.items() if k != "random" and v}
     if not rnd or not others:
         return _missing("similarity", paper, "similarity of random and other tiled runs", recipe)
-    return _all_better("similarity", paper, rnd, others, False, "filter similarity", "", 3, untrained, recipe)
+    claim = _all_better("similarity", paper, rnd, others, False, "filter similarity", "", 3, untrained, recipe)
+    claim.unit = "correlation"
+    return claim
 
 
 def claim_reduction(reduced: Mapping[str, PerSeed], untiled: PerSeed | None = None, untrained: Sequence[str] = (),

@@ -7,7 +7,10 @@ floating-point runs and caches them in the run directory, in the files the ``rap
 reduce`` / ``rapa attack`` commands write (``reduce.json``, ``attack.json``); a cache older
 than the run's checkpoint is recomputed (``voting.json`` caches the per-image voting
 comparison, ``similarity.json`` the filter similarity the same way). A run directory
-without its checkpoint (a committed results tree) is read from its caches alone.
+without its checkpoint (a committed results tree) is read from its caches alone. The files
+say the unit in the key (``*_percent``; the one fraction: ``gap_reduction_fraction``);
+:class:`Analyses` returns rapa's own keys (``best_error``, ``accuracy``, ``single_error``:
+percent), from files written before the units were in the keys too.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ SCHEME_LABELS = {"none": "no tiling", "perforated": "perforated", "image_overlap
 """Row names of the paper's tables per scheme."""
 DATASET_LABELS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "svhn": "SVHN", "fashion-mnist": "Fashion-MNIST",
                   "digits": "digits"}
+VOTING_FILE_KEYS = {"single_error": "single_error_percent", "vote_error": "vote_error_percent"}
+"""How ``voting.json`` names its errors (percent; :func:`rapa.analysis.common.file_keys`)."""
 FP_PRESETS = (None, "ideal")
 """Analog settings that count as floating point ("ideal" is an exact analog tile)."""
 
@@ -189,11 +194,11 @@ class Analyses:
         return self._memo[key]
 
     @staticmethod
-    def _write(path: Path, value: dict[str, Any]) -> None:
-        from rapa.analysis.common import json_safe
+    def _write(path: Path, value: dict[str, Any], names: dict[str, str] | None = None) -> None:
+        from rapa.analysis.common import file_keys, json_safe
 
         try:
-            path.write_text(json.dumps(json_safe(value), indent=1) + "\n")
+            path.write_text(json.dumps(json_safe(file_keys(value, names or {})), indent=1) + "\n")
         except OSError:
             pass  # a read-only sweep folder: the result is used, not cached
 
@@ -226,8 +231,12 @@ class Analyses:
         """Reduced-net errors (percent) per method of a tiled FP run (``reduce.json``)."""
         if rec.config.scheme in ("none", "perforated") or rec.config.tiles is None or not rec.finished:
             return None
+        from rapa.analysis.common import read_keys
+        from rapa.analysis.reduce import REDUCE_FILE_KEYS
+
         path = rec.run_dir / "reduce.json"
         cached = self._fresh(rec, path)
+        cached = None if cached is None else read_keys(cached, REDUCE_FILE_KEYS)
         if cached is not None and "methods" in cached:
             return cached
         if not self.compute or not self._usable(rec):
@@ -255,7 +264,7 @@ class Analyses:
             value = {"run_dir": str(rec.run_dir), "dataset": rec.config.dataset, "scheme": rec.config.scheme,
                      "pooling": rec.config.pooling, "tiles": list(rec.config.tiles), "test_images": len(test),
                      "train_images": len(train), "tiled_error": tiled, **result}
-            self._write(path, value)
+            self._write(path, value, REDUCE_FILE_KEYS)
             return value
         return self._cached("reduction", rec, run)
 
@@ -263,11 +272,15 @@ class Analyses:
         """:func:`rapa.analysis.robustness_curve` (FGSM, and EOT-FGSM) of an FP run (``attack.json``)."""
         if not rec.finished:
             return None
+        from rapa.analysis.attack import AT_FILE_KEYS, CURVE_FILE_KEYS
+        from rapa.analysis.common import file_keys, read_keys
+
         path = rec.run_dir / "attack.json"
         cached = self._fresh(rec, path)
         want = self.attack_limit or rec.config.limit_test
         if cached is not None:
             curve = (cached.get("curves") or {}).get("model")
+            curve = read_keys(curve, CURVE_FILE_KEYS) if isinstance(curve, dict) else None
             if curve and {"fgsm", "fgsm_eot"} <= set(curve.get("accuracy", {})) and _same_limit(cached, want) \
                     and curve.get("snr_space") == "pixel" \
                     and [float(s) for s in curve.get("snr_db", [])] == list(self.snrs):
@@ -292,19 +305,24 @@ class Analyses:
                   for a, acc in curve["accuracy"].items()}
             self._write(path, {"run_dir": str(rec.run_dir), "baseline_dir": None, "dataset": rec.config.dataset,
                                "limit": want, "test_images": len(test), "snr_db": curve["snr_db"],
-                               "curves": {"model": curve},
-                               "at_db": HUMAN_THRESHOLD_DB, "at_threshold": at})
+                               "curves": {"model": file_keys(curve, CURVE_FILE_KEYS)},
+                               "at_db": HUMAN_THRESHOLD_DB,
+                               "at_threshold": {a: file_keys(row, AT_FILE_KEYS) for a, row in at.items()}})
             return curve
         return self._cached("robustness", rec, run)
 
     def voting(self, rec: RunRecord, votes: int = 9) -> dict[str, Any] | None:
         """Per-image comparison of one pass and a ``votes``-vote majority on the test set
         (the first ``attack_limit`` images) of an FP run (``voting.json``): ``{"images",
-        "single_error", "vote_error", "only_single_right", "only_vote_right"}``, errors in percent."""
+        "single_error", "vote_error", "only_single_right", "only_vote_right"}``, errors in percent
+        (``single_error_percent``, ``vote_error_percent`` in the file)."""
+        from rapa.analysis.common import read_keys
+
         if not rec.finished:
             return None
         path = rec.run_dir / "voting.json"
         cached = self._fresh(rec, path)
+        cached = None if cached is None else read_keys(cached, VOTING_FILE_KEYS)
         want = self.attack_limit or rec.config.limit_test
         if cached is not None and cached.get("votes") == votes and _same_limit(cached, want, "images"):
             return cached
@@ -335,7 +353,7 @@ class Analyses:
             value = {"run_dir": str(rec.run_dir), "limit": want, "images": n, "votes": votes,
                      "single_error": 100.0 * wrong1 / n,
                      "vote_error": 100.0 * wrongv / n, "only_single_right": b, "only_vote_right": c}
-            self._write(path, value)
+            self._write(path, value, VOTING_FILE_KEYS)
             return value
         return self._cached("voting", rec, run)
 
