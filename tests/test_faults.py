@@ -642,6 +642,10 @@ def test_json_files_say_in_the_key_whether_a_number_is_a_fraction_or_a_percentag
                      "--attacks", "fgsm", "--limit", "20", "--batch-size", "10"]):
         r = rapa(*command, "--device", "cpu", "--out", out, "--quiet")
         assert r.returncode == 0, r.stderr
+    r = rapa("theory", "--epochs", "2", "--out", out)
+    assert r.returncode == 0, r.stderr
+    theory_json = json.loads((out / "theory.json").read_text())
+    assert {"train_error", "test_error", "error_gap_fraction"} <= set(theory_json["single"])
     reduce_json = json.loads((out / "reduce.json").read_text())
     attack_json = json.loads((out / "attack.json").read_text())
     assert {"tiled_error_percent", "method_error_percent", "best_error_percent"} <= set(reduce_json)
@@ -661,7 +665,7 @@ def test_json_files_say_in_the_key_whether_a_number_is_a_fraction_or_a_percentag
                           C.claim_similarity({"random": {0: 0.8, 1: 0.7}, "alternate": {0: 0.1, 1: 0.2}})])
     assert [c["unit"] for c in claims] == ["percent", "correlation"]
     for name, doc in (("reduce.json", reduce_json), ("attack.json", attack_json), ("voting.json", voting_json),
-                      ("eval --json", json.loads(ev.stdout)), ("summary.json", summary)):
+                      ("eval --json", json.loads(ev.stdout)), ("summary.json", summary), ("theory.json", theory_json)):
         assert _unit_problems(doc) == [], name
 
 

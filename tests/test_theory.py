@@ -221,10 +221,10 @@ def test_replicated_model_overfits_less():
     for seed in (0, 1, 2):
         r = T.demo(nt=16, epochs=200, lr=1.0, seed=seed, n_samples=256, record_every=0, spread_scales=())
         single, rep = r["single"], r["replicated"]
-        assert single["train_err"] == 0.0 and single["gap"] > 0.08  # the single model overfits
-        assert rep["gap"] < single["gap"] - 0.015
+        assert single["train_error"] == 0.0 and single["error_gap_fraction"] > 0.08  # the single model overfits
+        assert rep["error_gap_fraction"] < single["error_gap_fraction"] - 0.015
         assert rep["loss_gap"] < 0.7 * single["loss_gap"]
-        assert rep["test_err"] < single["test_err"] + 0.02  # not bought by a much worse model
+        assert rep["test_error"] < single["test_error"] + 0.02  # not bought by a much worse model
         assert r["R"] > 0 and r["R_second_order"] == pytest.approx(r["R"], rel=0.25)
 
 
@@ -245,5 +245,5 @@ def test_learning_curves_recorded_every_k_epochs():
     y = (y > 0.5).to(DT)
     h = T.train_replicated_logreg(X, y, 2, 7, 0.1, 0, X_test=X, y_test=y, record_every=3).history
     assert h["epoch"] == [0, 3, 6, 7]
-    assert h["train_err"] == h["test_err"] and len(h["test_loss"]) == 4
+    assert h["train_error"] == h["test_error"] and len(h["test_loss"]) == 4
     assert T.train_replicated_logreg(X, y, 2, 7, 0.1, 0, record_every=0).history == {}

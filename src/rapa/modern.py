@@ -7,8 +7,8 @@ recipe: SGD with momentum, cosine learning rate, weight decay, minibatch 64, mod
 augmentation (mirroring, brightness). Each run records its test error of one pass and of a
 9-vote majority (:func:`rapa.voting.majority_vote`) with 95% Wilson intervals over the test
 images (fractions: ``single_error``, ``vote_error``, ``*_error_ci``), the run-time model's
-speed-up (:func:`rapa.summary.conversion_summary`) and its wall time; :func:`aggregate` writes ``summary.md`` / ``summary.json`` with the mean over
-seeds and a 95% t-interval.
+speed-up (:func:`rapa.summary.conversion_summary`) and its wall time; :func:`aggregate`
+writes ``summary.md`` / ``summary.json`` with the mean over seeds and a 95% t-interval.
 
     python -m rapa.modern --out results/modern --epochs 2 --seeds 0 1 2 --jobs 2
 

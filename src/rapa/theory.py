@@ -214,7 +214,7 @@ class TrainResult:
     """How replicas were drawn in training and are drawn in evaluation."""
     history: dict[str, list[float]] = field(default_factory=dict)
     """Every ``record_every`` epochs (from epoch 0, before training; and after the last):
-    ``epoch``, ``train_err``, ``train_loss`` and, given a test set, ``test_err``,
+    ``epoch``, ``train_error``, ``train_loss`` and, given a test set, ``test_error``,
     ``test_loss`` (errors as fractions, losses per sample)."""
 
 
@@ -293,7 +293,7 @@ def train_replicated_logreg(
         history.setdefault("epoch", []).append(epoch)
         for name, Xe, ye in sets:
             err, loss = evaluate(theta, Xe, ye, sampling, seed=seed)
-            history.setdefault(f"{name}_err", []).append(err)
+            history.setdefault(f"{name}_error", []).append(err)
             history.setdefault(f"{name}_loss", []).append(loss)
 
     record(0)
@@ -396,8 +396,9 @@ def demo(
 
     Returns a JSON-ready dict: the settings; for ``single``, ``replicated`` (randomly sampled,
     as trained) and ``replicated_mean`` (``theta_bar``) the final train/test error and log-loss
-    and their gaps; ``R`` (exact for tile sampling, Monte Carlo with ``n_samples`` draws for
-    per-parameter sampling, whose ``nt**65`` combinations cannot be enumerated) and
+    and their gaps (errors as fractions: ``train_error``, ``test_error``, ``error_gap_fraction``);
+    ``R`` (exact for tile sampling, Monte Carlo with ``n_samples`` draws for per-parameter
+    sampling, whose ``nt**65`` combinations cannot be enumerated) and
     ``R_second_order`` on the training set; the learning curves (every ``record_every``
     epochs); ``R`` against replica spread (at ``spread_scales``).
     """
@@ -411,7 +412,7 @@ def demo(
     def summary(theta: Tensor, samp: Sampling) -> dict[str, float]:
         tr_err, tr_loss = evaluate(theta, Xtr, ytr, samp, seed=seed)
         te_err, te_loss = evaluate(theta, Xte, yte, samp, seed=seed)
-        return {"train_err": tr_err, "test_err": te_err, "gap": te_err - tr_err,
+        return {"train_error": tr_err, "test_error": te_err, "error_gap_fraction": te_err - tr_err,
                 "train_loss": tr_loss, "test_loss": te_loss, "loss_gap": te_loss - tr_loss}
 
     r_method = "exact" if sampling == "tile" else f"monte-carlo ({n_samples} draws)"

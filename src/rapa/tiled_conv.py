@@ -10,7 +10,8 @@ from torch import Tensor
 from torch.nn.modules.utils import _pair
 
 from rapa import schemes
-from rapa.functional import PADDING_MODES, _size2, check_dtype_device, check_input, pad_input, resolve_padding, tiled_conv2d
+from rapa.functional import (PADDING_MODES, _size2, check_dtype_device, check_input, pad_input, resolve_padding,
+                             tiled_conv2d)
 
 
 def check_conv_args(in_channels: int, out_channels: int, kernel_size: _size2, stride: _size2,

@@ -39,7 +39,8 @@ from torch import Tensor
 
 from rapa.analysis.common import frozen_eval, iter_batches, model_device, stochastic_in_eval
 
-__all__ = ["ATTACKS", "AT_FILE_KEYS", "CURVE_FILE_KEYS", "DEFAULT_SNRS", "HUMAN_THRESHOLD_DB", "SNR_RANGE", "accuracy_at", "check_snrs", "fgsm",
+__all__ = ["ATTACKS", "AT_FILE_KEYS", "CURVE_FILE_KEYS", "DEFAULT_SNRS", "HUMAN_THRESHOLD_DB", "SNR_RANGE",
+           "accuracy_at", "check_snrs", "fgsm",
            "gap_reduction", "input_gradient", "measured_snr", "pgd", "pixel_epsilon", "plot_robustness",
            "robustness_curve", "snr_epsilon"]
 Pixel = tuple[Sequence[float], Sequence[float]]

@@ -33,7 +33,8 @@ from rapa.models import ConvNet
 from rapa.pooling import MixedPool2d
 from rapa.tiled_conv import TiledConv2d
 
-__all__ = ["METHODS", "REDUCE_FILE_KEYS", "choose_tiles", "classification_error", "maxpool_win_counts", "reduce", "reduce_errors"]
+__all__ = ["METHODS", "REDUCE_FILE_KEYS", "choose_tiles", "classification_error", "maxpool_win_counts", "reduce",
+           "reduce_errors"]
 
 METHODS: tuple[str, ...] = ("norm", "random_tile", "first_tile", "random_filters", "maxpool_winner")
 REDUCE_FILE_KEYS = {"tiled_error": "tiled_error_percent", "methods": "method_error_percent",

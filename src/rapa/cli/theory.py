@@ -44,8 +44,8 @@ def _table(result: dict) -> str:
             ("replicated, theta_bar", result["replicated_mean"], None, None)]
     lines = [head, "-" * len(head)]
     for name, m, r, r2 in rows:
-        lines.append(f"{name:<22}{100 * m['train_err']:>9.2f}%{100 * m['test_err']:>9.2f}%"
-                     f"{100 * m['gap']:>7.2f}%{m['train_loss']:>12.4f}{m['test_loss']:>11.4f}"
+        lines.append(f"{name:<22}{100 * m['train_error']:>9.2f}%{100 * m['test_error']:>9.2f}%"
+                     f"{100 * m['error_gap_fraction']:>7.2f}%{m['train_loss']:>12.4f}{m['test_loss']:>11.4f}"
                      + (f"{r:>10.4f}{r2:>11.4f}" if r is not None else f"{'-':>10}{'-':>11}"))
     s = result["settings"]
     lines.append(f"digits {s['classes'][0]} vs {s['classes'][1]}, {s['n_train']} train / "
@@ -71,7 +71,7 @@ def _plot(result: dict, path: Path) -> None:
     ax[0].set_title("Regulariser vs replica spread")
     ax[0].legend()
     nt = result["settings"]["nt"]
-    for j, (key, label) in enumerate([("err", "error"), ("loss", "log-loss per sample")]):
+    for j, (key, label) in enumerate([("error", "error"), ("loss", "log-loss per sample")]):
         a = ax[1 + j]
         for model, color in [("single", "C0"), ("replicated", "C1")]:
             h = result["history"][model]
