@@ -688,3 +688,32 @@ def test_json_files_written_before_the_units_were_in_the_keys_read_the_same(run_
     assert a.reduction(rec)["methods"] == {"norm": 41.0}
     assert (a.voting(rec)["single_error"], a.voting(rec)["vote_error"]) == (35.0, 30.0)
     assert a.robustness(rec)["accuracy"]["fgsm"] == [40.0, 60.0] and a.robustness(rec)["clean_accuracy"] == 90.0
+
+
+def test_report_fig7_csv_names_percentages_and_the_gap_fraction(digits_runs, tmp_path):
+    """fig7.csv held accuracies in percent beside gap reductions as fractions under plain names;
+    the untiled net's attack.json in the old spelling, the random one's in the new."""
+    from rapa.analysis.attack import DEFAULT_SNRS
+
+    root = tmp_path / "sweep"
+    acc = {"random": 60.0, "none": 20.0}  # FGSM accuracy at every SNR: 60% and 20% at 33 dB
+    for name in ("tiled", "base"):
+        run = root / name
+        shutil.copytree(digits_runs / name, run)
+        config = json.loads((run / "config.json").read_text())
+        paper = {"channels": [32, 32, 64], "tiles": None if config["tiles"] is None else [16, 4, 1]}
+        (run / "config.json").write_text(json.dumps({**config, **paper}))  # Table 1's rows (read from the caches)
+        a = acc[config["scheme"]]
+        curve = {"snr_db": list(DEFAULT_SNRS), "snr_space": "pixel", "correct": 27, "images": 30,
+                 "accuracy": {"fgsm": [a] * 9, "fgsm_eot": [a] * 9}, "clean_accuracy": 90.0}
+        if name == "tiled":
+            curve["accuracy_percent"], curve["clean_accuracy_percent"] = curve.pop("accuracy"), \
+                curve.pop("clean_accuracy")
+        (run / "attack.json").write_text(json.dumps({"limit": 30, "test_images": 30, "curves": {"model": curve}}))
+    r = rapa("report", root, "--no-analysis", "--quiet", "--out", tmp_path / "report")
+    assert r.returncode == 0, r.stderr
+    rows = {row["net"]: row for row in csv.DictReader(open(tmp_path / "report" / "fig7.csv"))}
+    assert float(rows["random"]["clean_accuracy_percent"]) == 90.0
+    assert float(rows["random"]["fgsm_accuracy_percent"]) == 60.0
+    assert float(rows["no tiling"]["fgsm_accuracy_percent"]) == 20.0
+    assert float(rows["random"]["fgsm_gap_reduction_fraction"]) == pytest.approx((60 - 20) / (100 - 20))

@@ -87,13 +87,14 @@ def robustness_table(records: Sequence[RunRecord], analyses: Analyses,
         for label, c in curves.items():
             row = [label_ds, label, fmt_pct(c["clean_accuracy"] if c else None)]
             rec = {"dataset": ds, "augment": aug, "net": label, "run": nets[label].name,
-                   "clean_accuracy": c["clean_accuracy"] if c else None, "correct_images": c["correct"] if c else None}
+                   "clean_accuracy_percent": c["clean_accuracy"] if c else None,
+                   "correct_images": c["correct"] if c else None}
             for a in ("fgsm", "fgsm_eot"):
                 acc = at[label][a]
                 base_acc = at["no tiling"][a] if base else None
                 gap = None if acc is None or base_acc is None or label == "no tiling" else gap_reduction(acc, base_acc)
                 row += [fmt_pct(acc), "" if label == "no tiling" else fmt_pct(None if gap is None else 100 * gap, 1)]
-                rec.update({f"{a}_accuracy": acc, f"{a}_gap_reduction": gap})
+                rec.update({f"{a}_accuracy_percent": acc, f"{a}_gap_reduction_fraction": gap})  # as attack.json
             table.rows.append(row)
             table.records.append(rec)
         if plot_dir is not None and any(curves.values()):
