@@ -40,7 +40,7 @@ def digits_runs(tmp_path_factory):
 def backend(request, monkeypatch):
     """Run a test on both CPU implementations of the tiled convolution: the native kernels
     (skipped where no C++ compiler can build them) and the pure-PyTorch path."""
-    from rapa import native
+    from rapa.ops import native
 
     if request.param == "native":
         monkeypatch.setenv(native.ENV_SWITCH, "1")
@@ -55,6 +55,6 @@ def backend(request, monkeypatch):
 def torch_path(monkeypatch):
     """Force the pure-PyTorch implementation of the tiled convolution (its internals are
     what the test exercises)."""
-    from rapa import native
+    from rapa.ops import native
 
     monkeypatch.setenv(native.ENV_SWITCH, "0")

@@ -11,13 +11,14 @@ import torch.nn.functional as F
 
 import rapa
 from rapa import native, schemes
+from rapa.ops import native as ops_native
 
 
 @pytest.fixture
 def lib(monkeypatch):
     monkeypatch.setenv(native.ENV_SWITCH, "1")
     if not native.available():
-        pytest.skip(f"native kernels unavailable: {native._state.get('error')}")
+        pytest.skip(f"native kernels unavailable: {ops_native._state.get('error')}")
     return native.library()
 
 
@@ -115,13 +116,13 @@ def test_falls_back_to_pytorch_path():
     torch.manual_seed(0)
     layer = rapa.TiledConv2d(2, 3, 3, padding=1, tiles=4, scheme="image_pad")
     x = torch.randn(2, 2, 8, 8)
-    assert type(layer(x).grad_fn).__name__ == "_TiledConv2dFnBackward"  # the mask: PyTorch path
+    assert type(layer(x).grad_fn).__name__ == "TiledConv2dFnBackward"  # the mask: PyTorch path
     layer = rapa.TiledConv2d(2, 3, 3, padding=1, tiles=4).double()
-    assert type(layer(x.double()).grad_fn).__name__ == "_TiledConv2dFnBackward"
+    assert type(layer(x.double()).grad_fn).__name__ == "TiledConv2dFnBackward"
     old = os.environ.get(native.ENV_SWITCH)
     os.environ[native.ENV_SWITCH] = "0"
     try:
-        assert type(layer.float()(x).grad_fn).__name__ == "_TiledConv2dFnBackward"
+        assert type(layer.float()(x).grad_fn).__name__ == "TiledConv2dFnBackward"
     finally:
         if old is None:
             del os.environ[native.ENV_SWITCH]
@@ -130,7 +131,7 @@ def test_falls_back_to_pytorch_path():
 
 
 def test_failed_build_warns_and_uses_pytorch_path(monkeypatch, tmp_path):
-    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setattr(ops_native, "_state", {})
     monkeypatch.setenv("CXX", "false")  # a compiler that always fails
     monkeypatch.setenv(native.ENV_DIR, str(tmp_path))
     monkeypatch.setenv(native.ENV_SWITCH, "1")
@@ -140,7 +141,7 @@ def test_failed_build_warns_and_uses_pytorch_path(monkeypatch, tmp_path):
     x = torch.randn(2, 2, 8, 8)
     with pytest.warns(RuntimeWarning, match="native CPU kernels unavailable"):
         y = layer(x)
-    assert "failed" in native._state["error"]
+    assert "failed" in ops_native._state["error"]
     torch.testing.assert_close(y, conv(x), rtol=1e-5, atol=1e-5)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once only

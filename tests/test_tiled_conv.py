@@ -12,6 +12,8 @@ import torch.nn.functional as F
 
 import rapa
 from rapa import schemes
+from rapa.ops import torch_path as torch_path_mod
+from rapa.ops import workspace
 from rapa.tiled_conv import TiledConv2d
 
 ALL = rapa.SCHEMES
@@ -362,14 +364,14 @@ def test_chunked_patch_gather_matches_per_pixel_reference(monkeypatch, scheme, n
     x = torch.randn(3, 2, 6, 5, requires_grad=True)
     index = layer.assignment(x)
     per_image = index.shape[1] * index.shape[2] * 2 * 9 * x.element_size()  # bytes of patches
-    monkeypatch.setattr(rapa.functional, "CPU_CHUNK_BYTES", per_chunk * per_image + per_image // 2)
-    assert rapa.functional._chunk_size(3, per_image, x.device) == per_chunk
+    monkeypatch.setattr(torch_path_mod, "CPU_CHUNK_BYTES", per_chunk * per_image + per_image // 2)
+    assert torch_path_mod.chunk_size(3, per_image, x.device) == per_chunk
     s = schemes.index_to_tile_map(index, 30).expand(3, 30).reshape(3, 6, 5)
     y = layer(x, index=index)
     g = torch.randn_like(y)
     y.backward(g)
     if scheme == "image_pad":  # the region mask: compare with the unchunked layer instead
-        monkeypatch.setattr(rapa.functional, "CPU_CHUNK_BYTES", 2**30)
+        monkeypatch.setattr(torch_path_mod, "CPU_CHUNK_BYTES", 2**30)
         x2 = x.detach().clone().requires_grad_(True)
         w_grad = layer.weight.grad.clone()
         layer.weight.grad = None
@@ -491,9 +493,9 @@ def test_clear_workspace_frees_scratch_and_results_stay_correct(torch_path):
     layer = TiledConv2d.from_conv2d(conv, 4, "random")
     x = torch.randn(2, 3, 8, 8)
     layer(x)
-    assert rapa.functional._workspace.bufs
+    assert workspace.scratch.bufs
     rapa.functional.clear_workspace()
-    assert not rapa.functional._workspace.bufs and not rapa.functional._workspace.tables
+    assert not workspace.scratch.bufs and not workspace.scratch.tables
     torch.testing.assert_close(layer(x), conv(x), rtol=1e-5, atol=1e-5)
 
 
@@ -509,8 +511,8 @@ def test_other_devices_path_one_chunk_fresh_buffers(monkeypatch, scheme, nt, tor
     g = torch.randn_like(y)
     y.backward(g)
     grads = x.grad.clone(), layer.weight.grad.clone(), layer.bias.grad.clone()
-    ws = rapa.functional._workspace
-    monkeypatch.setattr(rapa.functional, "_chunk_size", lambda n, per_image, device: n)
+    ws = workspace.scratch
+    monkeypatch.setattr(torch_path_mod, "chunk_size", lambda n, per_image, device: n)
     monkeypatch.setattr(ws, "get", lambda role, numel, like: like.new_empty(numel))
     monkeypatch.setattr(ws, "arange", lambda n, device: torch.arange(n, device=device))
     monkeypatch.setattr(ws, "memo", lambda key, make: make())

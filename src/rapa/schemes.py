@@ -9,12 +9,15 @@ Two representations, both pure functions of the grid size (and a random generato
   ``M = max`` pixels per tile, padded with ``np`` (an empty slot) where a tile has fewer.
 
 The digital layer, the analog backend and the analysis all call these functions, so they
-agree on which tile computes which pixel.
+agree on which tile computes which pixel; :func:`plan` is the one place that turns a
+scheme's draw into what a convolution needs (:class:`TilePlan`: the index, the ``image_pad``
+mask, whether every pixel is covered, or an ordinary convolution).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -174,6 +177,45 @@ def assignment_index(
         g = torch.Generator().manual_seed(int(fixed_seed))
         return random_partition_index(1, np_, nt, g, canonical=True).to(device)
     return tile_map_to_index(grid_tile_map(scheme, nt, oh, ow, device), nt)
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """The assignment of one forward pass, as every tiled convolution applies it."""
+
+    index: Tensor | None
+    """Gather index ``(B, nt', M)`` (value ``np``: an empty slot); ``None``: one kernel computes
+    every pixel, an ordinary convolution."""
+    mask: Tensor | None
+    """``image_pad`` only: ``(np, kh*kw)``, 1 where a patch entry reads the output pixel's own
+    region of the input, 0 where the read is cut off; ``None`` for every other scheme."""
+    covered: bool
+    """Every output pixel has a slot (the index partitions the pixels); ``False`` for
+    ``perforated``, whose pixels without a slot are 0."""
+
+    @property
+    def plain(self) -> bool:
+        """Whether this is an ordinary convolution (no index)."""
+        return self.index is None
+
+
+def plan(scheme: str, nt: int, index: Tensor | None, in_size: tuple[int, int], out_size: tuple[int, int],
+         kernel_size: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+         dilation: tuple[int, int], dtype: torch.dtype | None = None,
+         device: torch.device | str | None = None) -> TilePlan:
+    """The :class:`TilePlan` of ``scheme`` with ``nt`` tiles for a drawn ``index`` (from
+    :func:`assignment_index`, or given; ``None``: a plain convolution) on an input of
+    ``in_size`` (as given, before any padding) with output grid ``out_size``; ``padding`` is
+    the ``(top, left)`` padding, ``dtype`` and ``device`` the mask's (default bool, the index's)."""
+    if index is None:
+        return TilePlan(None, None, True)
+    mask = None
+    if scheme == "image_pad":  # regions of the input as given, before any padding
+        mask = region_mask(nt, *in_size, *out_size, kernel_size, stride, padding, dilation,
+                           index.device if device is None else device)
+        if dtype is not None:
+            mask = mask.to(dtype)
+    return TilePlan(index, mask, scheme != "perforated")  # other schemes' indexes partition the pixels
 
 
 def tile_map(

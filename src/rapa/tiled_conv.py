@@ -1,4 +1,10 @@
-"""``TiledConv2d``: a conv layer with ``nt`` replicated kernel matrices (tiles), SPEC §1."""
+"""``TiledConv2d``: a conv layer with ``nt`` replicated kernel matrices (tiles), SPEC §1.
+
+:class:`TiledConvBase` holds what every tiled layer shares, the digital one here and the
+analog one of :mod:`rapa.analog.layers`: the arguments, as ``nn.Conv2d`` takes them, the
+scheme's assignment of pixels to tiles (cached for fixed schemes) and its
+:class:`rapa.schemes.TilePlan`; subclasses own the kernel matrices and the forward pass.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +16,8 @@ from torch import Tensor
 from torch.nn.modules.utils import _pair
 
 from rapa import schemes
-from rapa.functional import (PADDING_MODES, _size2, check_dtype_device, check_input, pad_input, resolve_padding,
-                             tiled_conv2d)
+from rapa.functional import (PADDING_MODES, _size2, check_dtype_device, check_input, conv_output_size, pad_input,
+                             resolve_padding, tiled_conv2d)
 
 
 def check_conv_args(in_channels: int, out_channels: int, kernel_size: _size2, stride: _size2,
@@ -42,7 +48,105 @@ def check_conv_args(in_channels: int, out_channels: int, kernel_size: _size2, st
     return (pairs["kernel_size"], pairs["stride"], pairs.get("padding", padding), pairs["dilation"])
 
 
-class TiledConv2d(nn.Module):
+class TiledConvBase(nn.Module):
+    """What every tiled conv layer shares: ``nn.Conv2d``'s arguments plus ``tiles`` and
+    ``scheme``, the assignment of the output pixels to the tiles and its plan.
+
+    Subclasses hold ``nk = schemes.num_kernels(scheme, tiles)`` kernel matrices (their
+    :attr:`num_kernels`) and apply them in ``forward``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: _size2, stride: _size2,
+                 padding: _size2 | str, dilation: _size2, tiles: int, scheme: str,
+                 generator: torch.Generator | None, groups: int, padding_mode: str) -> None:
+        super().__init__()
+        self.kernel_size, self.stride, self.padding, self.dilation = check_conv_args(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, scheme, tiles,
+            groups, padding_mode)
+        self.groups = groups
+        self.padding_mode = padding_mode
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.tiles = tiles
+        self.scheme = scheme
+        self.generator = generator
+        self._index_cache: dict[tuple, Tensor] = {}
+
+    def _init_assignment(self, seed_device: torch.device | str | None) -> None:
+        """Draw the ``random_fixed`` seed (a buffer on ``seed_device``; ``None`` for other
+        schemes); subclasses call it where their draws from ``generator`` put it."""
+        if self.scheme == "random_fixed":  # the partition is a function of this seed: saved state
+            g = self.generator
+            seed = torch.randint(0, 2**62, (), generator=g, device="cpu" if g is None else g.device)
+            self.register_buffer("fixed_seed", seed.to(device=seed_device))
+        else:
+            self.fixed_seed = None
+
+    @property
+    def num_kernels(self) -> int:
+        """Number of kernel matrices held."""
+        raise NotImplementedError
+
+    def output_size(self, h: int, w: int) -> tuple[int, int]:
+        """Output grid ``(oh, ow)`` for an ``h x w`` input."""
+        return conv_output_size(h, w, self.kernel_size, self.stride, self.padding, self.dilation)
+
+    def assignment(self, x: Tensor) -> Tensor | None:
+        """Gather index ``(B, nt, M)`` for this forward pass on ``x`` (``None``: plain conv);
+        ``B`` is 1 for an unbatched ``x`` (C, H, W)."""
+        pads = resolve_padding(self.padding, self.kernel_size, self.stride, self.dilation)
+        oh, ow = check_input(x, self.in_channels, self.kernel_size, self.stride, pads, self.dilation,
+                             self.tiles)
+        batch = 1 if x.dim() == 3 else x.shape[0]
+        if self.scheme in ("random_fixed", *schemes.GRID_SCHEMES):  # fixed: compute once per grid
+            key = (oh, ow, x.device, None if self.fixed_seed is None else int(self.fixed_seed))
+            index = self._index_cache.get(key)
+            if index is None:
+                index = schemes.assignment_index(
+                    self.scheme, self.tiles, 1, oh, ow, device=x.device,
+                    fixed_seed=None if self.fixed_seed is None else int(self.fixed_seed))
+                self._index_cache = {key: index}
+            return index
+        return schemes.assignment_index(self.scheme, self.tiles, batch, oh, ow, self.training,
+                                        self.generator, x.device)
+
+    def plan(self, x: Tensor, index: Tensor | None = None) -> schemes.TilePlan:
+        """The :class:`rapa.schemes.TilePlan` of this forward pass on ``x`` as given (before any
+        padding): ``index`` (B, nt, M), or the scheme's own draw, its ``image_pad`` mask (in
+        ``x``'s dtype) and coverage."""
+        if index is None:
+            index = self.assignment(x)
+        h, w = x.shape[-2:]
+        top, _, left, _ = resolve_padding(self.padding, self.kernel_size, self.stride, self.dilation)
+        return schemes.plan(self.scheme, self.tiles, index, (h, w), self.output_size(h, w), self.kernel_size,
+                            self.stride, (top, left), self.dilation, x.dtype, x.device)
+
+    def tile_map(self, x: Tensor) -> Tensor:
+        """Tile of every output pixel ``(B, np)`` for one forward pass (-1: perforated away)."""
+        index = self.assignment(x)
+        oh, ow = self.output_size(x.shape[-2], x.shape[-1])
+        if index is None:
+            return torch.zeros(1, oh * ow, dtype=torch.long, device=x.device)
+        return schemes.index_to_tile_map(index, oh * ow)
+
+    def _has_bias(self) -> bool:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+             f"stride={self.stride}, padding={self.padding}")
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode!r}"
+        if not self._has_bias():
+            s += ", bias=False"
+        return s + f", tiles={self.tiles}, scheme={self.scheme!r}"
+
+
+class TiledConv2d(TiledConvBase):
     """Convolution whose output pixels are divided among ``tiles`` kernel matrices.
 
     Shaped like ``nn.Conv2d`` and accepting what it accepts (``groups``, ``padding_mode``,
@@ -71,34 +175,23 @@ class TiledConv2d(nn.Module):
         groups: int = 1,
         padding_mode: str = "zeros",
     ) -> None:
-        super().__init__()
-        self.kernel_size, self.stride, self.padding, self.dilation = check_conv_args(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, scheme, tiles,
-            groups, padding_mode)
-        self.groups = groups
-        self.padding_mode = padding_mode
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.tiles = tiles
-        self.scheme = scheme
-        self.generator = generator
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, tiles, scheme,
+                         generator, groups, padding_mode)
         nk = schemes.num_kernels(scheme, tiles)
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(nk, out_channels, in_channels // groups, *self.kernel_size,
                                                 **factory))
         self.bias = nn.Parameter(torch.empty(nk, out_channels, **factory)) if bias else None
-        if scheme == "random_fixed":  # the partition is a function of this seed: saved state
-            seed = torch.randint(0, 2**62, (), generator=generator, device="cpu" if generator is None else generator.device)
-            self.register_buffer("fixed_seed", seed.to(device=device))
-        else:
-            self.fixed_seed = None
-        self._index_cache: dict[tuple, Tensor] = {}
+        self._init_assignment(device)
         self.reset_parameters()
 
     @property
     def num_kernels(self) -> int:
         """Number of kernel matrices held (``weight.shape[0]``)."""
         return self.weight.shape[0]
+
+    def _has_bias(self) -> bool:
+        return self.bias is not None
 
     def reset_parameters(self) -> None:
         """``nn.Conv2d``'s default initialisation, drawn independently for every tile."""
@@ -109,44 +202,11 @@ class TiledConv2d(nn.Module):
             bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def output_size(self, h: int, w: int) -> tuple[int, int]:
-        """Output grid ``(oh, ow)`` for an ``h x w`` input."""
-        from rapa.functional import conv_output_size
-
-        return conv_output_size(h, w, self.kernel_size, self.stride, self.padding, self.dilation)
-
-    def assignment(self, x: Tensor) -> Tensor | None:
-        """Gather index ``(B, nt, M)`` for this forward pass on ``x`` (``None``: plain conv);
-        ``B`` is 1 for an unbatched ``x`` (C, H, W)."""
-        pads = resolve_padding(self.padding, self.kernel_size, self.stride, self.dilation)
-        oh, ow = check_input(x, self.in_channels, self.kernel_size, self.stride, pads, self.dilation,
-                             self.tiles)
-        batch = 1 if x.dim() == 3 else x.shape[0]
-        if self.scheme in ("random_fixed", *schemes.GRID_SCHEMES):  # fixed: compute once per grid
-            key = (oh, ow, x.device, None if self.fixed_seed is None else int(self.fixed_seed))
-            index = self._index_cache.get(key)
-            if index is None:
-                index = schemes.assignment_index(
-                    self.scheme, self.tiles, 1, oh, ow, device=x.device,
-                    fixed_seed=None if self.fixed_seed is None else int(self.fixed_seed))
-                self._index_cache = {key: index}
-            return index
-        return schemes.assignment_index(self.scheme, self.tiles, batch, oh, ow, self.training,
-                                        self.generator, x.device)
-
-    def tile_map(self, x: Tensor) -> Tensor:
-        """Tile of every output pixel ``(B, np)`` for one forward pass (-1: perforated away)."""
-        index = self.assignment(x)
-        oh, ow = self.output_size(x.shape[-2], x.shape[-1])
-        if index is None:
-            return torch.zeros(1, oh * ow, dtype=torch.long, device=x.device)
-        return schemes.index_to_tile_map(index, oh * ow)
-
     def forward(self, x: Tensor, index: Tensor | None = None) -> Tensor:
         """Apply the layer; ``index`` (B, nt, M) overrides the scheme's assignment."""
         if index is None:
             index = self.assignment(x)
-            if index is None:  # one kernel: nn.Conv2d's own computation
+            if index is None:  # the plan of an ordinary convolution: nn.Conv2d's own computation
                 check_dtype_device(x, self.weight)
                 xp, padding = pad_input(x, self.padding, self.padding_mode, self.kernel_size,
                                         self.stride, self.dilation)
@@ -174,16 +234,3 @@ class TiledConv2d(nn.Module):
                 layer.bias.copy_(conv.bias.unsqueeze(0).expand_as(layer.bias))
         layer.train(conv.training)
         return layer
-
-    def extra_repr(self) -> str:
-        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-             f"stride={self.stride}, padding={self.padding}")
-        if self.dilation != (1, 1):
-            s += f", dilation={self.dilation}"
-        if self.groups != 1:
-            s += f", groups={self.groups}"
-        if self.padding_mode != "zeros":
-            s += f", padding_mode={self.padding_mode!r}"
-        if self.bias is None:
-            s += ", bias=False"
-        return s + f", tiles={self.tiles}, scheme={self.scheme!r}"

@@ -5,9 +5,10 @@ separate aihwkit ``AnalogLinear`` tile with its own converters and noise (SPEC Â
 layer (``groups > 1``, depthwise: ``groups == cin``) has one ``k/groups x cout/groups``
 matrix per replica and group, each its own array: ``nk * groups`` arrays, replica ``j``'s
 group ``g`` at index ``j * groups + g``. Padding modes and padding strings are applied to
-the input first, as ``nn.Conv2d`` does. The
-forward pass gathers the patches of every tile (the same gather index as the digital
-:class:`rapa.TiledConv2d`, from :mod:`rapa.schemes`), sends tile ``j``'s ``(N*M, k)``
+the input first, as ``nn.Conv2d`` does. The layer shares :class:`rapa.tiled_conv.TiledConvBase`
+with the digital :class:`rapa.TiledConv2d` (arguments, assignment, plan: the same schemes,
+draws and cache), and the forward pass gathers the patches of every tile with the digital
+layer's patch plan (:func:`rapa.ops.patches.gather_patches`), sends tile ``j``'s ``(N*M, k)``
 patch matrix through array ``j`` (forward, backward and pulsed update are aihwkit's, the
 update happens in :class:`aihwkit.optim.AnalogSGD`'s ``step``) and scatters the outputs
 back. The loop over the arrays is the only Python loop: each iteration is one array's whole
@@ -26,13 +27,14 @@ from torch import Tensor
 
 from rapa import schemes
 from rapa.analog.backend import draw_construction_seed
-from rapa.analog.patches import gather_patches
 from rapa.analog.presets import AnalogPreset, get_preset
-from rapa.functional import _size2, pad_input, resolve_padding
-from rapa.tiled_conv import TiledConv2d, check_conv_args
+from rapa.functional import _size2, pad_input
+from rapa.ops.geometry import ConvGeometry
+from rapa.ops.patches import gather_patches
+from rapa.tiled_conv import TiledConv2d, TiledConvBase
 
 
-class AnalogTiledConv2d(nn.Module):
+class AnalogTiledConv2d(TiledConvBase):
     """:class:`rapa.TiledConv2d` on simulated analog arrays, one ``AnalogLinear`` per replica.
 
     Arguments as :class:`rapa.TiledConv2d`, plus ``preset`` (a name of
@@ -62,19 +64,10 @@ class AnalogTiledConv2d(nn.Module):
         groups: int = 1,
         padding_mode: str = "zeros",
     ) -> None:
-        super().__init__()
-        self.kernel_size, self.stride, self.padding, self.dilation = check_conv_args(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, scheme, tiles,
-            groups, padding_mode)
-        self.groups = groups
-        self.padding_mode = padding_mode
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, tiles, scheme,
+                         generator, groups, padding_mode)
         if dtype not in (None, torch.float32):
             raise ValueError(f"dtype={dtype}: the analog simulator computes in float32")
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.tiles = tiles
-        self.scheme = scheme
-        self.generator = generator
         self.preset = get_preset(preset)
         self.has_bias = bool(bias)
         nk = schemes.num_kernels(scheme, tiles)
@@ -88,29 +81,9 @@ class AnalogTiledConv2d(nn.Module):
             AnalogLinear(self.k, out_channels // groups, bias, rpu_config=self.preset.rpu_config(int(seed)))
             for seed in construction_seeds
         )
-        if scheme == "random_fixed":  # the partition is a function of this seed: saved state
-            seed = torch.randint(0, 2**62, (), generator=generator,
-                                 device="cpu" if generator is None else generator.device)
-            self.register_buffer("fixed_seed", seed.cpu())
-        else:
-            self.fixed_seed = None
-        self._index_cache: dict[tuple, Tensor] = {}
+        self._init_assignment("cpu")
         if device is not None and torch.device(device).type == "cuda":
             self.arrays.cuda(torch.device(device))
-
-    # the assignment is the digital layer's own code: same schemes, same draws, same cache
-    def assignment(self, x: Tensor) -> Tensor | None:
-        """Gather index ``(B, nt, M)`` for this forward pass (``None``: one array for all),
-        computed by :meth:`rapa.TiledConv2d.assignment` itself."""
-        return TiledConv2d.assignment(self, x)  # type: ignore[arg-type]
-
-    def tile_map(self, x: Tensor) -> Tensor:
-        """Array of every output pixel ``(B, np)`` (-1: perforated away), as the digital layer."""
-        return TiledConv2d.tile_map(self, x)  # type: ignore[arg-type]
-
-    def output_size(self, h: int, w: int) -> tuple[int, int]:
-        """Output grid ``(oh, ow)`` for an ``h x w`` input."""
-        return TiledConv2d.output_size(self, h, w)  # type: ignore[arg-type]
 
     def analog_arrays(self) -> list[AnalogLinear]:
         """The ``nk * groups`` arrays, replica ``j``'s group ``g`` at index ``j * groups + g``."""
@@ -120,6 +93,9 @@ class AnalogTiledConv2d(nn.Module):
     def num_kernels(self) -> int:
         """Number of replicas held (each ``groups`` arrays)."""
         return len(self.arrays) // self.groups
+
+    def _has_bias(self) -> bool:
+        return self.has_bias
 
     def reset_parameters(self) -> None:
         """``nn.Conv2d``'s default initialisation, drawn independently for every array."""
@@ -165,29 +141,22 @@ class AnalogTiledConv2d(nn.Module):
         if x.dim() == 3:  # unbatched, as nn.Conv2d accepts
             return self.forward(x.unsqueeze(0), index).squeeze(0)
         n, _, h, w = x.shape
-        if index is None:
-            index = self.assignment(x)
+        tp = self.plan(x, index)
         oh, ow = self.output_size(h, w)
         np_, cout = oh * ow, self.out_channels
-        top, _, left, _ = resolve_padding(self.padding, self.kernel_size, self.stride, self.dilation)
         x, padding = pad_input(x, self.padding, self.padding_mode, self.kernel_size, self.stride, self.dilation)
-        if index is None:  # one array (per group) for every pixel: an ordinary analog convolution
+        if tp.index is None:  # one array (per group) for every pixel: an ordinary analog convolution
             cols = F.unfold(x, self.kernel_size, self.dilation, padding, self.stride)  # (N, k, np)
             y = self._apply_arrays(cols.transpose(1, 2).reshape(n * np_, -1), 0)  # (N*np, cout)
             return y.view(n, np_, cout).transpose(1, 2).reshape(n, cout, oh, ow)
-        if index.shape[1] != self.num_kernels:
-            raise ValueError(f"index has {index.shape[1]} tiles; the layer has {self.num_kernels} replicas")
-        mask = None
-        if self.scheme == "image_pad":  # regions of the input as given, before any padding
-            mask = schemes.region_mask(self.tiles, h, w, oh, ow, self.kernel_size, self.stride,
-                                       (top, left), self.dilation, x.device).to(x.dtype)  # (np, kh*kw)
-        covered = self.scheme != "perforated"  # every other scheme's index is a partition
-        cols, dest, has_empty = gather_patches(x, index, self.kernel_size, self.stride, padding,
-                                               self.dilation, mask, covered)  # (nt, N*M, k)
+        if tp.index.shape[1] != self.num_kernels:
+            raise ValueError(f"index has {tp.index.shape[1]} tiles; the layer has {self.num_kernels} replicas")
+        geo = ConvGeometry(n, self.in_channels, x.shape[2], x.shape[3], self.kernel_size, self.stride, padding,
+                           self.dilation, (oh, ow), self.num_kernels, cout, tp.index.shape[0], tp.index.shape[2])
+        cols, dest = gather_patches(x, tp.index, geo, tp.mask, tp.covered)  # (nt, N*M, k), (nt*N*M,)
         y = torch.cat([self._apply_arrays(cols[j], j)  # (N*M, cout): the replica's whole batch
                        for j in range(self.num_kernels)])  # (nt*N*M, cout)
-        rows = n * np_ + int(has_empty)  # empty slots write to the extra last row
-        out = (y.new_empty if covered else y.new_zeros)(rows, cout).index_copy(0, dest, y)
+        out = (y.new_empty if tp.covered else y.new_zeros)(n * np_ + 1, cout).index_copy(0, dest, y)
         return out[: n * np_].view(n, oh, ow, cout).permute(0, 3, 1, 2)  # (N, cout, oh, ow)
 
     @classmethod
@@ -222,14 +191,4 @@ class AnalogTiledConv2d(nn.Module):
         return conv
 
     def extra_repr(self) -> str:
-        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-             f"stride={self.stride}, padding={self.padding}")
-        if self.dilation != (1, 1):
-            s += f", dilation={self.dilation}"
-        if self.groups != 1:
-            s += f", groups={self.groups}"
-        if self.padding_mode != "zeros":
-            s += f", padding_mode={self.padding_mode!r}"
-        if not self.has_bias:
-            s += ", bias=False"
-        return s + f", tiles={self.tiles}, scheme={self.scheme!r}, preset={self.preset.name!r}"
+        return super().extra_repr() + f", preset={self.preset.name!r}"

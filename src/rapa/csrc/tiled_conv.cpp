@@ -1,4 +1,4 @@
-// Native CPU kernels of the RAPA convolution (float32, channels-last), loaded by rapa/native.py.
+// Native CPU kernels of the RAPA convolution (float32, channels-last), loaded by rapa/ops/native.py.
 //
 // A tiled convolution computes every output pixel p of image b with one of nt kernel matrices,
 // t = the tile that the assignment index gives p. The index (B, nt, M) lists, for every image
@@ -70,17 +70,32 @@ inline vf vload_reg(const float* p) {
 }
 inline void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 
-struct Geo {  // the layout of geo[], shared with rapa/native.py
-  // layout (depthwise kernels only): bit 0, x, the output and the input gradient are NCHW (else
-  // NHWC); bit 1, the output gradient is NCHW
-  int64_t n, c, hp, wp, kh, kw, sh, sw, dh, dw, oh, ow, nt, cout, cp, kp, bsz, m, nth, h, w, ph, pw, layout;
-  explicit Geo(const int64_t* g)
-      : n(g[0]), c(g[1]), hp(g[2]), wp(g[3]), kh(g[4]), kw(g[5]), sh(g[6]), sw(g[7]), dh(g[8]),
-        dw(g[9]), oh(g[10]), ow(g[11]), nt(g[12]), cout(g[13]), cp(g[14]), kp(g[15]), bsz(g[16]),
-        m(g[17]), nth(g[18]), h(g[19]), w(g[20]), ph(g[21]), pw(g[22]), layout(g[23]) {}
+}  // namespace
+
+// The geometry of one call, passed by pointer to every kernel. Mirrored field by field by
+// rapa.ops.geometry.NativeGeometry (a ctypes.Structure; the loader compares the sizes).
+struct Geo {
+  int64_t n, c;      // images, input channels
+  int64_t hp, wp;    // the input's size with its zero padding
+  int64_t kh, kw;    // kernel window
+  int64_t sh, sw;    // stride
+  int64_t dh, dw;    // dilation
+  int64_t oh, ow;    // output grid
+  int64_t nt, cout;  // tiles (kernel matrices), output channels
+  int64_t cp, kp;    // cout and the patch length K = kh*kw*C rounded up to whole vectors
+  int64_t bsz, m;    // the gather index is (bsz, nt, m), bsz in {1, n}
+  int64_t nth;       // OpenMP threads
+  int64_t h, w;      // the input's size
+  int64_t ph, pw;    // zero padding on both sides
+  // depthwise kernels only: bit 0, x, the output and the input gradient are NCHW (else NHWC);
+  // bit 1, the output gradient is NCHW
+  int64_t layout;
   int64_t np() const { return oh * ow; }
   int64_t k() const { return kh * kw * c; }
 };
+static_assert(sizeof(Geo) == 24 * sizeof(int64_t), "Geo: 24 int64 fields, no padding");
+
+namespace {
 
 struct Segs {  // the contiguous runs of the padded input that make a patch
   int64_t nseg, len;
@@ -254,13 +269,14 @@ thread_local Scratch scratch;
 extern "C" {
 
 int rapa_vector_width() { return VW; }
+int64_t rapa_geometry_size() { return sizeof(Geo); }
 
 // x (N, H, W, C) is padded into the scratch xp (N, Hp, Wp, C). out (N*np, cout): written for
 // every listed pixel (the caller zeroes it if some are not). w: (nt, K, cp); bias: (nt, cp) or
 // null.
-int rapa_tiled_conv_fwd(const int64_t* geo, const float* x, float* xp, const float* w,
+int rapa_tiled_conv_fwd(const Geo* geo, const float* x, float* xp, const float* w,
                         const float* bias, const int64_t* index, float* out) {
-  const Geo g(geo);
+  const Geo& g = *geo;
   const Segs sg(g);
   const int64_t k = g.k(), np = g.np();
 #pragma omp parallel num_threads(g.nth)
@@ -301,9 +317,9 @@ int rapa_tiled_conv_fwd(const int64_t* geo, const float* x, float* xp, const flo
 // (x and xp are only read for gw). Each thread sums its groups into its own scratch; after a
 // barrier the threads sum those partials in thread order (deterministic for a thread count)
 // into gw, rows split among them.
-int rapa_tiled_conv_bwd_w(const int64_t* geo, const float* x, float* xp, const float* grad,
+int rapa_tiled_conv_bwd_w(const Geo* geo, const float* x, float* xp, const float* grad,
                           const int64_t* index, float* gw, float* gb) {
-  const Geo g(geo);
+  const Geo& g = *geo;
   const Segs sg(g);
   const int64_t k = g.k();
   std::vector<float*> part_w(g.nth), part_b(g.nth);
@@ -386,9 +402,9 @@ void rapa_clear_scratch(int64_t nth) {
 
 // gx (N, H, W, C): every listed pixel's patch gradient summed over its window, accumulated in
 // the scratch gxp (N, Hp, Wp, C). w2: (nt, cout, kp), the weights transposed, K zero-padded.
-int rapa_tiled_conv_bwd_x(const int64_t* geo, const float* grad, const float* w2,
+int rapa_tiled_conv_bwd_x(const Geo* geo, const float* grad, const float* w2,
                           const int64_t* index, float* gxp, float* gx) {
-  const Geo g(geo);
+  const Geo& g = *geo;
   const Segs sg(g);
   constexpr int MR = RAPA_GX_MR, SVMAX = RAPA_GX_SV;
 #pragma omp parallel num_threads(g.nth)
@@ -544,28 +560,46 @@ inline void tile_map(const Geo& g, const int64_t* index, int64_t b, int64_t* tma
 
 constexpr int DWQ = 9;  // kernel entries whose weight-gradient accumulators stay in registers
 
-}  // namespace
-extern "C" {
-
-// out (N, C, oh, ow) or (N, oh, ow, C), as x: every pixel written (0 where no slot lists it).
-int rapa_dw_fwd(const int64_t* geo, const float* x, float* xp, const float* w, const float* bias,
-                const int64_t* index, float* out) {
-  (void)xp;
-  const Geo g(geo);
-  const int64_t kk = g.kh * g.kw, np = g.np();
+// The per-thread frame of the depthwise forward and input gradient: the images split among the
+// threads; for image b its tile map, pointer arrays for the kh*kw terms of one sum, its source
+// image(b, scratch) (channels-last) and its channels-last destination: out itself, or scratch
+// that is transposed into the NCHW out after body(src, tmap, a, wq, dst) filled it (out_hw
+// pixels per image).
+template <class Image, class Body>
+inline void dw_images(const Geo& g, const int64_t* index, float* out, int64_t out_hw, Image&& image,
+                      Body&& body) {
+  const int64_t kk = g.kh * g.kw;
   const bool nchw = g.layout & 1;
 #pragma omp parallel num_threads(g.nth)
   {
     int64_t b0, b1;
     split(g.n, omp_get_thread_num(), omp_get_num_threads(), &b0, &b1);
     Scratch& sc = scratch;
-    std::vector<int64_t> tmap(np);
+    std::vector<int64_t> tmap(g.np());
     std::vector<const float*> a(kk), wq(kk);
-    if (nchw) sc.img_o.resize(np * g.c);
+    if (nchw) sc.img_o.resize(out_hw * g.c);
     for (int64_t b = b0; b < b1; ++b) {
       tile_map(g, index, b, tmap.data());
-      const float* img = image_nhwc(g, x, b, nchw, sc.img_x);
-      float* dst = nchw ? sc.img_o.data() : out + b * np * g.c;
+      const float* src = image(b, sc);
+      float* dst = nchw ? sc.img_o.data() : out + b * out_hw * g.c;
+      body(src, tmap.data(), a.data(), wq.data(), dst);
+      if (nchw) transpose(dst, out_hw, g.c, g.c, out + b * g.c * out_hw, out_hw);
+    }
+  }
+}
+
+}  // namespace
+extern "C" {
+
+// out (N, C, oh, ow) or (N, oh, ow, C), as x: every pixel written (0 where no slot lists it).
+int rapa_dw_fwd(const Geo* geo, const float* x, float* xp, const float* w, const float* bias,
+                const int64_t* index, float* out) {
+  (void)xp;
+  const Geo& g = *geo;
+  const int64_t kk = g.kh * g.kw;
+  const bool nchw = g.layout & 1;
+  dw_images(g, index, out, g.np(), [&](int64_t b, Scratch& sc) { return image_nhwc(g, x, b, nchw, sc.img_x); },
+            [&](const float* img, const int64_t* tmap, const float** a, const float** wq, float* dst) {
       for (int64_t oy = 0, p = 0; oy < g.oh; ++oy)
         for (int64_t ox = 0; ox < g.ow; ++ox, ++p) {
           const int64_t t = tmap[p];
@@ -584,22 +618,20 @@ int rapa_dw_fwd(const int64_t* geo, const float* x, float* xp, const float* w, c
               wq[cnt++] = w + (t * kk + ky * g.kw + kx) * g.cp;
             }
           }
-          dw_row(a.data(), wq.data(), cnt, bias ? bias + t * g.cp : nullptr, dst + p * g.c, g.c);
+          dw_row(a, wq, cnt, bias ? bias + t * g.cp : nullptr, dst + p * g.c, g.c);
         }
-      if (nchw) transpose(dst, np, g.c, g.c, out + b * g.c * np, np);
-    }
-  }
+    });
   return 0;
 }
 
 // gw (nt, C, 1, kh, kw) and gb (nt, C), either may be null; grad as Geo::layout says. Per-thread
 // partials (nt, kk, cp) and (nt, cp), summed in thread order after a barrier (deterministic for
 // a thread count). Each image is padded (and transposed) into scratch once.
-int rapa_dw_bwd_w(const int64_t* geo, const float* x, float* xp, const float* grad,
+int rapa_dw_bwd_w(const Geo* geo, const float* x, float* xp, const float* grad,
                   const int64_t* index, float* gw, float* gb) {
   (void)xp;
-  const Geo g(geo);
-  const int64_t kk = g.kh * g.kw, np = g.np();
+  const Geo& g = *geo;
+  const int64_t kk = g.kh * g.kw;
   const bool nchw = g.layout & 1;
   std::vector<float*> part_w(g.nth), part_b(g.nth);
 #pragma omp parallel num_threads(g.nth)
@@ -693,24 +725,13 @@ int rapa_dw_bwd_w(const int64_t* geo, const float* x, float* xp, const float* gr
 // gx (N, C, H, W) or (N, H, W, C), as x: for every input pixel, the sum over the output pixels
 // whose window reads it of their output gradient times their tile's weight at that offset (a
 // gather: every input pixel written once). gxp unused.
-int rapa_dw_bwd_x(const int64_t* geo, const float* grad, const float* w, const int64_t* index,
+int rapa_dw_bwd_x(const Geo* geo, const float* grad, const float* w, const int64_t* index,
                   float* gxp, float* gx) {
   (void)gxp;
-  const Geo g(geo);
-  const int64_t kk = g.kh * g.kw, np = g.np(), hw = g.h * g.w;
-  const bool nchw = g.layout & 1;
-#pragma omp parallel num_threads(g.nth)
-  {
-    int64_t b0, b1;
-    split(g.n, omp_get_thread_num(), omp_get_num_threads(), &b0, &b1);
-    Scratch& sc = scratch;
-    std::vector<int64_t> tmap(np);
-    std::vector<const float*> a(kk), wq(kk);
-    if (nchw) sc.img_o.resize(hw * g.c);
-    for (int64_t b = b0; b < b1; ++b) {
-      tile_map(g, index, b, tmap.data());
-      const float* gimg = grad_nhwc(g, grad, b, sc.img_g);
-      float* dst = nchw ? sc.img_o.data() : gx + b * hw * g.c;
+  const Geo& g = *geo;
+  const int64_t kk = g.kh * g.kw, hw = g.h * g.w;
+  dw_images(g, index, gx, hw, [&](int64_t b, Scratch& sc) { return grad_nhwc(g, grad, b, sc.img_g); },
+            [&](const float* gimg, const int64_t* tmap, const float** a, const float** wq, float* dst) {
       for (int64_t iy = 0; iy < g.h; ++iy)
         for (int64_t ix = 0; ix < g.w; ++ix) {
           int64_t cnt = 0;
@@ -726,11 +747,9 @@ int rapa_dw_bwd_x(const int64_t* geo, const float* grad, const float* w, const i
               wq[cnt++] = w + (t * kk + ky * g.kw + kx) * g.cp;
             }
           }
-          dw_row(a.data(), wq.data(), cnt, nullptr, dst + (iy * g.w + ix) * g.c, g.c);
+          dw_row(a, wq, cnt, nullptr, dst + (iy * g.w + ix) * g.c, g.c);
         }
-      if (nchw) transpose(dst, hw, g.c, g.c, gx + b * g.c * hw, hw);
-    }
-  }
+    });
   return 0;
 }
 

@@ -1,0 +1,320 @@
+"""Native CPU kernels of the tiled convolution (``csrc/tiled_conv.cpp``), built on first use.
+
+The pure-PyTorch path (:mod:`rapa.ops.torch_path`) gathers patches into a matrix and calls
+batched GEMMs; on CPU that costs about twice a direct convolution. The native kernels compute
+each (image, tile) group as an implicit GEMM straight from the padded channels-last input,
+with register-blocked vector code and torch's own OpenMP threads, so the tiled layer costs
+1.1-1.35x what ``nn.Conv2d`` costs (README, Benchmarks). They cover float32 on the CPU without
+the ``image_pad`` mask, for ungrouped and depthwise (``groups == C == cout``, vectorised
+across channels) layers; everything else (other grouped layers too), and any machine where
+the build fails, takes the PyTorch path (same results up to float rounding). Every kernel
+takes the call's geometry as one struct (:class:`rapa.ops.geometry.NativeGeometry`).
+
+The source is compiled once per CPU type with the C++ compiler ``$CXX`` (default ``c++``,
+``-O3 -march=native -fopenmp``; ``$RAPA_NATIVE_ARCH`` replaces ``native``, e.g. ``x86-64-v3``
+for a cluster of mixed CPUs) into ``$RAPA_NATIVE_DIR`` (default ``~/.cache/rapa/native``);
+the build takes a few seconds; a changed source (its hash) is rebuilt. These are read when
+the kernels are first loaded. ``RAPA_NATIVE=0`` turns the native path off (read at every call).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import math
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+from rapa.ops.geometry import ConvGeometry, NativeGeometry
+from rapa.ops.workspace import scratch
+
+SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "tiled_conv.cpp"
+ENV_SWITCH = "RAPA_NATIVE"  # "0": use the PyTorch path
+ENV_DIR = "RAPA_NATIVE_DIR"
+ENV_ARCH = "RAPA_NATIVE_ARCH"  # the -march target, default "native"
+FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+
+# every kernel takes the geometry, then this many tensor addresses; its int return is 0
+_KERNELS = {"rapa_tiled_conv_fwd": 6, "rapa_tiled_conv_bwd_w": 6, "rapa_tiled_conv_bwd_x": 5,
+            "rapa_dw_fwd": 6, "rapa_dw_bwd_w": 6, "rapa_dw_bwd_x": 5}
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "lib": the loaded library, or "error": why there is none
+
+
+def _cpu_id() -> str:
+    """What ``-march=native`` depends on: the CPU's model and feature flags."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags", "Features"))]
+        return "\n".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def build_dir() -> Path:
+    """Where built libraries are kept: ``$RAPA_NATIVE_DIR`` or ``~/.cache/rapa/native``."""
+    env = os.environ.get(ENV_DIR)
+    return Path(env).expanduser() if env else Path("~/.cache/rapa/native").expanduser()
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+
+
+def build(force: bool = False) -> Path:
+    """Compile the kernels for this CPU (cached by source, compiler, flags and CPU); return the
+    shared library's path. Raises ``RuntimeError`` with the compiler's output if it fails."""
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (set $CXX or install g++)")
+    flags = (*FLAGS, f"-march={os.environ.get(ENV_ARCH) or 'native'}")
+    src = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([src, cxx.encode(), " ".join(flags).encode(),
+                                     _cpu_id().encode(), torch.__version__.encode()])).hexdigest()[:16]
+    path = build_dir() / f"rapa_tiled_conv_{key}.so"
+    if path.exists() and not force:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+    os.close(fd)
+    try:
+        res = subprocess.run([*shlex.split(cxx), *flags, str(SOURCE), "-o", tmp], capture_output=True,
+                             text=True, timeout=600)
+        if res.returncode != 0:
+            raise RuntimeError(f"building {SOURCE.name} with {cxx} failed:\n{res.stderr[-4000:]}")
+        os.replace(tmp, path)  # atomic: concurrent builders (e.g. Ray workers) do not collide
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, building them on first use; ``None`` (with one warning) if they
+    cannot be built here."""
+    if "lib" in _state or "error" in _state:
+        return _state.get("lib")  # type: ignore[return-value]
+    with _lock:
+        if "lib" not in _state and "error" not in _state:
+            try:
+                lib = ctypes.CDLL(str(build()))
+                lib.rapa_geometry_size.restype = ctypes.c_int64
+                if lib.rapa_geometry_size() != ctypes.sizeof(NativeGeometry):
+                    raise RuntimeError(f"{SOURCE.name}'s struct Geo has {lib.rapa_geometry_size()} bytes, "
+                                       f"rapa.ops.geometry.NativeGeometry {ctypes.sizeof(NativeGeometry)}")
+                for name, nptr in _KERNELS.items():
+                    getattr(lib, name).argtypes = [ctypes.POINTER(NativeGeometry)] + [ctypes.c_void_p] * nptr
+                    getattr(lib, name).restype = ctypes.c_int
+                lib.rapa_clear_scratch.argtypes = [ctypes.c_int64]
+                lib.rapa_clear_scratch.restype = None
+                _state["lib"] = lib
+            except (RuntimeError, OSError, subprocess.SubprocessError) as err:
+                _state["error"] = str(err)
+                warnings.warn(f"rapa: native CPU kernels unavailable, using the PyTorch path "
+                              f"(slower): {err}", RuntimeWarning, stacklevel=3)
+    return _state.get("lib")  # type: ignore[return-value]
+
+
+def available() -> bool:
+    """Whether the native kernels are built and loaded (building them if needed)."""
+    return library() is not None
+
+
+def enabled() -> bool:
+    """Whether :func:`rapa.functional.tiled_conv2d` uses the native kernels for CPU float32:
+    not switched off by ``RAPA_NATIVE=0``, and built."""
+    return os.environ.get(ENV_SWITCH, "1") != "0" and available()
+
+
+def clear_scratch() -> None:
+    """Free the native kernels' per-thread scratch (of the calling thread and torch's threads)."""
+    lib = _state.get("lib")
+    if lib is not None:
+        lib.rapa_clear_scratch(torch.get_num_threads())  # type: ignore[attr-defined]
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Within the block, tiled convolutions take the PyTorch path (sets ``RAPA_NATIVE=0``
+    for the process, so not meant for concurrent threads); for comparisons and debugging."""
+    old = os.environ.get(ENV_SWITCH)
+    os.environ[ENV_SWITCH] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(ENV_SWITCH, None)
+        else:
+            os.environ[ENV_SWITCH] = old
+
+
+def describe() -> str:
+    """Which CPU implementation float32 tiled convolutions use here, for reports."""
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return f"PyTorch path ({ENV_SWITCH}=0)"
+    lib = library()
+    if lib is None:
+        return f"PyTorch path (native kernels unavailable: {str(_state.get('error')).splitlines()[0]})"
+    arch = os.environ.get(ENV_ARCH) or "native"
+    return f"native kernels (-march={arch}, {lib.rapa_vector_width()} floats per vector)"
+
+
+def supports(x: Tensor, weight: Tensor, mask: Tensor | None) -> bool:
+    """Whether this call can take the native path."""
+    return (mask is None and x.device.type == "cpu" and x.dtype == torch.float32
+            and weight.dtype == torch.float32 and enabled())
+
+
+def supports_depthwise(x: Tensor, weight: Tensor, mask: Tensor | None, groups: int) -> bool:
+    """Whether this grouped call can take the native depthwise kernels: one input and one
+    output channel per group (``groups == C == cout``), CPU float32, no ``image_pad`` mask.
+    Other grouped layers (channel multipliers, ``groups < C``) take the PyTorch path."""
+    return groups == x.shape[1] == weight.shape[1] and weight.shape[2] == 1 and supports(x, weight, mask)
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    """The address the kernels read or write; they assume dense row-major memory."""
+    if t is None:
+        return None
+    if not t.is_contiguous():
+        raise RuntimeError(f"rapa.native: a non-contiguous tensor of shape {tuple(t.shape)} and "
+                           f"strides {t.stride()} reached the kernels (a bug in rapa)")
+    return t.data_ptr()
+
+
+def _prepare(x: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor, geo: ConvGeometry,
+             layout: int = 0) -> tuple[ctypes.CDLL, NativeGeometry, Tensor, Tensor | None]:
+    """What every forward needs: the library, the geometry struct (``layout`` as
+    :meth:`ConvGeometry.native`), the index as dense int64, the bias padded to whole vectors."""
+    lib = library()
+    assert lib is not None, "native kernels called without a library (check supports() first)"
+    ngeo = geo.native(lib.rapa_vector_width(), torch.get_num_threads(), layout)
+    index = index.to(torch.int64).contiguous()
+    bp = None if bias is None else _padded(bias, 1, ngeo.cp)  # (nt, cp)
+    return lib, ngeo, index, bp
+
+
+class NativeTiledConv2dFn(torch.autograd.Function):
+    """Autograd function of the tiled convolution on the native kernels (CPU, float32).
+
+    Same arguments and results as :class:`rapa.ops.torch_path.TiledConv2dFn` without the mask.
+    Saves only ``x``, ``weight`` and the index; the backward re-reads the padded input.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor, geo: ConvGeometry,
+                covered: bool) -> Tensor:
+        lib, ngeo, index, bp = _prepare(x, weight, bias, index, geo)
+        n, oh, ow, cout = geo.batch, *geo.out_size, geo.out_channels
+        xh = _nhwc(x)  # (N, H, W, C)
+        xp = scratch.get("xp", geo.padded_numel, x)  # scratch for the padded input
+        wt = _padded(weight.permute(0, 3, 4, 2, 1), 4, ngeo.cp)  # (nt, kh, kw, C, cp) = (nt, K, cp)
+        out = (x.new_empty if covered else x.new_zeros)(n, oh, ow, cout)  # (N, oh, ow, cout)
+        lib.rapa_tiled_conv_fwd(ctypes.byref(ngeo), _ptr(xh), _ptr(xp), _ptr(wt), _ptr(bp), _ptr(index),
+                                _ptr(out))
+        ctx.save_for_backward(x, weight, index)
+        ctx.geo, ctx.ngeo, ctx.has_bias = geo, ngeo, bias is not None
+        out = out.permute(0, 3, 1, 2)  # (N, cout, oh, ow) NHWC memory
+        if x.stride(1) == 1 and x.stride(2) >= x.shape[1]:  # channels-last memory (or a channel slice of it)
+            return out
+        return out.contiguous()
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        lib = library()
+        x, weight, index = ctx.saved_tensors
+        geo, ngeo = ctx.geo, ctx.ngeo
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_b = need_b and ctx.has_bias
+        n, c, h, w = x.shape
+        nt, cout, _, kh, kw = weight.shape
+        g = grad_out.permute(0, 2, 3, 1).contiguous()  # (N, oh, ow, cout)
+        gx = gw = gb = None
+        if need_w or need_b:
+            xh = _nhwc(x) if need_w else None
+            xp = scratch.get("xp", geo.padded_numel, x) if need_w else None
+            gw = x.new_empty(nt, cout, c, kh, kw) if need_w else None
+            gb = x.new_empty(nt, cout) if need_b else None
+            lib.rapa_tiled_conv_bwd_w(ctypes.byref(ngeo), _ptr(xh), _ptr(xp), _ptr(g), _ptr(index), _ptr(gw),
+                                      _ptr(gb))
+        if need_x:
+            w2 = _padded(weight.permute(0, 1, 3, 4, 2), 2, ngeo.kp)  # (nt, cout, kp), K in (kh, kw, C) order
+            gxp = scratch.get("gxp", geo.padded_numel, x)  # scratch: the padded gradient
+            gx = x.new_empty(n, h, w, c)  # (N, H, W, C)
+            lib.rapa_tiled_conv_bwd_x(ctypes.byref(ngeo), _ptr(g), _ptr(w2), _ptr(index), _ptr(gxp), _ptr(gx))
+            gx = gx.permute(0, 3, 1, 2)  # (N, C, H, W) channels-last memory
+        return gx, gw, gb, None, None, None
+
+
+class NativeDepthwiseFn(torch.autograd.Function):
+    """Autograd function of a depthwise tiled convolution (``groups == C == cout``) on the
+    native kernels (CPU, float32); arguments as :class:`NativeTiledConv2dFn`, ``weight``
+    (nt, C, 1, kh, kw). Vectorised across channels (``rapa_dw_*`` in the C++ source), work
+    split by images; NCHW and channels-last tensors are read and written as they are (the
+    kernels transpose one image at a time in cache), and the output has ``x``'s layout."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor, geo: ConvGeometry,
+                covered: bool) -> Tensor:
+        nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        lib, ngeo, index, bp = _prepare(x, weight, bias, index, geo, 0 if nhwc else 1)
+        n, c, oh, ow = geo.batch, geo.in_channels, *geo.out_size
+        nt, (kh, kw) = geo.tiles, geo.kernel
+        xc = _nhwc(x) if nhwc else x.contiguous()  # (N, H, W, C) view or (N, C, H, W)
+        wt = _padded(weight.view(nt, c, kh * kw).transpose(1, 2), 2, ngeo.cp)  # (nt, kh*kw, cp)
+        out = x.new_empty((n, oh, ow, c) if nhwc else (n, c, oh, ow))
+        lib.rapa_dw_fwd(ctypes.byref(ngeo), _ptr(xc), None, _ptr(wt), _ptr(bp), _ptr(index), _ptr(out))
+        ctx.save_for_backward(x, wt, index)
+        ctx.ngeo, ctx.has_bias, ctx.kernel, ctx.nhwc = ngeo, bias is not None, (kh, kw), nhwc
+        return out.permute(0, 3, 1, 2) if nhwc else out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        lib = library()
+        x, wt, index = ctx.saved_tensors
+        (kh, kw), nhwc, ngeo = ctx.kernel, ctx.nhwc, ctx.ngeo
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_b = need_b and ctx.has_bias
+        n, c, h, w = x.shape
+        nt = wt.shape[0]
+        g_nhwc = grad_out.is_contiguous(memory_format=torch.channels_last) and not grad_out.is_contiguous()
+        g = _nhwc(grad_out) if g_nhwc else grad_out.contiguous()
+        ngeo.layout = (0 if nhwc else 1) | (0 if g_nhwc else 2)
+        gx = gw = gb = None
+        if need_w or need_b:
+            xc = (_nhwc(x) if nhwc else x.contiguous()) if need_w else None
+            gw = x.new_empty(nt, c, 1, kh, kw) if need_w else None
+            gb = x.new_empty(nt, c) if need_b else None
+            lib.rapa_dw_bwd_w(ctypes.byref(ngeo), _ptr(xc), None, _ptr(g), _ptr(index), _ptr(gw), _ptr(gb))
+        if need_x:
+            gx = x.new_empty((n, h, w, c) if nhwc else (n, c, h, w))
+            lib.rapa_dw_bwd_x(ctypes.byref(ngeo), _ptr(g), _ptr(wt), _ptr(index), None, _ptr(gx))
+            if nhwc:
+                gx = gx.permute(0, 3, 1, 2)
+        return gx, gw, gb, None, None, None
+
+
+def _padded(w: Tensor, lead: int, width: int) -> Tensor:
+    """A dense copy of the view ``w`` in one copy: its dimensions after the first ``lead``
+    merged into one and zero-padded to ``width`` (the kernels read rows of whole vectors)."""
+    inner = math.prod(w.shape[lead:])
+    out = (w.new_zeros if width != inner else w.new_empty)(*w.shape[:lead], width)
+    out[..., :inner].view(w.shape).copy_(w)
+    return out
+
+
+def _nhwc(x: Tensor) -> Tensor:
+    """``x`` (N, C, H, W) as a contiguous ``(N, H, W, C)`` tensor (a view if channels-last)."""
+    return x.permute(0, 2, 3, 1).contiguous()
