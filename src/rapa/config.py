@@ -167,6 +167,7 @@ class TrainConfig:
         (``check_device=False``: a saved run's device need not exist on this machine)."""
         from rapa import schemes
         from rapa.data import KINDS, canonical_name, dataset_info
+        from rapa.models import check_tiles_fit
         from rapa.pooling import POOL_KINDS
 
         try:
@@ -183,14 +184,10 @@ class TrainConfig:
         if self.tiles is not None:
             _check_ints("tiles", self.tiles, 3)
             if self.scheme != "none":
-                info = dataset_info(name)
-                for j, (nt, np_) in enumerate(zip(self.tiles, output_pixels(info.size))):
-                    if self.scheme in schemes.GRID_SCHEMES and math.isqrt(nt) ** 2 != nt:
-                        raise RapaError(f"tiles {_fmt(self.tiles)}: scheme {self.scheme!r} needs a square "
-                                        f"number of tiles (q*q) per layer, conv{j + 1} has {nt}")
-                    if nt > np_:
-                        raise RapaError(f"tiles {_fmt(self.tiles)} do not fit {name} ({info.size}x{info.size}): "
-                                        f"conv{j + 1} has {nt} tiles but only {np_} output pixels")
+                try:  # the net decides whether its tiles fit
+                    check_tiles_fit(self.tiles, self.scheme, dataset_info(name).size, name)
+                except ValueError as exc:
+                    raise RapaError(str(exc)) from None
         for key, low in (("epochs", 1), ("batch_size", 1), ("warmup_epochs", 0), ("lr_step", 1),
                          ("votes", 1), ("eval_batch_size", 1), ("eval_every", 1)):
             _check_int(key, getattr(self, key), low)
@@ -271,12 +268,11 @@ class TrainConfig:
 
 
 def output_pixels(size: int) -> tuple[int, int, int]:
-    """``np`` of the three conv layers of the paper's net on ``size x size`` inputs.
+    """``np`` of the three conv layers of the paper's net on ``size x size`` inputs
+    (:func:`rapa.models.output_pixels`): 32 -> (1024, 256, 64), 28 -> (784, 196, 49)."""
+    from rapa.models import output_pixels as net_output_pixels  # torch: loaded on use only
 
-    Each 3x3/2 pool (padding 1) halves the side, rounding up: 32 -> 16 -> 8, 28 -> 14 -> 7.
-    """
-    sides = [size, (size + 1) // 2, (size + 3) // 4]
-    return tuple(s * s for s in sides)  # type: ignore[return-value]
+    return net_output_pixels(size)
 
 
 def resolve_device(device: str) -> torch.device:

@@ -42,6 +42,41 @@ def _pool_size(s: int) -> int:
     return (s + 2 * _POOL_P - _POOL_K) // _POOL_S + 1
 
 
+def conv_grids(image_size: int | Sequence[int]) -> tuple[tuple[int, int], ...]:
+    """Output grid ``(h, w)`` of the three conv layers on ``image_size`` inputs (``H`` or
+    ``(H, W)``): a 5x5 conv with padding 2 keeps the size, each 3x3/2 pool halves it, rounding
+    up: 32 -> 16 -> 8, 28 -> 14 -> 7."""
+    grids = [tuple(_pair(image_size))]
+    for _ in range(2):
+        grids.append(tuple(_pool_size(s) for s in grids[-1]))
+    return tuple(grids)  # type: ignore[return-value]
+
+
+def output_pixels(image_size: int | Sequence[int]) -> tuple[int, int, int]:
+    """``np`` of the three conv layers on ``image_size`` inputs: (1024, 256, 64) for 32x32."""
+    return tuple(h * w for h, w in conv_grids(image_size))  # type: ignore[return-value]
+
+
+def check_tiles_fit(tiles: Sequence[int], scheme: str, image_size: int | Sequence[int],
+                    name: str | None = None) -> tuple[int, int, int]:
+    """The one check that ``tiles`` (one number per conv layer) fit the net on ``image_size``
+    inputs (``name``, e.g. a dataset, for the message): a square number of tiles per layer for
+    the grid schemes, and no more tiles than output pixels. ``ValueError``, one line naming the
+    value, otherwise; returns the output pixels of every layer."""
+    grids = conv_grids(image_size)
+    fmt = ",".join(str(t) for t in tiles)
+    nps = tuple(h * w for h, w in grids)
+    for j, (nt, np_) in enumerate(zip(tiles, nps)):
+        if scheme in schemes.GRID_SCHEMES and math.isqrt(nt) ** 2 != nt:
+            raise ValueError(f"tiles {fmt}: scheme {scheme!r} needs a square number of tiles (q*q) per layer, "
+                             f"conv{j + 1} has {nt} tiles")
+        if nt > np_:
+            h, w = grids[0]
+            raise ValueError(f"tiles {fmt} do not fit {name or 'the input'} ({h}x{w}): conv{j + 1} has {nt} "
+                             f"tiles but only {np_} output pixels ({grids[j][0]}x{grids[j][1]})")
+    return nps  # type: ignore[return-value]
+
+
 def _positive_ints(name: str, value: Any, length: int) -> tuple[int, ...]:
     try:
         out = tuple(value)
@@ -93,18 +128,8 @@ class ConvNet(nn.Module):
             raise ValueError(f"image_size={image_size!r} must be a positive integer or a pair of them")
         tiles = (1, 1, 1) if tiles is None or scheme == "none" else _positive_ints("tiles", tiles, 3)
 
-        # output grid of every conv layer (5x5 pad 2 keeps the size; each pool halves it, rounding up)
-        grids = [size]
-        for _ in range(2):
-            grids.append(tuple(_pool_size(s) for s in grids[-1]))
-        nps = tuple(h * w for h, w in grids)  # np per conv layer
-        for j, (nt, np_) in enumerate(zip(tiles, nps)):
-            if scheme in schemes.GRID_SCHEMES and math.isqrt(nt) ** 2 != nt:
-                raise ValueError(f"tiles={tiles!r}: conv{j + 1} has {nt} tiles, but scheme={scheme!r} "
-                                 "needs a square number of tiles (q*q)")
-            if nt > np_:
-                raise ValueError(f"tiles={tiles!r}: conv{j + 1} has {nt} tiles but only {np_} output "
-                                 f"pixels ({grids[j][0]}x{grids[j][1]}) for image_size={image_size!r}")
+        grids = conv_grids(size)
+        nps = check_tiles_fit(tiles, scheme, size, f"image_size={image_size!r}")
 
         self.num_classes = num_classes
         self.in_channels = in_channels
