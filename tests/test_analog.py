@@ -383,13 +383,9 @@ def test_manual_seed_fixes_the_device_variations():
 @pytest.mark.analog
 def test_bench_analog_prints_the_ratio(capsys):
     _aihwkit()
-    import argparse
+    from rapa.cli import main
 
-    from rapa.bench import analog as bench
-
-    parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
-    assert bench.main(parser.parse_args(["--size", "8", "--repeats", "1", "--preset", "ideal"])) == 0
+    assert main(["bench", "analog", "--size", "8", "--repeats", "1", "--preset", "ideal"]) == 0
     out = capsys.readouterr().out
     assert "ratio RAPA / untiled" in out and "AnalogConv2d" in out
 

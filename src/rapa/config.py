@@ -12,8 +12,11 @@ device and the canonical dataset name.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
 import math
+import textwrap
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -22,7 +25,8 @@ from rapa.errors import RapaError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["CONFIG_VERSION", "LR_TILED", "LR_UNTILED", "META_KEYS", "TrainConfig", "output_pixels", "resolve_device"]
+__all__ = ["CONFIG_VERSION", "LR_TILED", "LR_UNTILED", "META_KEYS", "TrainConfig", "field_docs", "output_pixels",
+           "resolve_device"]
 
 CONFIG_VERSION = 1
 """Version of the saved config format; ``from_dict`` refuses any other."""
@@ -61,7 +65,7 @@ class TrainConfig:
     batch_size: int = 10
     """Minibatch size (the paper: 10)."""
     lr: float | None = None
-    """Learning rate; None: 0.005 untiled, 0.025 tiled (the paper's)."""
+    """Learning rate; None: 0.005 untiled, 0.025 tiled (the paper's), or with ``analog`` 0.01 for both."""
     warmup_epochs: int = 1
     """Epochs at the start run at ``lr / warmup_divisor`` (the paper: 1 or 5)."""
     warmup_divisor: float = 20.0
@@ -100,12 +104,15 @@ class TrainConfig:
     eval_every: int = 1
     """Measure the test error every this many epochs (and always after the last)."""
     analog: str | None = None
-    """Train on simulated analog arrays with this aihwkit preset (None: digital)."""
+    """Train on simulated analog arrays (needs ``rapa[analog]``) with this preset: rpu-baseline (the
+    paper's device), idealized, ideal or aihwkit:CLASS; None: digital. Its recipe defaults ``init``
+    to he and ``lr`` to the analog learning rates."""
     init: str | None = None
-    """Initialisation (``rapa.models.INITS``): caffe (the paper's, SPEC §2) or he
+    """Initialisation (``rapa.models.INITS``): caffe (the paper's, std 1e-4/0.01, SPEC §2) or he
     (``sqrt(2/fan_in)``); None: caffe, or he with ``analog`` (the analog recipe)."""
     version: int = CONFIG_VERSION
-    """Format version of this config."""
+    """Format version of this config (of a run's config.json; not a setting: ``rapa train`` has
+    no option for it)."""
 
     def __post_init__(self) -> None:
         # JSON gives lists; keep tuples so that configs compare equal after a round trip
@@ -265,6 +272,28 @@ class TrainConfig:
         if unknown:
             raise RapaError(f"unknown config key(s) {unknown}")
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def field_docs(cls: type = TrainConfig) -> dict[str, str]:
+    """The docstring under each field of the dataclass ``cls`` (the string literal that follows
+    the field's line in its source), by field name; ``""`` for a field without one.
+
+    ``rapa train`` builds its options' help from these, so each field is documented once.
+    """
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):  # no source (a frozen build): no help texts, the options stay
+        return {f.name: "" for f in dataclasses.fields(cls)}
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, after in zip(body, body[1:] + [None]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            doc = ""
+            if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) \
+                    and isinstance(after.value.value, str):
+                doc = inspect.cleandoc(after.value.value)
+            docs[node.target.id] = doc
+    return {f.name: docs.get(f.name, "") for f in dataclasses.fields(cls)}
 
 
 def output_pixels(size: int) -> tuple[int, int, int]:

@@ -10,17 +10,14 @@ analog matrix-vector products and updates (one per patch), split over more array
 simulation should cost about the same (the target is within 1.5x); on analog hardware the
 arrays of a layer would run in parallel, which a simulation on one CPU does not show.
 
-By default the benchmark runs single-threaded (``--threads 1``): the simulator's many
+By default ``rapa bench analog`` runs single-threaded (``--threads 1``): the simulator's many
 small OpenMP regions are several times slower with two threads on a busy machine, for both
 nets alike, and the measurement gets noisy; ``--threads 0`` keeps torch's default.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -47,7 +44,8 @@ class AnalogBench:
 
 
 class _AihwkitConv(nn.Module):
-    """aihwkit's ``AnalogConv2d`` with the ``(x, index)`` call of a RAPA conv layer."""
+    """A plain conv layer (aihwkit's ``AnalogConv2d`` once converted) with the ``(x, index)``
+    call of a RAPA conv layer."""
 
     def __init__(self, conv: nn.Module) -> None:
         super().__init__()
@@ -59,25 +57,20 @@ class _AihwkitConv(nn.Module):
 
 def build_nets(preset: str, size: int = 32, in_channels: int = 3, seed: int = 0):
     """``(untiled analog net, RAPA analog net)``, both ``(model, AnalogSGD)`` pairs."""
-    from aihwkit.nn import AnalogConv2d
-
-    from rapa.analog import analog_optimizer, convert_to_analog, get_preset
+    from rapa.analog import analog_optimizer, convert_to_analog
     from rapa.models import ConvNet
 
     torch.manual_seed(seed)
     untiled = ConvNet(in_channels=in_channels, tiles=None, scheme="none", image_size=size)
-    untiled = convert_to_analog(untiled, preset)
-    p = get_preset(preset)
-    for name in ("conv1", "conv2", "conv3"):  # swap in aihwkit's own conv layer, same weights
+    for name in ("conv1", "conv2", "conv3"):  # plain nn.Conv2d layers: aihwkit's own AnalogConv2d, same weights
         layer = getattr(untiled, name)
-        conv = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
-                         layer.padding)
-        weight, bias = layer.get_weights()
+        conv = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding)
         with torch.no_grad():
-            conv.weight.copy_(weight[0])
-            if bias is not None and conv.bias is not None:
-                conv.bias.copy_(bias[0])
-        setattr(untiled, name, _AihwkitConv(AnalogConv2d.from_digital(conv, p.rpu_config())))
+            conv.weight.copy_(layer.weight.reshape(conv.weight.shape))
+            if layer.bias is not None:
+                conv.bias.copy_(layer.bias.reshape(conv.bias.shape))
+        setattr(untiled, name, _AihwkitConv(conv))
+    untiled = convert_to_analog(untiled, preset)
     rapa = convert_to_analog(ConvNet(in_channels=in_channels, tiles=(16, 4, 1), scheme="random",
                                      image_size=size), preset)
     return [(m, analog_optimizer(m, lr=0.025)) for m in (untiled, rapa)]
@@ -125,32 +118,3 @@ def format_analog_bench(b: AnalogBench) -> str:
         f"  RAPA net, tiles (16,4,1), random  : {b.rapa_s * 1e3:9.1f} ms",
         f"  ratio RAPA / untiled              : {b.ratio:9.2f}x ({verdict} the {TARGET_RATIO}x target)",
     ])
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``rapa bench analog``."""
-    parser.add_argument("--preset", default="rpu-baseline", help="analog preset (rpu-baseline, ideal, aihwkit:CLASS)")
-    parser.add_argument("--batch", type=int, default=10, help="minibatch size (the paper: 10)")
-    parser.add_argument("--size", type=int, default=32, help="input side (32: CIFAR, 28: digits)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps per net (fastest counts)")
-    parser.add_argument("--device", default="cpu", help="cpu (the simulator of this aihwkit build)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch/OpenMP threads during the run (0: leave the default)")
-    parser.add_argument("--json", type=Path, help="also write the measurement to this file")
-
-
-def main(args: argparse.Namespace) -> int:
-    """Run the benchmark and print the ratio."""
-    from rapa.cli.bench import check_counts
-    from rapa.cli.options import output_file, write_text
-
-    check_counts(args, ("batch", "size", "repeats"))
-    if args.threads < 0:
-        raise RapaError(f"--threads must be >= 0, got {args.threads}")
-    if args.json is not None:
-        output_file(args.json, "--json")
-    b = run_analog_bench(args.preset, args.batch, args.size, args.repeats, args.device, args.threads)
-    print(format_analog_bench(b))
-    if args.json:
-        write_text(args.json, json.dumps(asdict(b), indent=2))
-    return 0

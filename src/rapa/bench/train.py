@@ -10,10 +10,7 @@ fallback where the native kernels cannot be built.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -26,19 +23,6 @@ NETS: dict[str, tuple[str, tuple[int, int, int] | None]] = {
 }
 PYTORCH_PATH = "PyTorch path"  # the tiled net without the native CPU kernels
 TARGET_RATIO = 1.5
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Options of ``rapa bench train``."""
-    p.add_argument("--batch", type=int, nargs="+", default=[10, 128], help="batch sizes (default 10 128)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--images", type=int, default=640,
-                   help="training images per timed repetition (default 640)")
-    p.add_argument("--repeats", type=int, default=5, help="timed repetitions per net (fastest counts, default 5)")
-    from rapa.cli.options import add_threads
-
-    add_threads(p)
-    p.add_argument("--json", type=Path, help="also write the measurements to this file")
 
 
 def make_step(scheme: str, tiles, batch: int, device: torch.device, steps: int,
@@ -101,16 +85,3 @@ def format_train_bench(rows: list[dict]) -> str:
             line += f"{ips[PYTORCH_PATH]:>16.0f}{ips[names[0]] / ips[PYTORCH_PATH]:>9.2f}x"
         lines.append(line + f"  (target <= {TARGET_RATIO}: {'ok' if ratio <= TARGET_RATIO else 'MISSED'})")
     return "\n".join(lines)
-
-
-def main(args: argparse.Namespace) -> int:
-    """``rapa bench train``."""
-    from rapa.cli.bench import prepare
-    from rapa.cli.options import write_text
-
-    prepare(args, ("batch", "images", "repeats"))
-    rows = run_train_bench(tuple(args.batch), args.device, args.images, args.repeats)
-    print(format_train_bench(rows))
-    if args.json:
-        write_text(args.json, json.dumps(rows, indent=2))
-    return 0

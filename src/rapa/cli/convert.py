@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from rapa.cli.options import output_file, write_text
+from rapa.cli.common import int_list, output_file, write_text
 from rapa.errors import RapaError
 
 
@@ -33,35 +33,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _ints(option: str, text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise RapaError(f"{option} {text!r}: give comma-separated integers") from None
-    if any(v < 1 for v in values):
-        raise RapaError(f"{option} {text!r}: every number must be >= 1")
-    return values
-
-
 def run(args: argparse.Namespace) -> int:
     """Build, convert and summarise; ``RapaError`` (one line, exit 2) for bad options."""
-    size = _ints("--input-size", args.input_size)
+    size = int_list("--input-size", args.input_size)
     if len(size) != 3:
         raise RapaError(f"--input-size {args.input_size!r}: give three numbers C,H,W")
     tiles: str | int | tuple[int, ...] = args.tiles
     if args.tiles != "balanced":
-        per_layer = _ints("--tiles", args.tiles)
+        per_layer = int_list("--tiles", args.tiles)
         tiles = per_layer[0] if len(per_layer) == 1 else per_layer
     if args.json is not None:
         output_file(args.json, "--json")
 
-    import rapa
+    from rapa.convert import convert
     from rapa.nets import build_net
     from rapa.summary import conversion_summary
 
     net = build_net(args.net, in_channels=size[0])
     try:
-        rapa.convert(net, tiles, args.scheme, input_size=size, skip=args.skip)
+        convert(net, tiles, args.scheme, input_size=size, skip=args.skip)
         summary = conversion_summary(net, size)
     except (ValueError, RuntimeError) as exc:  # bad tiles or skip names, an input too small for the net
         raise RapaError(str(exc).splitlines()[0]) from None

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rapa.cli.options import output_folder, write_text
+from rapa.cli.common import int_list, output_folder, write_text
 from rapa.errors import RapaError
 
 if TYPE_CHECKING:
@@ -44,18 +44,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _ints(option: str, text: str, length: int | None = None) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise RapaError(f"{option} {text!r}: give comma-separated integers") from None
-    if length is not None and len(values) != length:
-        raise RapaError(f"{option} {text!r}: give {length} numbers, got {len(values)}")
-    if any(v < 1 for v in values):
-        raise RapaError(f"{option} {text!r}: every number must be >= 1")
-    return values
-
-
 def build(model: str, input_size: tuple[int, int, int], channels: tuple[int, ...]) -> "nn.Module":
     """The untiled network named ``model`` for inputs of ``input_size``."""
     if model == "alexnet":
@@ -75,9 +63,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.model not in MODELS:
         raise RapaError(f"--model {args.model!r} is unknown; choose one of {', '.join(MODELS)}")
-    input_size = DEFAULT_INPUT[args.model] if args.input_size is None else _ints(
+    input_size = DEFAULT_INPUT[args.model] if args.input_size is None else int_list(
         "--input-size", args.input_size, 3)
-    channels = _ints("--channels", args.channels, 3)
+    channels = int_list("--channels", args.channels, 3)
     if args.out is not None:
         output_folder(args.out)
     try:
@@ -87,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     if args.tiles == "balanced":
         tiles: str | tuple[int, ...] = "balanced"
     else:
-        tiles = _ints("--tiles", args.tiles)
+        tiles = int_list("--tiles", args.tiles)
         n = len(conv_layers(model))
         if len(tiles) != n:
             raise RapaError(f"--tiles {args.tiles!r}: {args.model} has {n} conv layers, "

@@ -17,6 +17,11 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from rapa.cli.common import list_type, output_folder
+
+_names = list_type(str)
+_ints = list_type(int)  # apply_budget checks the seeds (>= 0)
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``sweep`` subcommand."""
@@ -50,21 +55,11 @@ def add_budget_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="folder holding the dataset files (on every node)")
 
 
-def _names(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
 def budget(args: argparse.Namespace) -> dict[str, Any]:
-    """The budget options given (for apply_budget and the state file)."""
+    """The budget options given (for apply_budget and the state file; lists as lists)."""
     keys = ("epochs", "datasets", "seeds", "limit_train", "limit_test")
-    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    given = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in given.items()}
 
 
 def load_runs(args: argparse.Namespace):
@@ -81,7 +76,6 @@ def load_runs(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from rapa.cli.options import output_folder
     from rapa.sweep.runner import run_sweep
 
     exp = load_runs(args)
