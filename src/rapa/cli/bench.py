@@ -11,8 +11,7 @@ import json
 from pathlib import Path
 from typing import Iterable
 
-from rapa.cli.common import add_threads, apply_threads, auto_threads, output_file, write_text
-from rapa.errors import RapaError
+from rapa.cli.common import add_threads, apply_threads, auto_threads, output_file, positive_int, write_text
 
 # benchmark -> its one-line summary in `rapa bench --help` (the first line of its module's docstring)
 BENCHES = {
@@ -72,8 +71,7 @@ def check_counts(args: argparse.Namespace, names: Iterable[str]) -> None:
     for name in names:
         value = getattr(args, name)
         for v in value if isinstance(value, list) else [value]:
-            if v < 1:
-                raise RapaError(f"--{name} must be >= 1, got {v}")
+            positive_int(f"--{name}", v)
 
 
 def prepare(args: argparse.Namespace, counts: Iterable[str], threads: bool = True) -> None:

@@ -9,7 +9,8 @@
   numbers or names; a length, a lower bound or a set of choices checked), with
   :func:`int_list`, :func:`float_list` and :func:`name_list` for the usual kinds. An error
   is one :class:`~rapa.errors.RapaError` line naming the option and the value (exit status
-  2); :func:`list_type` gives the same parser as an argparse ``type=``.
+  2); :func:`list_type` gives the same parser as an argparse ``type=``; :func:`positive_int`
+  checks a count.
 * Outputs: :func:`output_folder` / :func:`output_file` check an output (created, written to
   and removed again) *before* anything is computed, so a typo in ``--out`` costs nothing;
   :func:`write_text` turns a write that fails later (a full disk) into one
@@ -29,8 +30,8 @@ from typing import Any, Callable, Sequence
 from rapa.errors import OutputError, RapaError
 
 __all__ = ["add_quiet", "add_threads", "apply_threads", "auto_threads", "float_list", "int_list", "list_type",
-           "load_run", "name_list", "output_file", "output_folder", "parse_list", "read_config", "run_output",
-           "threads_arg", "write_text"]
+           "load_run", "name_list", "output_file", "output_folder", "parse_list", "positive_int", "read_config",
+           "run_output", "threads_arg", "write_text"]
 
 # ---------------------------------------------------------------------------------- threads
 
@@ -163,6 +164,13 @@ def list_type(kind: type = int, **checks: Any) -> Callable[[str], tuple[Any, ...
 
     parse.__name__ = f"comma-separated {kind.__name__}"
     return parse
+
+
+def positive_int(option: str, value: int | None) -> int | None:
+    """``value`` unchanged if None or an integer >= 1, else RapaError naming ``option``."""
+    if value is not None and value < 1:
+        raise RapaError(f"{option} must be >= 1, got {value}")
+    return value
 
 
 # ---------------------------------------------------------------------------------- outputs

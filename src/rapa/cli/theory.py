@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from rapa.cli.options import add_threads, apply_threads, output_folder, write_text
+from rapa.cli.common import add_threads, apply_threads, output_folder, write_text
 from rapa.errors import RapaError
 
 
