@@ -6,7 +6,7 @@ the command being run is imported (the others appear in ``rapa --help`` by their
 one-line summary, :data:`COMMANDS`), so help and argument errors come back at once.
 
 Errors a user can fix raise :class:`rapa.errors.RapaError` and are printed as one line,
-without traceback, exit status 2; a result that cannot be written after all
+without traceback, exit status 2 (as are the argument errors argparse finds); a result that cannot be written after all
 (:class:`rapa.errors.OutputError`, or any other ``OSError``) exits with status 1.
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 from rapa import __version__
 from rapa.errors import RapaError
@@ -38,6 +38,15 @@ COMMANDS: dict[str, str] = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors (an unknown option, a value that does not parse) are one
+    line, ``rapa CMD: error: ...``, exit status 2, like every other error a user can fix
+    (its subcommands' parsers are of this class too)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 class _Subparsers:
     """The subparsers action as a command module sees it: its parser gets the summary of
     :data:`COMMANDS` as help, so that the list in ``rapa --help`` has one source."""
@@ -58,7 +67,7 @@ def _selected(argv: Sequence[str]) -> str | None:
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The top-level parser. With ``argv``, only the named command's module is imported and
     registered in full, the others by name and summary; without, every command in full."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="rapa",
         description="RAPA-ConvNets: replicated kernel matrices for analog arrays.",
     )
