@@ -207,3 +207,34 @@ def test_index_of_wrong_shape_is_refused(lib):
             layer(x, index=bad)
     # int32 indices work like int64 ones
     torch.testing.assert_close(layer(x, index=index.int()), layer(x, index=index))
+
+
+def test_geometry_struct_matches_the_cpp_struct(lib, monkeypatch):
+    # the kernels read the call's geometry as one C struct: its size and the offset of every
+    # named field, as the C++ compiler lays them out, must be those of the ctypes mirror
+    import ctypes
+
+    from rapa.ops.geometry import NATIVE_FIELDS, NativeGeometry
+
+    size, offsets = ops_native.geometry_layout(lib)
+    assert size == ctypes.sizeof(NativeGeometry) == 8 * len(NATIVE_FIELDS)
+    assert offsets == [getattr(NativeGeometry, name).offset for name in NATIVE_FIELDS]
+    # a mirror whose fields are named in another order is refused when the library loads
+    monkeypatch.setattr(ops_native, "NATIVE_FIELDS", tuple(reversed(NATIVE_FIELDS)))
+    with pytest.raises(RuntimeError, match="does not match"):
+        ops_native._check_layout(lib)
+
+
+def test_geometry_of_a_call():
+    from rapa.ops.geometry import ConvGeometry
+
+    x = torch.zeros(2, 3, 9, 7)
+    weight = torch.zeros(4, 5, 3, 3, 2)
+    index = torch.zeros(1, 4, 6, dtype=torch.long)
+    geo = ConvGeometry.of(x, weight, index, (2, 1), (1, 0), (1, 2), (5, 5))
+    assert geo.padded_size == (11, 7) and geo.num_pixels == 25 and geo.patch_size == 18
+    assert geo.padded_numel == 2 * 11 * 7 * 3
+    ng = geo.native(vector_width=16, threads=3, layout=1)
+    assert (ng.n, ng.c, ng.hp, ng.wp, ng.kh, ng.kw, ng.sh, ng.sw, ng.dh, ng.dw) == (2, 3, 11, 7, 3, 2, 2, 1, 1, 2)
+    assert (ng.oh, ng.ow, ng.nt, ng.cout, ng.cp, ng.kp, ng.bsz, ng.m, ng.nth) == (5, 5, 4, 5, 16, 32, 1, 6, 3)
+    assert (ng.h, ng.w, ng.ph, ng.pw, ng.layout) == (9, 7, 1, 0, 1)

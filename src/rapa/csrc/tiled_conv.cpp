@@ -20,6 +20,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -73,7 +74,7 @@ inline void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 }  // namespace
 
 // The geometry of one call, passed by pointer to every kernel. Mirrored field by field by
-// rapa.ops.geometry.NativeGeometry (a ctypes.Structure; the loader compares the sizes).
+// rapa.ops.geometry.NativeGeometry (a ctypes.Structure; the loader compares the layouts).
 struct Geo {
   int64_t n, c;      // images, input channels
   int64_t hp, wp;    // the input's size with its zero padding
@@ -269,14 +270,26 @@ thread_local Scratch scratch;
 extern "C" {
 
 int rapa_vector_width() { return VW; }
-int64_t rapa_geometry_size() { return sizeof(Geo); }
+// The byte offset of every field of Geo into offsets (24 entries, in the order of
+// rapa.ops.geometry.NATIVE_FIELDS); returns sizeof(Geo). The loader compares both with
+// NativeGeometry, so that a field renamed, added or moved on one side only is caught.
+int64_t rapa_geometry_layout(int64_t* offsets) {
+  const int64_t offs[] = {
+      offsetof(Geo, n),  offsetof(Geo, c),    offsetof(Geo, hp),  offsetof(Geo, wp),     offsetof(Geo, kh),
+      offsetof(Geo, kw), offsetof(Geo, sh),   offsetof(Geo, sw),  offsetof(Geo, dh),     offsetof(Geo, dw),
+      offsetof(Geo, oh), offsetof(Geo, ow),   offsetof(Geo, nt),  offsetof(Geo, cout),   offsetof(Geo, cp),
+      offsetof(Geo, kp), offsetof(Geo, bsz),  offsetof(Geo, m),   offsetof(Geo, nth),    offsetof(Geo, h),
+      offsetof(Geo, w),  offsetof(Geo, ph),   offsetof(Geo, pw),  offsetof(Geo, layout)};
+  std::memcpy(offsets, offs, sizeof offs);
+  return sizeof(Geo);
+}
 
 // x (N, H, W, C) is padded into the scratch xp (N, Hp, Wp, C). out (N*np, cout): written for
 // every listed pixel (the caller zeroes it if some are not). w: (nt, K, cp); bias: (nt, cp) or
 // null.
 int rapa_tiled_conv_fwd(const Geo* geo, const float* x, float* xp, const float* w,
                         const float* bias, const int64_t* index, float* out) {
-  const Geo& g = *geo;
+  const Geo g = *geo;  // a local copy: the compiler knows that no store reaches it
   const Segs sg(g);
   const int64_t k = g.k(), np = g.np();
 #pragma omp parallel num_threads(g.nth)
@@ -319,7 +332,7 @@ int rapa_tiled_conv_fwd(const Geo* geo, const float* x, float* xp, const float* 
 // into gw, rows split among them.
 int rapa_tiled_conv_bwd_w(const Geo* geo, const float* x, float* xp, const float* grad,
                           const int64_t* index, float* gw, float* gb) {
-  const Geo& g = *geo;
+  const Geo g = *geo;  // a local copy: the compiler knows that no store reaches it
   const Segs sg(g);
   const int64_t k = g.k();
   std::vector<float*> part_w(g.nth), part_b(g.nth);
@@ -404,7 +417,7 @@ void rapa_clear_scratch(int64_t nth) {
 // the scratch gxp (N, Hp, Wp, C). w2: (nt, cout, kp), the weights transposed, K zero-padded.
 int rapa_tiled_conv_bwd_x(const Geo* geo, const float* grad, const float* w2,
                           const int64_t* index, float* gxp, float* gx) {
-  const Geo& g = *geo;
+  const Geo g = *geo;  // a local copy: the compiler knows that no store reaches it
   const Segs sg(g);
   constexpr int MR = RAPA_GX_MR, SVMAX = RAPA_GX_SV;
 #pragma omp parallel num_threads(g.nth)
@@ -595,7 +608,7 @@ extern "C" {
 int rapa_dw_fwd(const Geo* geo, const float* x, float* xp, const float* w, const float* bias,
                 const int64_t* index, float* out) {
   (void)xp;
-  const Geo& g = *geo;
+  const Geo g = *geo;  // a local copy: the compiler knows that no store reaches it
   const int64_t kk = g.kh * g.kw;
   const bool nchw = g.layout & 1;
   dw_images(g, index, out, g.np(), [&](int64_t b, Scratch& sc) { return image_nhwc(g, x, b, nchw, sc.img_x); },
@@ -630,7 +643,7 @@ int rapa_dw_fwd(const Geo* geo, const float* x, float* xp, const float* w, const
 int rapa_dw_bwd_w(const Geo* geo, const float* x, float* xp, const float* grad,
                   const int64_t* index, float* gw, float* gb) {
   (void)xp;
-  const Geo& g = *geo;
+  const Geo g = *geo;  // a local copy: the compiler knows that no store reaches it
   const int64_t kk = g.kh * g.kw;
   const bool nchw = g.layout & 1;
   std::vector<float*> part_w(g.nth), part_b(g.nth);
@@ -728,7 +741,7 @@ int rapa_dw_bwd_w(const Geo* geo, const float* x, float* xp, const float* grad,
 int rapa_dw_bwd_x(const Geo* geo, const float* grad, const float* w, const int64_t* index,
                   float* gxp, float* gx) {
   (void)gxp;
-  const Geo& g = *geo;
+  const Geo g = *geo;  // a local copy: the compiler knows that no store reaches it
   const int64_t kk = g.kh * g.kw, hw = g.h * g.w;
   dw_images(g, index, gx, hw, [&](int64_t b, Scratch& sc) { return grad_nhwc(g, grad, b, sc.img_g); },
             [&](const float* gimg, const int64_t* tmap, const float** a, const float** wq, float* dst) {

@@ -37,7 +37,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from rapa.ops.geometry import ConvGeometry, NativeGeometry
+from rapa.ops.geometry import NATIVE_FIELDS, ConvGeometry, NativeGeometry
 from rapa.ops.workspace import scratch
 
 SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "tiled_conv.cpp"
@@ -110,10 +110,7 @@ def library() -> ctypes.CDLL | None:
         if "lib" not in _state and "error" not in _state:
             try:
                 lib = ctypes.CDLL(str(build()))
-                lib.rapa_geometry_size.restype = ctypes.c_int64
-                if lib.rapa_geometry_size() != ctypes.sizeof(NativeGeometry):
-                    raise RuntimeError(f"{SOURCE.name}'s struct Geo has {lib.rapa_geometry_size()} bytes, "
-                                       f"rapa.ops.geometry.NativeGeometry {ctypes.sizeof(NativeGeometry)}")
+                _check_layout(lib)
                 for name, nptr in _KERNELS.items():
                     getattr(lib, name).argtypes = [ctypes.POINTER(NativeGeometry)] + [ctypes.c_void_p] * nptr
                     getattr(lib, name).restype = ctypes.c_int
@@ -125,6 +122,24 @@ def library() -> ctypes.CDLL | None:
                 warnings.warn(f"rapa: native CPU kernels unavailable, using the PyTorch path "
                               f"(slower): {err}", RuntimeWarning, stacklevel=3)
     return _state.get("lib")  # type: ignore[return-value]
+
+
+def geometry_layout(lib: ctypes.CDLL) -> tuple[int, list[int]]:
+    """``sizeof(Geo)`` of the loaded kernels and the byte offsets of its fields, in the order of
+    :data:`rapa.ops.geometry.NATIVE_FIELDS`."""
+    offsets = (ctypes.c_int64 * len(NATIVE_FIELDS))()
+    lib.rapa_geometry_layout.restype = ctypes.c_int64
+    size = lib.rapa_geometry_layout(offsets)
+    return size, list(offsets)
+
+
+def _check_layout(lib: ctypes.CDLL) -> None:
+    """``RuntimeError`` unless the C++ ``struct Geo`` and :class:`NativeGeometry` agree."""
+    size, offsets = geometry_layout(lib)
+    mine = [getattr(NativeGeometry, name).offset for name in NATIVE_FIELDS]
+    if size != ctypes.sizeof(NativeGeometry) or offsets != mine:
+        raise RuntimeError(f"{SOURCE.name}'s struct Geo ({size} bytes, offsets {offsets}) does not match "
+                           f"rapa.ops.geometry.NativeGeometry ({ctypes.sizeof(NativeGeometry)} bytes, {mine})")
 
 
 def available() -> bool:
