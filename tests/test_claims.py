@@ -14,7 +14,8 @@ import rapa
 from rapa.config import TrainConfig
 from rapa.sweep import claims as C
 from rapa.sweep.experiments import run_name
-from rapa.sweep.runs import Analyses, collect_runs
+from rapa.sweep.analyses import Analyses
+from rapa.sweep.runs import collect_runs
 from rapa.sweep.stats import near_chance, paired, seed_stats, t_quantile
 
 METRIC_FIELDS = ("epoch", "lr", "train_loss", "train_error", "test_error", "seconds")

@@ -634,7 +634,8 @@ def test_json_files_say_in_the_key_whether_a_number_is_a_fraction_or_a_percentag
                                                                                    tmp_path):
     from rapa.sweep import claims as C
     from rapa.sweep.evidence import claims_json
-    from rapa.sweep.runs import Analyses, collect_runs
+    from rapa.sweep.analyses import Analyses
+    from rapa.sweep.runs import collect_runs
 
     out = tmp_path / "out"
     for command in (["reduce", digits_runs / "tiled", "--limit-train", "20", "--batch-size", "10"],
@@ -670,7 +671,8 @@ def test_json_files_say_in_the_key_whether_a_number_is_a_fraction_or_a_percentag
 
 
 def test_json_files_written_before_the_units_were_in_the_keys_read_the_same(run_copy):
-    from rapa.sweep.runs import Analyses, collect_runs
+    from rapa.sweep.analyses import Analyses
+    from rapa.sweep.runs import collect_runs
 
     run = run_copy()
     snrs = [30.0, 35.0]

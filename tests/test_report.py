@@ -12,7 +12,7 @@ import rapa
 from rapa.config import TrainConfig
 from rapa.sweep.experiments import run_name
 from rapa.sweep.report import MISSING, build_report
-from rapa.sweep.runs import Analyses
+from rapa.sweep.analyses import Analyses
 
 METRIC_FIELDS = ("epoch", "lr", "train_loss", "train_error", "test_error", "seconds")
 

@@ -21,7 +21,8 @@ from rapa.checkpoint import load_checkpoint, save_checkpoint
 from rapa.config import CONFIG_VERSION, TrainConfig, output_pixels
 from rapa.data import dataset_info, load_dataset
 from rapa.errors import RapaError
-from rapa.train import analog_speedup, best_moving_average, evaluate, load_run, lr_at, read_config, train
+from rapa.runtime import analog_speedup, runtime_model
+from rapa.train import best_moving_average, evaluate, load_run, lr_at, read_config, train
 
 # tiny runs on the offline digits set: about a second per epoch
 TINY = dict(dataset="digits", limit_train=60, limit_test=30, votes=3, device="cpu", eval_batch_size=30)
@@ -132,6 +133,9 @@ def test_analog_speedup_is_the_pipelined_bottleneck():
     assert analog_speedup((1024, 256, 64), (128, 32, 8)) == 128
     assert analog_speedup((1024, 256, 64), (3, 1, 1)) == 1024 / 342  # ceil(1024/3)
     assert analog_speedup((1024, 256, 64), None) == 1
+    # the run-time model's pipelined speed-up is the same number (one owner: rapa.runtime)
+    report = runtime_model([(1024, 27, 32), (256, 288, 32), (64, 288, 64)], tiles=(3, 1, 1), scheme="random")
+    assert report.speedup_pipelined == 1024 / 342
 
 
 def test_checkpoint_is_atomic_and_weights_only(tmp_path):

@@ -1,4 +1,5 @@
-"""Atomic checkpoints: written to a temporary file, then renamed over the old one.
+"""Atomic checkpoints: written to a temporary file, then renamed over the old one
+(:func:`rapa.rundir.atomic_write`).
 
 A run killed at any moment leaves either the previous checkpoint or the new one, never a
 torn file. Checkpoints hold only tensors and plain Python types (RNG states included), so
@@ -8,47 +9,23 @@ they load with ``torch.load(..., weights_only=True)``.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import Any
 
 import torch
 
 from rapa.errors import RapaError
+from rapa.rundir import atomic_write
 
-__all__ = ["CHECKPOINT_KEYS", "atomic_write_text", "load_checkpoint", "save_checkpoint"]
+__all__ = ["CHECKPOINT_KEYS", "load_checkpoint", "save_checkpoint"]
 
 CHECKPOINT_KEYS: tuple[str, ...] = ("format", "epoch", "model")
 """Entries every checkpoint of a run has (and that tell it from another program's file)."""
 
 
-def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
-    """Call ``write`` on a temporary file in ``path``'s folder, fsync it, rename it to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a run's files are as readable as any other
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    """The process's umask (read by setting it and setting it back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
     """Write ``state`` to ``path`` atomically (temporary file in the same folder, fsync, rename)."""
-    _atomic_write(path, lambda f: torch.save(state, f))
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: torch.device | str | None = "cpu") -> dict[str, Any]:
@@ -73,7 +50,3 @@ def load_checkpoint(path: str | os.PathLike, map_location: torch.device | str | 
         raise RapaError(f"{path} is not a rapa checkpoint (it lacks {', '.join(missing)})")
     return state
 
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file atomically (temporary file, then rename)."""
-    _atomic_write(path, lambda f: f.write(text.encode()))

@@ -88,7 +88,7 @@ def run_one(run: ModernRun, out_dir: str | Path, threads: int = 1) -> dict[str, 
     import torch
     import torch.nn.functional as F
 
-    import rapa
+    from rapa.convert import convert
     from rapa.data import dataset_info, load_dataset, make_loader
     from rapa.nets import build_net
     from rapa.summary import conversion_summary
@@ -103,7 +103,7 @@ def run_one(run: ModernRun, out_dir: str | Path, threads: int = 1) -> dict[str, 
     torch.manual_seed(run.seed)
     model = build_net(run.net, num_classes=info.num_classes, in_channels=info.in_channels)
     if run.tiled:
-        rapa.convert(model, "balanced", "random", input_size=size)
+        convert(model, "balanced", "random", input_size=size)
     summary = conversion_summary(model, size)
     gen = torch.Generator().manual_seed(run.seed)
     loader = make_loader(train_data, run.batch_size, shuffle=True, augment=run.augment, drop_last=True,

@@ -213,8 +213,8 @@ class RuntimeReport:
 
     @property
     def speedup_pipelined(self) -> float:
-        """Untiled over tiled time, pipelined execution."""
-        return self.pipelined_untiled_cycles / self.pipelined_cycles
+        """Untiled over tiled time, pipelined execution (:func:`analog_speedup`)."""
+        return analog_speedup([c.np for c in self.layers], [c.nt for c in self.layers])
 
     @property
     def load_balance(self) -> float:
@@ -272,6 +272,18 @@ class RuntimeReport:
             f"arrays {self.arrays}, weights {self.weights:,} (untiled {self.untiled_weights:,})",
         ]
         return "\n".join(lines)
+
+
+def analog_speedup(output_pixels: Sequence[int], tiles: Sequence[int] | None) -> float:
+    """Theoretical analog speed-up of a pipelined net: ``max_l np_l / max_l ceil(np_l / nt_l)``.
+
+    Analog time of a layer is the patches its busiest tile processes (SPEC §1); in a
+    pipeline the slowest layer sets the pace (forward, backward and update alike, so the
+    ratio is that of the training cycles too). ``tiles=None``: untiled, 1.0.
+    """
+    if tiles is None:
+        return 1.0
+    return max(output_pixels) / max(-(-n // t) for n, t in zip(output_pixels, tiles))
 
 
 def _layer_shape(layer: nn.Module) -> tuple[int, int, int, str, bool, int]:

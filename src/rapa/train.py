@@ -4,18 +4,15 @@
 >>> summary = train(TrainConfig(dataset="digits", epochs=2, limit_train=200), "runs/quick")
 >>> model, config, summary = load_run("runs/quick")
 
-A run directory holds ``config.json`` (the resolved config), ``metrics.csv`` (one row per
-epoch), ``checkpoint.pt`` (rewritten atomically after every epoch: model, optimizer, epoch,
-RNG states, metrics) and, at the end, ``summary.json``. ``train(..., resume=True)``
-continues from the checkpoint; on CPU with the same seed the final weights are
-bit-identical to those of an uninterrupted run.
+A run directory (:mod:`rapa.rundir`) holds the resolved config, one metrics row per epoch,
+the checkpoint (rewritten atomically after every epoch: model, optimizer, epoch, RNG
+states, metrics) and, at the end, the summary. ``train(..., resume=True)`` continues from
+the checkpoint; on CPU with the same seed the final weights are bit-identical to those of
+an uninterrupted run.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
 import sys
 import time
@@ -25,27 +22,26 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-import rapa
-from rapa.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
-from rapa.config import TrainConfig
+from rapa import __version__, rundir
+from rapa.checkpoint import load_checkpoint, save_checkpoint
+from rapa.config import TrainConfig, output_pixels, resolve_device
 from rapa.data import BatchLoader, DatasetInfo, ImageData, dataset_info, load_dataset, make_loader
 from rapa.errors import RapaError
-from rapa.config import output_pixels, resolve_device
+from rapa.models import ConvNet
+from rapa.progress import shown, track
+from rapa.rundir import METRIC_FIELDS, TRAIN_FILES as RUN_FILES, read_config
+from rapa.runtime import analog_speedup
+from rapa.tiled_conv import TiledConv2d
+from rapa.voting import adaptive_vote, majority_vote
 
 __all__ = ["METRIC_FIELDS", "RUN_FILES", "analog_speedup", "best_moving_average", "evaluate", "load_run",
            "lr_at", "make_model_and_optimizer", "read_config", "single_pass_error", "train"]
+# METRIC_FIELDS, RUN_FILES, read_config: re-exported from rapa.rundir; analog_speedup from rapa.runtime
 
-RUN_FILES = ("config.json", "metrics.csv", "checkpoint.pt", "summary.json")
-"""The files of a run directory."""
 CHECKPOINT_FORMAT = 1
 _DATA_SEED_OFFSET = 2**32  # the data order/augmentation stream is seeded apart from the model's
-# config fields that may differ when a run is resumed (they do not change the trajectory)
-_RESUMABLE_CHANGES = ("epochs", "device", "data_dir", "download", "votes", "adaptive_threshold",
-                      "eval_batch_size", "eval_every")
-_RESUME_OVERRIDES = ("lr",)  # changes the trajectory from there on: a lower rate after a non-finite loss
-METRIC_FIELDS = ("epoch", "lr", "train_loss", "train_error", "test_error", "seconds")
-"""Columns of metrics.csv (errors are fractions; test_error is empty where not measured)."""
 
 
 # ---------------------------------------------------------------- recipe and reporting
@@ -84,17 +80,6 @@ def best_moving_average(test_errors: Sequence[float], train_errors: Sequence[flo
     return best
 
 
-def analog_speedup(output_pixels: Sequence[int], tiles: Sequence[int] | None) -> float:
-    """Theoretical analog speed-up of a pipelined net: ``max_l np_l / max_l ceil(np_l / nt_l)``.
-
-    Analog time of a layer is the patches its busiest tile processes (SPEC §1); in a
-    pipeline the slowest layer sets the pace. ``tiles=None``: untiled, 1.0.
-    """
-    if tiles is None:
-        return 1.0
-    return max(output_pixels) / max(math.ceil(n / t) for n, t in zip(output_pixels, tiles))
-
-
 def make_model_and_optimizer(config: TrainConfig, info: DatasetInfo,
                              device: torch.device | str) -> tuple[nn.Module, torch.optim.Optimizer]:
     """The ConvNet of ``config`` on ``device`` and its plain SGD optimizer (rate of epoch 0).
@@ -103,8 +88,6 @@ def make_model_and_optimizer(config: TrainConfig, info: DatasetInfo,
     With ``config.analog`` the model and optimizer are handed to
     :func:`rapa.analog.prepare`, which returns their analog versions.
     """
-    from rapa.models import ConvNet
-
     model = ConvNet(num_classes=info.num_classes, in_channels=info.in_channels, channels=tuple(config.channels),
                     tiles=config.tiles, scheme=config.scheme, pooling=config.pooling, image_size=info.size,
                     device=device, init=config.resolved_init())
@@ -120,8 +103,6 @@ def make_model_and_optimizer(config: TrainConfig, info: DatasetInfo,
 
 def _random_in_eval(model: nn.Module) -> bool:
     """Whether evaluation passes differ (a random scheme; unknown layers count as random)."""
-    from rapa.tiled_conv import TiledConv2d
-
     layers = [m for m in model.modules() if isinstance(m, TiledConv2d)]
     return not layers or any(m.scheme == "random" and m.tiles > 1 for m in layers)
 
@@ -130,8 +111,6 @@ def _random_in_eval(model: nn.Module) -> bool:
 def single_pass_error(model: nn.Module, loader: BatchLoader, desc: str | None = None) -> float:
     """Error (fraction) of one forward pass per image in evaluation mode (one random draw);
     ``desc`` labels a progress bar (:mod:`rapa.progress`)."""
-    from rapa.progress import track
-
     was_training = model.training
     model.eval()
     wrong = torch.zeros((), dtype=torch.long, device=loader.device)
@@ -151,13 +130,9 @@ def evaluate(model: nn.Module, data: ImageData, votes: int = 9, device: torch.de
     A net whose evaluation is deterministic (no random tiling) gets one pass; its voting
     errors equal the single one.
     """
-    from rapa.voting import adaptive_vote, majority_vote
-
     if device is None:
         p = next(model.parameters(), None)
         device = p.device if p is not None else "cpu"
-    from rapa.progress import track
-
     loader = make_loader(data, batch_size, device=device)
     single = single_pass_error(model, loader, "test error, one pass")
     out = {"single": single, "vote": single, "votes": votes, "adaptive": single, "adaptive_passes": 1.0}
@@ -180,87 +155,6 @@ def load_data(config: TrainConfig) -> tuple[ImageData, ImageData, DatasetInfo]:
     return train_data, test_data, dataset_info(config.dataset)
 
 
-# ------------------------------------------------------------------------ run directory
-
-
-def _config_json(config: TrainConfig) -> str:
-    meta = {"torch_version": torch.__version__, "rapa_version": rapa.__version__}
-    return json.dumps({**config.to_dict(), **meta}, indent=2) + "\n"
-
-
-def read_config(run_dir: str | Path) -> TrainConfig:
-    """The config saved in ``run_dir/config.json``; RapaError if there is no run."""
-    path = Path(run_dir) / "config.json"
-    if not Path(run_dir).is_dir():
-        raise RapaError(f"no run directory {run_dir}")
-    if not path.is_file():
-        raise RapaError(f"{run_dir} is not a run directory (no config.json)")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RapaError(f"{path} is unreadable: {exc}") from None
-    config = TrainConfig.from_dict(data)
-    try:  # one check for every reader (train --resume, eval, similarity, reduce, attack, report)
-        config.validate(check_device=False)  # a run trained on a GPU is still read on a CPU
-    except RapaError as exc:
-        raise RapaError(f"{path}: {exc}") from None
-    except TypeError as exc:  # a value of a type no check expected (e.g. a list where a number goes)
-        raise RapaError(f"{path}: invalid value ({exc})") from None
-    return config
-
-
-def _write_metrics(path: Path, history: Sequence[dict[str, Any]]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, METRIC_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    for row in history:
-        writer.writerow(_csv_row(row))
-    atomic_write_text(path, buf.getvalue())
-
-
-def _csv_row(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: ("" if isinstance(row[k], float) and math.isnan(row[k]) else row[k]) for k in METRIC_FIELDS}
-
-
-def _append_metrics(path: Path, row: dict[str, Any]) -> None:
-    with open(path, "a", newline="") as f:
-        csv.DictWriter(f, METRIC_FIELDS, lineterminator="\n").writerow(_csv_row(row))
-
-
-def _prepare_dir(out: Path, config: TrainConfig, resume: bool, overwrite: bool) -> dict[str, Any] | None:
-    """Check ``out`` and return the checkpoint to resume from (None: start afresh)."""
-    holds_run = (out / "config.json").exists() or (out / "checkpoint.pt").exists()
-    if not resume:
-        if holds_run and not overwrite:
-            raise RapaError(f"{out} already holds a run; resume it (--resume) or choose another --out")
-        for name in RUN_FILES:
-            (out / name).unlink(missing_ok=True)
-        return None
-    if not (out / "config.json").is_file():
-        raise RapaError(f"nothing to resume in {out}: no config.json")
-    saved = read_config(out)
-    changed = [f for f, v in config.to_dict().items()
-               if f not in _RESUMABLE_CHANGES + _RESUME_OVERRIDES and saved.to_dict().get(f) != v]
-    if changed:
-        raise RapaError(f"cannot resume {out} with a different config: {', '.join(changed)} differ "
-                        f"(only {', '.join(_RESUMABLE_CHANGES + _RESUME_OVERRIDES)} may change)")
-    if not (out / "checkpoint.pt").is_file():
-        if (out / "summary.json").is_file() or _metric_rows(out / "metrics.csv"):
-            raise RapaError(f"cannot resume {out}: it holds results but no checkpoint.pt; start it again "
-                            f"with --overwrite (or train into another --out)")
-        return None  # killed before the first epoch ended: start again
-    return load_checkpoint(out / "checkpoint.pt")
-
-
-def _metric_rows(path: Path) -> int:
-    """Data rows of a metrics.csv (0 when it is missing)."""
-    try:
-        with open(path) as f:
-            return max(0, sum(1 for line in f if line.strip()) - 1)
-    except OSError:
-        return 0
-
-
 # --------------------------------------------------------------------------- training
 
 
@@ -271,8 +165,9 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, progre
     Args:
         config: the run; validated (RapaError) before anything is written.
         out_dir: run directory (created).
-        resume: continue from ``out_dir/checkpoint.pt``; only the fields in
-            ``_RESUMABLE_CHANGES`` (e.g. ``epochs``, ``device``) may differ from the saved config.
+        resume: continue from the run's checkpoint; only the fields in
+            :data:`rapa.rundir.RESUMABLE_FIELDS` (e.g. ``epochs``, ``device``) and ``lr``
+            (:data:`rapa.rundir.RESUME_OVERRIDES`) may differ from the saved config.
         progress: a progress bar per epoch (on a terminal) and a line per epoch.
         overwrite: replace a run already in ``out_dir`` instead of refusing.
         on_epoch: called with each epoch's metrics row.
@@ -286,7 +181,8 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, progre
     device = torch.device(config.device)
     out = Path(out_dir)
     train_data, test_data, info = load_data(config)
-    ckpt = _prepare_dir(out, config, resume, overwrite)
+    resume_from = rundir.prepare(out, config, resume, overwrite)
+    ckpt = None if resume_from is None else load_checkpoint(resume_from)
     out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(config.seed)
@@ -306,8 +202,8 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, progre
             torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
         start_epoch, history = int(ckpt["epoch"]), list(ckpt["history"])
         train_seconds, seen, wall_before = ckpt["train_seconds"], ckpt["images_seen"], ckpt["wall_seconds"]
-    atomic_write_text(out / "config.json", _config_json(config))
-    _write_metrics(out / "metrics.csv", history)
+    rundir.write_config(out, config, {"torch_version": torch.__version__, "rapa_version": __version__})
+    rundir.write_metrics(out, history)
     say = _printer(progress)
     if ckpt is not None:
         say(f"resuming {out} after epoch {start_epoch}")
@@ -333,13 +229,11 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, progre
             "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "rng_data": data_gen.get_state(), "history": history, "train_seconds": train_seconds,
             "images_seen": seen, "wall_seconds": wall_before + time.perf_counter() - t_start,
-        }, out / "checkpoint.pt")
-        _append_metrics(out / "metrics.csv", row)
+        }, out / rundir.CHECKPOINT_FILE)
+        rundir.append_metrics(out, row)
         say(_epoch_line(row, config.epochs))
         if on_epoch is not None:
             on_epoch(row)
-
-    from rapa.progress import shown
 
     torch.manual_seed(config.seed)  # the tile draws `rapa eval DIR` makes too: both report the same errors
     with shown(progress):
@@ -349,15 +243,13 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, progre
     counts = torch.bincount(test_data.labels, minlength=info.num_classes)
     summary.update(train_images=len(train_data), test_images=len(test_data),  # trivial: the most frequent class
                    trivial_test_error=1.0 - counts.max().item() / max(len(test_data), 1))
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    rundir.write_summary(out, summary)
     return summary
 
 
 def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader: BatchLoader, epoch: int,
                  progress: bool, run_dir: Path | None = None) -> tuple[float, int]:
     """One epoch of SGD; returns (summed loss, misclassified count) over the augmented batches."""
-    from tqdm.auto import tqdm
-
     device = loader.device
     check_every = 1 if device.type == "cpu" else 50  # a finiteness check syncs with the GPU
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -390,8 +282,6 @@ def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Bat
 def _printer(progress: bool) -> Callable[[str], None]:
     if not progress:
         return lambda msg: None
-    from tqdm.auto import tqdm
-
     return lambda msg: tqdm.write(msg, file=sys.stdout)
 
 
@@ -427,7 +317,7 @@ def _implementation(config: TrainConfig) -> str | None:
         return None
     if torch.device(config.device).type != "cpu":
         return f"PyTorch path on {config.device}"
-    from rapa import native
+    from rapa import native  # the compiled extension, built on first use
 
     return native.describe()
 
@@ -439,13 +329,11 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu") -> tuple[n
     config = read_config(run_dir)
     dev = resolve_device(str(device))
     config.device = str(dev)
-    ckpt = load_checkpoint(run_dir / "checkpoint.pt", map_location=dev)
+    ckpt = load_checkpoint(run_dir / rundir.CHECKPOINT_FILE, map_location=dev)
     model, _ = make_model_and_optimizer(config, dataset_info(config.dataset), dev)
     try:
         model.load_state_dict(ckpt["model"])
     except (KeyError, RuntimeError) as exc:
         raise RapaError(f"checkpoint in {run_dir} does not match its config: {str(exc).splitlines()[0]}") from None
     model.eval()
-    path = run_dir / "summary.json"
-    summary = json.loads(path.read_text()) if path.is_file() else None
-    return model, config, summary
+    return model, config, rundir.read_summary(run_dir, strict=True)

@@ -37,12 +37,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from rapa import rundir
 from rapa.analysis.common import frozen_eval, iter_batches, model_device, stochastic_in_eval
+from rapa.rundir import file_keys, read_keys
 
-__all__ = ["ATTACKS", "AT_FILE_KEYS", "CURVE_FILE_KEYS", "DEFAULT_SNRS", "HUMAN_THRESHOLD_DB", "SNR_RANGE",
-           "accuracy_at", "check_snrs", "fgsm",
-           "gap_reduction", "input_gradient", "measured_snr", "pgd", "pixel_epsilon", "plot_robustness",
-           "robustness_curve", "snr_epsilon"]
+__all__ = ["ATTACKS", "AT_FILE_KEYS", "CURVE_FILE_KEYS", "DEFAULT_SNRS", "HUMAN_THRESHOLD_DB", "INPUT_SPACE",
+           "SNR_RANGE", "accuracy_at", "attack_record", "attack_runs", "check_snrs", "fgsm", "gap_reduction",
+           "input_gradient", "measured_snr", "pgd", "pixel_epsilon", "plot_robustness", "read_attack",
+           "robustness_curve", "save_attack", "snr_epsilon", "threshold_accuracies"]
 Pixel = tuple[Sequence[float], Sequence[float]]
 """A dataset's normalisation ``(mean, std)`` per channel: model input = (pixel/255 - mean) / std."""
 
@@ -242,6 +244,75 @@ def accuracy_at(snrs: Sequence[float], accuracy: Sequence[float], snr: float = H
     if s.size == 0 or not s[0] <= snr <= s[-1]:
         return float("nan")
     return float(np.interp(snr, s, a))
+
+
+INPUT_SPACE = "normalised images ((pixel/255 - mean) / std), no clipping"
+"""What the attacks perturb (``attack.json``'s ``input_space``)."""
+_OMIT = object()
+
+
+def attack_runs(models: dict[str, nn.Module], data: Any, snrs: Sequence[float] = DEFAULT_SNRS,
+                attacks: Sequence[str] = ATTACKS, eot: int = 8, pgd_steps: int = 10, batch_size: int = 100,
+                seed: int = 0, pixel: Pixel | None = None) -> dict[str, dict[str, Any]]:
+    """:func:`robustness_curve` of every net of ``models`` (by key: ``model``, ``baseline``)
+    on the same images, each with the tile draws and PGD starts seeded by ``seed``."""
+    curves = {}
+    for key, model in models.items():
+        torch.manual_seed(seed)
+        curves[key] = robustness_curve(model, data, snrs, attacks, eot=eot, pgd_steps=pgd_steps,
+                                       batch_size=batch_size, generator=torch.Generator().manual_seed(seed),
+                                       pixel=pixel)
+    return curves
+
+
+def threshold_accuracies(curves: dict[str, dict[str, Any]], attacks: Sequence[str],
+                         snr: float = HUMAN_THRESHOLD_DB) -> dict[str, dict[str, float]]:
+    """Per attack, every net's accuracy (percent) at ``snr`` dB (:func:`accuracy_at`) and,
+    with a ``baseline`` curve, the ``gap_reduction_fraction`` of the ``model`` one."""
+    at = {}
+    for attack in attacks:
+        row = {key: accuracy_at(c["snr_db"], c["accuracy"][attack], snr) for key, c in curves.items()}
+        if "baseline" in curves:
+            row["gap_reduction_fraction"] = gap_reduction(row["model"], row["baseline"])  # the others: percent
+        at[attack] = row
+    return at
+
+
+def attack_record(curves: dict[str, dict[str, Any]], at: dict[str, dict[str, float]], run_dir: str | Path,
+                  dataset: str, test_images: int, baseline_dir: str | Path | None = None,
+                  labels: dict[str, str] | None = None, limit: Any = _OMIT) -> dict[str, Any]:
+    """The record of ``attack.json`` (accuracies with the unit in the key): the curves and
+    the :func:`threshold_accuracies` ``at`` of the nets of ``run_dir`` (and ``baseline_dir``).
+    ``labels`` (``rapa attack``): the nets' names, with the spaces the SNR was measured in;
+    ``limit`` (the sweeps' cache): the test images asked for."""
+    record: dict[str, Any] = {"run_dir": str(run_dir),
+                              "baseline_dir": None if baseline_dir is None else str(baseline_dir),
+                              "dataset": dataset}
+    if limit is not _OMIT:
+        record["limit"] = limit
+    record.update(test_images=test_images, snr_db=list(curves["model"]["snr_db"]))
+    if labels is not None:
+        record.update(input_space=INPUT_SPACE, snr_space=curves["model"]["snr_space"], labels=labels)
+    record.update(curves={k: file_keys(c, CURVE_FILE_KEYS) for k, c in curves.items()}, at_db=HUMAN_THRESHOLD_DB,
+                  at_threshold={a: file_keys(row, AT_FILE_KEYS) for a, row in at.items()})
+    return record
+
+
+def save_attack(folder: str | Path, record: dict[str, Any]) -> Path:
+    """Write ``record`` (:func:`attack_record`) as ``folder``'s ``attack.json``; returns its path."""
+    return rundir.write_result(folder, "robustness", record)
+
+
+def read_attack(run_dir: str | Path, fresh: bool = False) -> dict[str, Any] | None:
+    """The ``attack.json`` of ``run_dir`` with rapa's own keys in its curves and rows (None:
+    none; ``fresh``: none newer than the run's checkpoint)."""
+    record = rundir.read_result(run_dir, "robustness", fresh=fresh)
+    if record is None:
+        return None
+    for key, names in (("curves", CURVE_FILE_KEYS), ("at_threshold", AT_FILE_KEYS)):
+        if isinstance(record.get(key), dict):
+            record[key] = {k: read_keys(v, names) if isinstance(v, dict) else v for k, v in record[key].items()}
+    return record
 
 
 ATTACK_LABELS = {"fgsm": "FGSM", "fgsm_eot": "EOT-FGSM", "pgd_eot": "EOT-PGD"}

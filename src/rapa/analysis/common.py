@@ -1,15 +1,22 @@
-"""Helpers shared by the analyses: the tiled layers of a model, batches of inputs, modes."""
+"""Helpers shared by the analyses: the tiled layers of a model, batches of inputs, modes.
+
+(``file_keys``, ``read_keys`` and ``json_safe``, the result files' spelling, are
+:mod:`rapa.rundir`'s, re-exported here.)"""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
+from rapa.data import ImageData, make_loader
 from rapa.errors import RapaError
+from rapa.progress import track
+from rapa.rundir import file_keys, json_safe, read_keys  # re-exported: the result files' format is rundir's
 from rapa.tiled_conv import TiledConv2d
 
 __all__ = ["digital_twin", "file_keys", "frozen_eval", "iter_batches", "json_safe", "model_device", "name_list",
@@ -53,8 +60,6 @@ def digital_twin(model: nn.Module) -> nn.Module:
 
     if not any(is_rapa_analog(m) or type(m).__name__ == "AnalogLinear" for m in model.modules()):
         return model
-    import copy
-
     return convert(copy.deepcopy(model))
 
 
@@ -95,10 +100,6 @@ def iter_batches(data: Any, batch_size: int = 200, device: torch.device | str | 
     ``limit`` stops after that many images. ``desc`` labels a progress bar (shown where
     :func:`rapa.progress.shown` turned bars on).
     """
-    from rapa.progress import track
-
-    from rapa.data import ImageData, make_loader
-
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
@@ -135,35 +136,6 @@ def iter_batches(data: Any, batch_size: int = 200, device: torch.device | str | 
         seen += x.shape[0]
         if limit is not None and seen >= limit:
             break
-
-
-def file_keys(record: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
-    """``record`` with its keys renamed as a result file spells them (``names``: key -> file key,
-    e.g. ``tiled_error`` -> ``tiled_error_percent``: the unit in the key); other keys kept."""
-    return {names.get(k, k): v for k, v in record.items()}
-
-
-def read_keys(record: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
-    """The inverse of :func:`file_keys`: a result file's record with rapa's own keys; a file
-    written before the units were in the keys (``tiled_error`` itself, the same percentages)
-    reads the same."""
-    back = {v: k for k, v in names.items()}
-    out = {k: v for k, v in record.items() if k not in back}
-    for k, v in record.items():
-        if k in back:
-            out[back[k]] = v  # the new spelling wins over an old one
-    return out
-
-
-def json_safe(value: Any) -> Any:
-    """``value`` with NaN and infinite floats replaced by None (strict JSON), recursively."""
-    if isinstance(value, float):
-        return value if value == value and value not in (float("inf"), float("-inf")) else None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
 
 
 def positive_int(option: str, value: int | None) -> int | None:

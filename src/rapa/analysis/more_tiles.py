@@ -12,50 +12,36 @@ fewest first-layer tiles. :func:`plot_more_tiles` draws both panels.
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 from pathlib import Path
 from typing import Any, Sequence
 
+from rapa import rundir
 from rapa.errors import RapaError
+from rapa.rundir import read_config
+from rapa.train import best_moving_average
 
 __all__ = ["REFERENCE_TILES", "more_tiles_curves", "plot_more_tiles", "read_metrics"]
 
 REFERENCE_TILES: tuple[int, int, int] = (16, 4, 1)
 
 
-def _float(text: str | None) -> float:
-    return float(text) if text not in (None, "") else float("nan")
-
-
 def read_metrics(run_dir: str | Path) -> dict[str, list[float]]:
     """Columns ``epoch``, ``train_error``, ``test_error`` (fractions; NaN where not
-    measured) of ``run_dir/metrics.csv``; RapaError if it is missing or malformed."""
-    path = Path(run_dir) / "metrics.csv"
-    if not path.is_file():
-        raise RapaError(f"{run_dir} has no metrics.csv")
+    measured) of the run's metrics (:func:`rapa.rundir.read_metrics`); RapaError if they
+    are missing or malformed."""
+    rows = rundir.read_metrics(run_dir)
     try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        return {"epoch": [int(r["epoch"]) for r in rows],
-                "train_error": [_float(r.get("train_error")) for r in rows],
-                "test_error": [_float(r.get("test_error")) for r in rows]}
-    except (KeyError, ValueError, TypeError, csv.Error) as exc:
-        raise RapaError(f"{path} is malformed: {exc}") from None
+        return {"epoch": [int(r["epoch"]) for r in rows], "train_error": [r["train_error"] for r in rows],
+                "test_error": [r["test_error"] for r in rows]}
+    except (KeyError, ValueError) as exc:
+        raise RapaError(f"{Path(run_dir) / rundir.METRICS_FILE} is malformed: missing or bad {exc}") from None
 
 
 def _best_error(run_dir: Path, metrics: dict[str, list[float]]) -> float:
-    from rapa.train import best_moving_average
-
-    path = run_dir / "summary.json"
-    if path.is_file():
-        try:
-            value = json.loads(path.read_text()).get("best5_test_error")
-        except (OSError, json.JSONDecodeError) as exc:
-            raise RapaError(f"{path} is unreadable: {exc}") from None
-        if value is not None:
-            return float(value)
+    value = (rundir.read_summary(run_dir, strict=True) or {}).get("best5_test_error")
+    if value is not None:
+        return float(value)
     best = best_moving_average(metrics["test_error"], metrics["train_error"])["test_error"]
     return float("nan") if best is None else float(best)
 
@@ -69,8 +55,6 @@ def more_tiles_curves(run_dirs: Sequence[str | Path]) -> dict[str, Any]:
     (errors as fractions; ``relative_best`` = best / reference best, ``delta_best`` =
     best - reference best). RapaError for a missing run or a config of another version.
     """
-    from rapa.train import read_config
-
     if not run_dirs:
         raise RapaError("no run directories given")
     runs: list[dict[str, Any]] = []

@@ -19,6 +19,7 @@ channels, pooling and fully connected layer. Methods choose the tile per channel
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,15 +27,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from rapa import schemes
+from rapa import rundir, schemes
 from rapa.analysis.common import iter_batches, model_device, tiled_layers
+from rapa.config import TrainConfig
 from rapa.errors import RapaError
 from rapa.models import ConvNet
 from rapa.pooling import MixedPool2d
 from rapa.tiled_conv import TiledConv2d
 
-__all__ = ["METHODS", "REDUCE_FILE_KEYS", "choose_tiles", "classification_error", "maxpool_win_counts", "reduce",
-           "reduce_errors"]
+__all__ = ["METHODS", "REDUCE_FILE_KEYS", "choose_tiles", "classification_error", "maxpool_win_counts",
+           "read_reduction", "reduce", "reduce_errors", "reduce_run", "save_reduction"]
 
 METHODS: tuple[str, ...] = ("norm", "random_tile", "first_tile", "random_filters", "maxpool_winner")
 REDUCE_FILE_KEYS = {"tiled_error": "tiled_error_percent", "methods": "method_error_percent",
@@ -232,3 +234,30 @@ def classification_error(model: nn.Module, data: Any, batch_size: int = 200, des
     if total == 0:
         raise RapaError("no test images")
     return 100.0 * wrong / total
+
+
+def reduce_run(model: ConvNet, config: TrainConfig, test_data: Any, train_data: Any = None,
+               methods: tuple[str, ...] = METHODS, seed: int = 0, batch_size: int = 200,
+               run_dir: str | Path | None = None) -> dict[str, Any]:
+    """Table 3 for the run ``run_dir`` (trained with ``config``): the tiled net's error and
+    :func:`reduce_errors`, with the tile draws and random methods seeded by ``seed``.
+    Returns the record of ``reduce.json`` (errors in percent, rapa's own keys:
+    :func:`save_reduction` spells them as the file does)."""
+    torch.manual_seed(seed)
+    tiled_error = classification_error(model, test_data, batch_size, desc="tiled net")
+    result = reduce_errors(model, test_data, methods, train_data, torch.Generator().manual_seed(seed), batch_size)
+    return {"run_dir": str(run_dir), "dataset": config.dataset, "scheme": config.scheme,
+            "pooling": config.pooling, "tiles": list(config.tiles) if config.tiles else None,
+            "test_images": len(test_data), "train_images": None if train_data is None else len(train_data),
+            "tiled_error": tiled_error, **result}
+
+
+def save_reduction(folder: str | Path, record: dict[str, Any]) -> Path:
+    """Write ``record`` (:func:`reduce_run`) as ``folder``'s ``reduce.json``; returns its path."""
+    return rundir.write_result(folder, "reduction", record, REDUCE_FILE_KEYS)
+
+
+def read_reduction(run_dir: str | Path, fresh: bool = False) -> dict[str, Any] | None:
+    """The ``reduce.json`` of ``run_dir`` with rapa's own keys (None: none; ``fresh``: none
+    newer than the run's checkpoint)."""
+    return rundir.read_result(run_dir, "reduction", REDUCE_FILE_KEYS, fresh)

@@ -19,9 +19,12 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from rapa import rundir
 from rapa.analysis.common import tiled_layers
+from rapa.config import TrainConfig
 
-__all__ = ["filter_similarity", "plot_filters", "tile_correlation"]
+__all__ = ["filter_similarity", "plot_filters", "read_similarity", "save_similarity", "similarity_run",
+           "tile_correlation"]
 
 
 def tile_correlation(weight: Tensor) -> Tensor:
@@ -66,6 +69,30 @@ def filter_similarity(model: nn.Module) -> dict[str, Any]:
                         "per_channel": [float(v) for v in per_channel]}
     overall = _nanmean(torch.tensor([v["similarity"] for v in layers.values()], dtype=torch.float64))
     return {"layers": layers, "overall": overall}
+
+
+def similarity_run(model: nn.Module, config: TrainConfig | None = None,
+                   run_dir: str | Path | None = None) -> dict[str, Any]:
+    """The record of ``similarity.json``: :func:`filter_similarity` of ``model``, headed by
+    the run it belongs to (``run_dir``, dataset, scheme, pooling, tiles of ``config``) as
+    ``rapa similarity`` writes it; without ``config`` the measures alone, as the sweeps cache
+    them. RapaError if no layer is tiled."""
+    result = filter_similarity(model)
+    if config is None:
+        return result
+    return {"run_dir": str(run_dir), "dataset": config.dataset, "scheme": config.scheme,
+            "pooling": config.pooling, "tiles": list(config.tiles) if config.tiles else None, **result}
+
+
+def save_similarity(folder: str | Path, record: dict[str, Any]) -> Path:
+    """Write ``record`` (:func:`similarity_run`) as ``folder``'s ``similarity.json``; returns its path."""
+    return rundir.write_result(folder, "similarity", record)
+
+
+def read_similarity(run_dir: str | Path, fresh: bool = False) -> dict[str, Any] | None:
+    """The ``similarity.json`` of ``run_dir`` (None: none; ``fresh``: none newer than the
+    run's checkpoint)."""
+    return rundir.read_result(run_dir, "similarity", fresh=fresh)
 
 
 def filter_grid(weight: Tensor, n_filters: int = 10, max_tiles: int = 16) -> Tensor:

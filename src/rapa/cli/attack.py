@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 from pathlib import Path
 
-from rapa.cli.options import add_quiet, add_threads, apply_threads, run_output, write_text
+from rapa.cli.options import add_quiet, add_threads, apply_threads, run_output
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -75,14 +74,13 @@ def _label(run_dir: Path, config) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from rapa.analysis.attack import (AT_FILE_KEYS, ATTACKS, CURVE_FILE_KEYS, HUMAN_THRESHOLD_DB, accuracy_at,
-                                      gap_reduction, plot_robustness, robustness_curve)
-    from rapa.analysis.common import file_keys, json_safe, name_list, positive_int
+    from rapa.analysis.attack import (ATTACKS, HUMAN_THRESHOLD_DB, attack_record, attack_runs, plot_robustness,
+                                      save_attack, threshold_accuracies)
+    from rapa.analysis.common import name_list, positive_int
     from rapa.data import load_dataset
     from rapa.errors import RapaError
     from rapa.progress import shown
+    from rapa.rundir import RESULT_PLOTS
     from rapa.train import load_run
 
     snrs = _floats("--snr", args.snr)
@@ -110,29 +108,15 @@ def run(args: argparse.Namespace) -> int:
 
     info = dataset_info(config.dataset)
     pixel = None if args.normalised_snr else (info.mean, info.std)
-    curves, labels = {}, {}
-    for key, run_dir, net, cfg in runs:
-        torch.manual_seed(args.seed)
-        with shown(not args.quiet):
-            curves[key] = robustness_curve(net, test, snrs, attacks, eot=args.eot, pgd_steps=args.pgd_steps,
-                                           batch_size=args.batch_size,
-                                           generator=torch.Generator().manual_seed(args.seed), pixel=pixel)
-        labels[key] = _label(Path(run_dir), cfg)
-    at = {}
-    for attack in attacks:
-        row = {key: accuracy_at(snrs, curves[key]["accuracy"][attack], HUMAN_THRESHOLD_DB) for key in curves}
-        if "baseline" in curves:
-            row["gap_reduction_fraction"] = gap_reduction(row["model"], row["baseline"])  # the others: percent
-        at[attack] = row
-
-    result = {"run_dir": str(args.run_dir), "baseline_dir": None if args.baseline is None else str(args.baseline),
-              "dataset": config.dataset, "test_images": len(test), "snr_db": list(snrs),
-              "input_space": "normalised images ((pixel/255 - mean) / std), no clipping",
-              "snr_space": "normalised" if pixel is None else "pixel",
-              "labels": labels, "curves": {k: file_keys(c, CURVE_FILE_KEYS) for k, c in curves.items()},
-              "at_db": HUMAN_THRESHOLD_DB, "at_threshold": {a: file_keys(row, AT_FILE_KEYS) for a, row in at.items()}}
-    write_text(out / "attack.json", json.dumps(json_safe(result), indent=1) + "\n")
-    plot_robustness({labels[k]: c for k, c in curves.items()}, out / "attack.png")
+    labels = {key: _label(Path(run_dir), cfg) for key, run_dir, _, cfg in runs}
+    with shown(not args.quiet):
+        curves = attack_runs({key: net for key, _, net, _ in runs}, test, snrs, attacks, eot=args.eot,
+                             pgd_steps=args.pgd_steps, batch_size=args.batch_size, seed=args.seed, pixel=pixel)
+    at = threshold_accuracies(curves, attacks)
+    path = save_attack(out, attack_record(curves, at, args.run_dir, config.dataset, len(test), args.baseline,
+                                          labels))
+    plot = out / RESULT_PLOTS["robustness"]
+    plot_robustness({labels[k]: c for k, c in curves.items()}, plot)
 
     print(f"{config.dataset}, first {len(test)} test images, SNR {', '.join(f'{s:g}' for s in snrs)} dB")
     for key, c in curves.items():
@@ -150,5 +134,5 @@ def run(args: argparse.Namespace) -> int:
         if "baseline" in row:
             line += f"   baseline: {_pct(row['baseline'])}   gap reduction {_pct(100 * row['gap_reduction_fraction'], 1)}"
         print(line)
-    print(f"wrote attack.json and attack.png to {out}")
+    print(f"wrote {path.name} and {plot.name} to {out}")
     return 0

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rapa.cli.options import add_threads, apply_threads, output_folder, write_text
+from rapa.cli.common import add_threads, apply_threads, output_folder, write_text
 
 # per dataset: (epochs, limit_train, limit_test) that keep the demo well under 10 minutes on 2 cores
 DEMO_SIZES = {"fashion-mnist": (3, 10000, 2000), "digits": (15, None, None)}
@@ -61,6 +61,7 @@ def pick_dataset(name: str, data_dir: str | None) -> str:
 def run(args: argparse.Namespace) -> int:
     from rapa.config import TrainConfig
     from rapa.errors import RapaError
+    from rapa.rundir import read_metrics
     from rapa.train import train
 
     t0 = time.perf_counter()
@@ -90,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"\n{label}: lr {config.resolved_lr()}")
         run_dir = args.out / label.split()[0]
         results[label] = train(config, run_dir, progress=not args.quiet, overwrite=True)
-        curves[label] = [row["test_error"] for row in _read_metrics(run_dir)]
+        curves[label] = [row["test_error"] for row in read_metrics(run_dir)]
     table = format_table(results)
     print("\n" + table)
     png = args.out / "demo.png"
@@ -98,13 +99,6 @@ def run(args: argparse.Namespace) -> int:
     write_text(args.out / "demo.json", json.dumps(results, indent=2) + "\n")
     print(f"\nwrote {png} and {args.out / 'demo.json'} in {time.perf_counter() - t0:.0f} s")
     return 0
-
-
-def _read_metrics(run_dir: Path) -> list[dict[str, float]]:
-    import csv
-
-    with open(run_dir / "metrics.csv") as f:
-        return [{k: float(v) if v else float("nan") for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def format_table(results: dict[str, dict[str, Any]]) -> str:

@@ -35,13 +35,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from rapa.analysis.common import positive_int
+    from rapa.analysis.voting import evaluate_run
     from rapa.data import load_dataset
     from rapa.errors import RapaError
     from rapa.progress import shown
-    from rapa.train import evaluate, load_run
+    from rapa.train import load_run
 
     positive_int("--votes", args.votes)
     positive_int("--limit-test", args.limit_test)
@@ -57,20 +56,17 @@ def run(args: argparse.Namespace) -> int:
     data = load_dataset(config.dataset, "test", data_dir=config.data_dir, download=args.download, limit=limit)
     votes = config.votes if args.votes is None else args.votes
     threshold = config.adaptive_threshold if args.threshold is None else args.threshold
-    torch.manual_seed(config.seed if args.seed is None else args.seed)
     with shown(not args.quiet):
-        res = evaluate(model, data, votes, config.device, config.eval_batch_size, threshold)
+        res = evaluate_run(model, config, data, votes, threshold, config.seed if args.seed is None else args.seed,
+                           args.run_dir)
     if args.json:
-        print(json.dumps({"run_dir": str(args.run_dir), "dataset": config.dataset, "test_images": len(data),
-                          "single_error": res["single"], "vote_error": res["vote"], "votes": votes,
-                          "adaptive_error": res["adaptive"], "adaptive_mean_passes": res["adaptive_passes"]},
-                         indent=2))
+        print(json.dumps(res, indent=2))
         return 0
     tiles = ",".join(map(str, config.tiles)) if config.tiles else "untiled"
     print(f"{args.run_dir}: {config.dataset} ({len(data)} test images), {config.scheme} {tiles}")
-    rows = (("single pass", res["single"], ""), (f"{votes}-vote majority", res["vote"], ""),
-            ("adaptive vote", res["adaptive"],
-             f" ({res['adaptive_passes']:.2f} passes per image, at most {votes})"))
+    rows = (("single pass", res["single_error"], ""), (f"{votes}-vote majority", res["vote_error"], ""),
+            ("adaptive vote", res["adaptive_error"],
+             f" ({res['adaptive_mean_passes']:.2f} passes per image, at most {votes})"))
     for label, err, note in rows:
         print(f"  test error, {label + ':':<18}{100 * err:6.2f}%{note}")
     return 0

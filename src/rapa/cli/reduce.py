@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 
-from rapa.cli.options import add_quiet, add_threads, apply_threads, run_output, write_text
+from rapa.cli.options import add_quiet, add_threads, apply_threads, run_output
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -41,10 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from rapa.analysis.common import digital_twin, file_keys, json_safe, name_list, positive_int, tiled_layers
-    from rapa.analysis.reduce import METHODS, REDUCE_FILE_KEYS, classification_error, reduce_errors
+    from rapa.analysis.common import digital_twin, name_list, positive_int, tiled_layers
+    from rapa.analysis.reduce import METHODS, reduce_run, save_reduction
     from rapa.data import load_dataset
     from rapa.errors import RapaError
     from rapa.models import ConvNet
@@ -70,16 +67,10 @@ def run(args: argparse.Namespace) -> int:
     test = load_dataset(config.dataset, "test", limit=limit_test, **load)
     train = load_dataset(config.dataset, "train", limit=limit_train, **load) if "maxpool_winner" in methods else None
 
-    torch.manual_seed(args.seed)
     with shown(not args.quiet):
-        tiled_error = classification_error(model, test, args.batch_size, desc="tiled net")
-        result = reduce_errors(model, test, methods, train, torch.Generator().manual_seed(args.seed),
-                               args.batch_size)
-    result = {"run_dir": str(args.run_dir), "dataset": config.dataset, "scheme": config.scheme,
-              "pooling": config.pooling, "tiles": list(config.tiles) if config.tiles else None,
-              "test_images": len(test), "train_images": None if train is None else len(train),
-              "tiled_error": tiled_error, **result}
-    write_text(out / "reduce.json", json.dumps(json_safe(file_keys(result, REDUCE_FILE_KEYS)), indent=1) + "\n")
+        result = reduce_run(model, config, test, train, methods, args.seed, args.batch_size, args.run_dir)
+    tiled_error = result["tiled_error"]
+    path = save_reduction(out, result)
 
     tiles = ",".join(map(str, config.tiles)) if config.tiles else "untiled"
     print(f"{args.run_dir}: {config.dataset} ({len(test)} test images), {config.scheme} tiling {tiles}, "
@@ -90,5 +81,5 @@ def run(args: argparse.Namespace) -> int:
     for method, error in result["methods"].items():
         mark = "  <- best" if method == result["best_method"] else ""
         print(f"  {labels[method]:<{width}}  {error:6.2f}%{mark}")
-    print(f"wrote reduce.json to {out}")
+    print(f"wrote {path.name} to {out}")
     return 0

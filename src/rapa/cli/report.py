@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from rapa.analysis.common import positive_int
     from rapa.config import resolve_device
     from rapa.sweep.report import build_report, check_sweep_dir
-    from rapa.sweep.runs import Analyses
+    from rapa.sweep.analyses import Analyses
 
     for option, value in (("--attack-limit", args.attack_limit), ("--eot", args.eot),
                           ("--reduce-train-limit", args.reduce_train_limit)):

@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from rapa.cli.options import add_threads, apply_threads, run_output, write_text
+from rapa.cli.options import add_threads, apply_threads, run_output
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,7 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from rapa.analysis.common import digital_twin, json_safe, positive_int, tiled_layers
-    from rapa.analysis.similarity import filter_similarity, plot_filters
+    from rapa.analysis.similarity import plot_filters, save_similarity, similarity_run
+    from rapa.rundir import RESULT_PLOTS
     from rapa.train import load_run
 
     positive_int("--filters", args.filters)
@@ -38,12 +39,11 @@ def run(args: argparse.Namespace) -> int:
     apply_threads(args.threads)
     model, config, _ = load_run(args.run_dir, device="cpu")
     model = digital_twin(model)  # analog runs: the arrays' current weights
-    result = filter_similarity(model)  # RapaError if nothing is tiled
+    result = similarity_run(model, config, args.run_dir)  # RapaError if nothing is tiled
     name, first = tiled_layers(model)[0]
-    result = {"run_dir": str(args.run_dir), "dataset": config.dataset, "scheme": config.scheme,
-              "pooling": config.pooling, "tiles": list(config.tiles) if config.tiles else None, **result}
-    write_text(out / "similarity.json", json.dumps(json_safe(result), indent=1) + "\n")
-    plot_filters(first.weight, out / "filters.png", args.filters, args.max_tiles,
+    path = save_similarity(out, result)
+    plot = out / RESULT_PLOTS["similarity"]
+    plot_filters(first.weight, plot, args.filters, args.max_tiles,
                  title=f"{args.run_dir.name}: {name}, {config.scheme} tiling, {config.pooling} pooling")
     if args.json:
         print(json.dumps(json_safe(result), indent=1))
@@ -52,5 +52,5 @@ def run(args: argparse.Namespace) -> int:
     for layer, res in result["layers"].items():
         print(f"  {layer:<6} {res['tiles']:>5} tiles   similarity {res['similarity']:.3f}")
     print(f"  overall similarity (mean over tiled layers): {result['overall']:.3f}")
-    print(f"wrote similarity.json and filters.png to {out}")
+    print(f"wrote {path.name} and {plot.name} to {out}")
     return 0

@@ -11,16 +11,19 @@ per scheme with bands, and the robustness curves with bands.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from rapa.analysis.attack import accuracy_at
+from rapa.errors import RapaError
+from rapa.rundir import read_metrics
 from rapa.sweep import claims as C
+from rapa.sweep.analyses import Analyses
 from rapa.sweep.evidence import (ALL_ROWS, COMPARISON_DB, TILED, chance_notes, claims_json, evaluate_claims,
                                  per_seed, recipe_text)
-from rapa.sweep.runs import Analyses, RunRecord, collect_runs
+from rapa.sweep.runs import RunRecord, collect_runs
 from rapa.sweep.stats import seed_stats
 
 __all__ = ["MANIFEST", "learning_curves", "read_manifest", "write_battery_report"]
@@ -49,10 +52,8 @@ def _cell(values: Mapping[int, float], digits: int = 2) -> str:
 
 def _read_metrics(run_dir: Path) -> list[dict[str, float]]:
     try:
-        with open(run_dir / "metrics.csv") as f:
-            return [{k: float(v) if v not in ("", None) else math.nan for k, v in row.items()}
-                    for row in csv.DictReader(f)]
-    except (OSError, ValueError):
+        return read_metrics(run_dir)
+    except RapaError:
         return []
 
 
@@ -136,8 +137,6 @@ def _table1(groups: Mapping[str, Mapping[int, RunRecord]], metric: str) -> list[
 
 def _analysis_tables(groups: Mapping[str, Mapping[int, RunRecord]], analyses: Analyses,
                      plot_dir: Path) -> tuple[list[str], list[str]]:
-    from rapa.analysis.attack import accuracy_at
-
     lines: list[str] = []
     sim_rows, red_rows = [], []
     for row in TILED:

@@ -3,16 +3,21 @@
 :func:`per_seed` groups the finished floating-point runs of one dataset by scheme (the
 rows of Table 1) and seed; :func:`evaluate_claims` reads each claim's numbers from them
 (best-5 test errors from ``summary.json``, the analyses through
-:class:`rapa.sweep.runs.Analyses`) and hands them to the rules of :mod:`rapa.sweep.claims`,
+:class:`rapa.sweep.analyses.Analyses`) and hands them to the rules of :mod:`rapa.sweep.claims`,
 with the nets that did not learn (:func:`rapa.sweep.stats.near_chance`) named.
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any, Callable, Mapping, Sequence
 
+from rapa.analysis.attack import accuracy_at
+from rapa.data import dataset_info
+from rapa.rundir import json_safe
 from rapa.sweep import claims as C
-from rapa.sweep.runs import Analyses, RunRecord, scheme_label
+from rapa.sweep.analyses import Analyses
+from rapa.sweep.runs import RunRecord, scheme_label
 from rapa.sweep.stats import near_chance
 
 __all__ = ["ALL_ROWS", "COMPARISON_DB", "TILED", "chance_notes", "evaluate_claims", "error_of", "per_seed",
@@ -43,8 +48,6 @@ def trivial_error(rec: RunRecord) -> tuple[float, int | None]:
     s = rec.summary or {}
     if s.get("trivial_test_error") is not None:
         return 100.0 * float(s["trivial_test_error"]), s.get("test_images")
-    from rapa.data import dataset_info
-
     classes = dataset_info(rec.config.dataset).num_classes
     return 100.0 * (1.0 - 1.0 / classes), rec.config.limit_test
 
@@ -104,8 +107,6 @@ def evaluate_claims(records: Sequence[RunRecord], analyses: Analyses, recipe: st
     """Every claim, from the finished FP runs of one dataset in ``records`` (the analyses it
     needs computed or read from their caches through ``analyses``). ``metric``: the error
     the schemes are compared by (a key of :data:`rapa.sweep.claims.METRICS`)."""
-    from rapa.analysis.attack import accuracy_at
-
     if metric not in C.METRICS:
         raise ValueError(f"metric={metric!r}; choose one of {', '.join(C.METRICS)}")
     groups = per_seed(records, metric)
@@ -159,8 +160,4 @@ def evaluate_claims(records: Sequence[RunRecord], analyses: Analyses, recipe: st
 
 def claims_json(claims: Sequence[C.Claim]) -> list[dict[str, Any]]:
     """The claims as JSON entries (every one with ``n_seeds``, ``verdict`` and its ``reason``)."""
-    from dataclasses import asdict
-
-    from rapa.analysis.common import json_safe
-
     return [json_safe({**asdict(c), "verdict_text": c.verdict_text}) for c in claims]

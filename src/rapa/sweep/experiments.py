@@ -39,16 +39,16 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from rapa.config import TrainConfig
 from rapa.errors import RapaError
+from rapa.rundir import RESUMABLE_FIELDS
 
 __all__ = ["EXPERIMENT_KEYS", "NAME_IGNORES", "Experiment", "RunSpec", "apply_budget", "experiment_dirs",
            "expand", "find_experiment", "list_experiments", "load_experiment", "normalise", "run_name"]
 
 EXPERIMENT_KEYS = ("description", "base", "grid", "runs")
 """Top-level keys of an experiment file."""
-NAME_IGNORES = ("epochs", "device", "data_dir", "download", "votes", "adaptive_threshold", "eval_batch_size",
-                "eval_every")
+NAME_IGNORES = RESUMABLE_FIELDS
 """Config fields left out of a run's name hash: they do not change the trained weights of
-an epoch (``rapa.train`` lets a resumed run change them)."""
+an epoch (:data:`rapa.rundir.RESUMABLE_FIELDS`, the ones a resumed run may change)."""
 _FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 _DEFAULTS = TrainConfig()
 

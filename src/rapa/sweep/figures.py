@@ -14,7 +14,11 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-from rapa.sweep.runs import DATASET_LABELS, Analyses, RunRecord, dataset_label, fmt_pct, scheme_label
+from rapa.analysis.attack import HUMAN_THRESHOLD_DB, accuracy_at, gap_reduction, plot_robustness
+from rapa.analysis.more_tiles import more_tiles_curves, plot_more_tiles
+from rapa.sweep.analyses import Analyses
+from rapa.sweep.experiments import NAME_IGNORES
+from rapa.sweep.runs import DATASET_LABELS, RunRecord, dataset_label, fmt_pct, scheme_label
 from rapa.sweep.tables import MISSING, POOL_ORDER, TILED_ROWS, Table, best_run, column_key, dataset_key, table_rows
 
 __all__ = ["more_tiles_table", "plot_similarity", "robustness_table", "similarity_table"]
@@ -63,8 +67,6 @@ def robustness_table(records: Sequence[RunRecord], analyses: Analyses,
                      plot_dir: Path | None = None) -> tuple[Table | None, list[Path]]:
     """Figure 7: accuracy at 33 dB under FGSM and EOT-FGSM and the gap reduction against the
     untiled net, per dataset; with ``plot_dir`` also the curves (``fig7-DATASET.png``)."""
-    from rapa.analysis.attack import HUMAN_THRESHOLD_DB, accuracy_at, gap_reduction, plot_robustness
-
     groups = _fig7_groups(records)
     if not groups:
         return None, []
@@ -110,9 +112,6 @@ def robustness_table(records: Sequence[RunRecord], analyses: Analyses,
 def more_tiles_table(records: Sequence[RunRecord], plot_path: Path | None = None) -> Table | None:
     """Figure 5: best test error of random tiling with more tiles relative to (16,4,1), per dataset;
     with ``plot_path`` both panels (error per epoch, relative best) are drawn there."""
-    from rapa.analysis.more_tiles import more_tiles_curves, plot_more_tiles
-    from rapa.sweep.experiments import NAME_IGNORES
-
     groups: dict[tuple[str, str], list[RunRecord]] = {}
     for r in records:
         if r.finished and r.config.scheme == "random" and r.config.analog is None:

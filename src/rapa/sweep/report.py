@@ -3,7 +3,7 @@
 Tables 1-3 (:mod:`rapa.sweep.tables`) and Figures 5, 6A, 7 (:mod:`rapa.sweep.figures`)
 from whatever runs have finished, in one ``report.md`` with a CSV per table and the
 figures as PNG files. The analyses they need (reduction, attacks, similarity) come from
-:class:`rapa.sweep.runs.Analyses`, which caches them in the run directories.
+:class:`rapa.sweep.analyses.Analyses`, which caches them in the run directories.
 """
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Callable
 
 from rapa.errors import RapaError
+from rapa.rundir import CONFIG_FILE, holds_run
+from rapa.sweep.analyses import Analyses
 from rapa.sweep.figures import more_tiles_table, plot_similarity, robustness_table, similarity_table
-from rapa.sweep.runs import Analyses, RunRecord, collect_runs
+from rapa.sweep.runs import RunRecord, collect_runs
 from rapa.sweep.tables import MISSING, POOL_ORDER, TABLE_ROWS, Table, table1, table2, table3
 
 __all__ = ["MISSING", "POOL_ORDER", "TABLE_ROWS", "Report", "Table", "build_report", "check_sweep_dir",
@@ -45,10 +47,10 @@ def check_sweep_dir(sweep_dir: str | Path) -> None:
     root = Path(sweep_dir)
     if not root.is_dir():
         raise RapaError(f"no sweep folder {sweep_dir}")
-    if any((d / "config.json").is_file() for d in root.iterdir()) or any(root.glob("sweep-*.json")):
+    if any(holds_run(d) for d in root.iterdir()) or any(root.glob("sweep-*.json")):
         return
-    hint = " (it is itself a run directory: give the folder above it)" if (root / "config.json").is_file() else ""
-    raise RapaError(f"{sweep_dir} holds no runs{hint}: expected run directories (folders with a config.json, "
+    hint = " (it is itself a run directory: give the folder above it)" if holds_run(root) else ""
+    raise RapaError(f"{sweep_dir} holds no runs{hint}: expected run directories (folders with a {CONFIG_FILE}, "
                     f"as rapa train or rapa sweep --out {sweep_dir} write) or a sweep-*.json state file")
 
 

@@ -6,7 +6,7 @@ Fashion-MNIST with the paper's recipe shortened to the budget; ``--quick``
 (``experiments/quick.yaml``) is a smaller one. Each run is a Ray task that trains (or
 resumes) the net, then computes the analyses its scheme needs (voting, filter
 similarity, reduction, FGSM / EOT-FGSM robustness: :func:`needed_analyses`) and copies
-its small files (:data:`SMALL_FILES`, not the checkpoint) into the results tree
+its small files (:data:`rapa.rundir.SMALL_FILES`, not the checkpoint) into the results tree
 (``results/NAME/runs/RUN``) as soon as it ends, so that nothing measured is lost and the
 tree can be committed while the battery runs. A killed battery continues where it
 stopped when the same command is run again (finished runs are skipped, unfinished ones
@@ -18,7 +18,9 @@ the runs done out of the total and an estimate of the time left. At the end
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -28,10 +30,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import torch
+
+from rapa import rundir
 from rapa.errors import RapaError
+from rapa.rundir import SMALL_FILES, export_small_files as export_run
+from rapa.sweep.analyses import Analyses
 from rapa.sweep.battery_report import MANIFEST, read_manifest, write_battery_report
 from rapa.sweep.evidence import claims_json, evaluate_claims
-from rapa.sweep.runs import Analyses, RunRecord, collect_runs, scheme_label
+from rapa.sweep.experiments import apply_budget, load_experiment
+from rapa.sweep.runner import connect, run_sweep, sweep_state_path
+from rapa.sweep.runs import RunRecord, collect_runs, scheme_label
+from rapa.train import train
 
 __all__ = ["BATTERY_SNRS", "QUICK_EXPERIMENT", "SMALL_FILES", "STANDARD_EXPERIMENT", "BatteryTask", "claims_json",
            "commit_results", "evaluate_claims", "export_run", "finish_run", "needed_analyses", "reproduce",
@@ -39,13 +49,8 @@ __all__ = ["BATTERY_SNRS", "QUICK_EXPERIMENT", "SMALL_FILES", "STANDARD_EXPERIME
 
 STANDARD_EXPERIMENT = "fmnist"
 QUICK_EXPERIMENT = "quick"
-SMALL_FILES = ("config.json", "metrics.csv", "summary.json", "voting.json", "similarity.json", "reduce.json",
-               "attack.json")
-"""The files of a run copied into the results tree (everything but the checkpoint)."""
 BATTERY_SNRS = (10.0, 15.0, 20.0, 25.0, 30.0, 33.0, 35.0, 40.0, 45.0, 50.0)
 """SNRs (dB, pixel space) of the attacks: Figure 7's range with the paper's 33 dB point measured."""
-_FILE_OF = {"voting": "voting.json", "similarity": "similarity.json", "reduction": "reduce.json",
-            "robustness": "attack.json"}
 
 
 def needed_analyses(config: Any) -> tuple[str, ...]:
@@ -63,14 +68,9 @@ def needed_analyses(config: Any) -> tuple[str, ...]:
 
 
 def _record(run_dir: Path) -> RunRecord:
-    from rapa.train import read_config
-
-    summary = None
-    try:
-        summary = json.loads((run_dir / "summary.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        pass
-    return RunRecord(run_dir.name, run_dir, read_config(run_dir), summary, "finished" if summary else "unfinished")
+    summary = rundir.read_summary(run_dir)
+    return RunRecord(run_dir.name, run_dir, rundir.read_config(run_dir), summary,
+                     "finished" if summary else "unfinished")
 
 
 def missing_analyses(run_dir: str | Path, options: dict[str, Any]) -> list[str]:
@@ -80,27 +80,6 @@ def missing_analyses(run_dir: str | Path, options: dict[str, Any]) -> list[str]:
         return []
     cached = Analyses(compute=False, **options)
     return [k for k in needed_analyses(rec.config) if getattr(cached, k)(rec) is None]
-
-
-def export_run(run_dir: str | Path, dest: str | Path) -> list[str]:
-    """Copy the run's :data:`SMALL_FILES` into ``dest`` (atomically; unchanged files are left);
-    returns the names copied."""
-    run_dir, dest = Path(run_dir), Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    copied = []
-    for name in SMALL_FILES:
-        src = run_dir / name
-        if not src.is_file():
-            continue
-        target = dest / name
-        data = src.read_bytes()
-        if target.is_file() and target.read_bytes() == data:
-            continue
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
-        copied.append(name)
-    return copied
 
 
 def finish_run(run_dir: str | Path, results_runs: str | Path, options: dict[str, Any]) -> list[str]:
@@ -125,19 +104,15 @@ class BatteryTask:
     results_runs: str
     """The results tree's ``runs/`` folder."""
     options: dict[str, Any] = field(default_factory=dict)
-    """Keyword arguments of :class:`rapa.sweep.runs.Analyses`."""
+    """Keyword arguments of :class:`rapa.sweep.analyses.Analyses`."""
 
     def __call__(self, config: Any, run_dir: str | Path, resume: bool = False, progress: bool = False) -> dict:
-        from rapa.train import train
-
         summary = train(config, run_dir, resume=resume, progress=progress)
         finish_run(run_dir, self.results_runs, self.options)
         return summary
 
 
 def _finish_task(run_dir: str, results_runs: str, options: dict[str, Any], cpus: float) -> list[str]:
-    import torch
-
     torch.set_num_threads(max(1, int(cpus)))
     return finish_run(run_dir, results_runs, options)
 
@@ -146,18 +121,13 @@ def _finish_task(run_dir: str, results_runs: str, options: dict[str, Any], cpus:
 
 
 def _epochs_and_speed(run_dir: Path) -> tuple[int, float | None]:
-    """Epochs in the run's metrics.csv and its mean seconds per epoch."""
+    """Epochs in the run's metrics and its mean seconds per epoch."""
     try:
-        lines = (run_dir / "metrics.csv").read_text().splitlines()[1:]
-    except OSError:
-        return 0, None
-    secs = []
-    for ln in lines:
-        try:
-            secs.append(float(ln.split(",")[-1]))
-        except ValueError:
-            pass
-    return len(lines), (sum(secs) / len(secs) if secs else None)
+        rows = rundir.read_metrics(run_dir)
+    except RapaError:
+        return rundir.metric_rows(run_dir), None
+    secs = [r["seconds"] for r in rows if not math.isnan(r.get("seconds", math.nan))]
+    return len(rows), (sum(secs) / len(secs) if secs else None)
 
 
 @dataclass
@@ -187,16 +157,18 @@ class Progress:
             n, spe = _epochs_and_speed(run_dir)
             n = min(n, spec.config.epochs)
             needs = needed_analyses(spec.config)
-            analysed = (dest / "summary.json").is_file() and all((dest / _FILE_OF[k]).is_file() for k in needs)
+            analysed = (dest / rundir.SUMMARY_FILE).is_file() \
+                and all(rundir.result_path(dest, k).is_file() for k in needs)
             done += analysed
             epochs += n
             total_epochs += spec.config.epochs
             label = scheme_label(spec.config)
             if spe is not None:
                 speeds.setdefault(label, []).append(spe)
-            if analysed and (run_dir / "checkpoint.pt").is_file():
+            ckpt = run_dir / rundir.CHECKPOINT_FILE
+            if analysed and ckpt.is_file():
                 last = max(p.stat().st_mtime for p in dest.iterdir())
-                tails.setdefault(label, []).append(max(0.0, last - (run_dir / "checkpoint.pt").stat().st_mtime))
+                tails.setdefault(label, []).append(max(0.0, last - ckpt.stat().st_mtime))
             state.append((spec, n, spe, analysed, label, needs))
         every = [s for v in speeds.values() for s in v]
         left = 0.0
@@ -273,10 +245,7 @@ def commit_results(results: str | Path, message: str, say: Callable[[str], None]
 
 
 def _write_manifest(results: Path, doc: dict[str, Any]) -> None:
-    results.mkdir(parents=True, exist_ok=True)
-    tmp = results / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    os.replace(tmp, results / MANIFEST)
+    rundir.atomic_write_text(results / MANIFEST, json.dumps(doc, indent=1) + "\n")
 
 
 # --------------------------------------------------------------------------- battery
@@ -300,12 +269,7 @@ def reproduce(experiment: str = STANDARD_EXPERIMENT, out: str | Path | None = No
     final net's one pass; ``best5_test_error``: the paper's 5-epoch average, for long runs);
     ``commit``: ``git commit`` the results tree (only it) after every finished run and at the end.
     """
-    import dataclasses
-
     import ray
-
-    from rapa.sweep.experiments import apply_budget, load_experiment
-    from rapa.sweep.runner import connect, run_sweep
 
     say = log or (lambda msg: print(msg, flush=True))
     exp = load_experiment(experiment)
@@ -356,9 +320,9 @@ def reproduce(experiment: str = STANDARD_EXPERIMENT, out: str | Path | None = No
         result = run_sweep(runs, out, experiment=exp.name, log=sweep_log, train_fn=BatteryTask(str(results_runs),
                                                                                                  options),
                            info={"description": exp.description, "budget": budget or {}}, **opts)
-        jobs = [str(out / r.name) for r in runs if (out / r.name / "summary.json").is_file()
+        jobs = [str(out / r.name) for r in runs if (out / r.name / rundir.SUMMARY_FILE).is_file()
                 and (missing_analyses(out / r.name, options)
-                     or not (results_runs / r.name / "summary.json").is_file())]
+                     or not (results_runs / r.name / rundir.SUMMARY_FILE).is_file())]
         if jobs:
             say(f"reproduce: {len(jobs)} finished runs still need their analyses or export (on Ray)")
             remote = ray.remote(_finish_task).options(num_cpus=cpus, num_gpus=opts.get("gpus_per_trial", 0),
@@ -376,9 +340,9 @@ def reproduce(experiment: str = STANDARD_EXPERIMENT, out: str | Path | None = No
         if ray_started:
             ray.shutdown()
     for r in runs:  # everything finished is in the results tree, with the sweep's state
-        if (out / r.name / "config.json").is_file():
+        if rundir.holds_run(out / r.name):
             export_run(out / r.name, results_runs / r.name)
-    state = out / f"sweep-{exp.name}.json"
+    state = sweep_state_path(out, exp.name)
     if state.is_file():
         shutil.copyfile(state, results_runs / state.name)
     seconds = time.perf_counter() - t0

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import socket
 import time
 import traceback
@@ -31,13 +30,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import torch
+
+from rapa import rundir
+from rapa.config import TrainConfig
 from rapa.errors import RapaError
+from rapa.rundir import is_finished  # re-exported: rapa.sweep's API
 from rapa.sweep.cluster import check_address, connect  # re-exported: connect is used by rapa.sweep.reproduce
 from rapa.sweep.experiments import RunSpec
+from rapa.train import train
 
 __all__ = ["RunOutcome", "SweepResult", "check_address", "connect", "is_finished", "run_sweep", "sweep_state_path"]
 
-RUN_FILES = ("config.json", "metrics.csv", "checkpoint.pt", "summary.json")
 
 
 @dataclass
@@ -80,17 +84,6 @@ class SweepResult:
 # ------------------------------------------------------------------------- helpers
 
 
-def is_finished(run_dir: str | Path, epochs: int) -> bool:
-    """Whether ``run_dir`` holds a finished run of at least ``epochs`` epochs (summary.json)."""
-    path = Path(run_dir) / "summary.json"
-    if not path.is_file():
-        return False
-    try:
-        return int(json.loads(path.read_text()).get("epochs") or 0) >= epochs
-    except (OSError, ValueError, TypeError, AttributeError):
-        return False
-
-
 def sweep_state_path(out: str | Path, experiment: str) -> Path:
     """Where the state of sweep ``experiment`` is kept: ``OUT/sweep-EXPERIMENT.json``."""
     return Path(out) / f"sweep-{experiment}.json"
@@ -101,18 +94,15 @@ def _execute(train_fn: Callable[..., dict], config: dict[str, Any], run_dir: str
     """Body of a Ray task: train (or resume) one run; returns its summary, and its files
     when running on another node than the driver."""
     import ray
-    import torch
-
-    from rapa.config import TrainConfig
 
     torch.set_num_threads(max(1, int(cpus)))
     path = Path(run_dir)
-    resume = (path / "config.json").is_file()
+    resume = rundir.holds_run(path)
     summary = train_fn(TrainConfig.from_dict(config), path, resume=resume, progress=False)
     node = ray.get_runtime_context().get_node_id()
     files = None
     if driver_node is not None and node != driver_node:
-        files = {name: (path / name).read_bytes() for name in RUN_FILES if (path / name).is_file()}
+        files = {name: (path / name).read_bytes() for name in rundir.TRAIN_FILES if (path / name).is_file()}
     return {"summary": summary, "files": files, "node": node, "host": socket.gethostname()}
 
 
@@ -132,9 +122,7 @@ def _write_back(run_dir: Path, files: dict[str, bytes] | None) -> None:
     for name, data in files.items():
         target = run_dir / name
         if not target.exists():
-            tmp = target.with_suffix(target.suffix + ".tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, target)
+            rundir.atomic_write_bytes(target, data)
 
 
 class _State:
@@ -154,9 +142,7 @@ class _State:
 
     def save(self) -> None:
         self.doc["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.doc, indent=1) + "\n")
-        os.replace(tmp, self.path)
+        rundir.atomic_write_text(self.path, json.dumps(self.doc, indent=1) + "\n")
 
 
 # --------------------------------------------------------------------------- Ray
@@ -199,8 +185,6 @@ def run_sweep(runs: Sequence[RunSpec], out: str | Path, experiment: str = "sweep
             the resources of a run, or two runs share a name.
     """
     if train_fn is None:
-        from rapa.train import train
-
         train_fn = train
     say = log if log is not None else (lambda msg: print(msg, flush=True))
     for key, value, low in (("cpus_per_trial", cpus_per_trial, 0), ("gpus_per_trial", gpus_per_trial, 0)):
@@ -330,7 +314,7 @@ def _brief(summary: dict[str, Any] | None) -> str:
 def _log_error(run_dir: Path, attempt: int, text: str) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        with open(run_dir / "sweep-errors.log", "a") as f:
+        with open(run_dir / rundir.ERRORS_LOG, "a") as f:
             f.write(f"--- attempt {attempt}, {time.strftime('%Y-%m-%dT%H:%M:%S')}\n{text}\n")
     except OSError:
         pass

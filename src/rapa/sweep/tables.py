@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from rapa.sweep.runs import DATASET_LABELS, Analyses, RunRecord, dataset_label, fmt_pct, precision, scheme_label
+from rapa.sweep.analyses import Analyses
+from rapa.sweep.runs import DATASET_LABELS, RunRecord, dataset_label, fmt_pct, precision, scheme_label
 
 __all__ = ["MISSING", "POOL_ORDER", "TABLE_ROWS", "Table", "table1", "table2", "table3"]
 
