@@ -1,18 +1,26 @@
-"""The ``rapa train``, ``rapa eval``, ``rapa demo`` and ``rapa bench train`` commands."""
+"""The ``rapa train``, ``rapa eval``, ``rapa demo`` and ``rapa bench train`` commands, and the
+parsers the commands share (``rapa.cli.common``)."""
 
 from __future__ import annotations
 
+import argparse
 import csv
+import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from rapa.cli import main
+from rapa.cli import build_parser, main
+from rapa.cli.common import float_list, int_list, list_type, name_list, parse_list
+from rapa.cli.train import config_from_args
+from rapa.config import TrainConfig
 from rapa.data import dataset_info, load_dataset
+from rapa.errors import RapaError
 from rapa.train import load_run
 
 TINY = ["--dataset", "digits", "--limit-train", "60", "--limit-test", "30", "--device", "cpu"]
@@ -64,10 +72,11 @@ def test_eval_of_a_tiled_run_votes(tmp_path, capsys):
 def test_tiles_none_and_enlarged(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", *TINY, "--tiles", "none", "--enlarged", "--epochs", "1", "--votes", "1", "--quiet",
-                 "--json", "--out", str(out)]) == 0
+                 "--momentum", "0.5", "--eval-batch-size", "7", "--json", "--out", str(out)]) == 0
     summary = json.loads(capsys.readouterr().out)
     config = json.loads((out / "config.json").read_text())
     assert config["scheme"] == "none" and config["tiles"] is None and config["channels"] == [54, 64, 64]
+    assert config["momentum"] == 0.5 and config["eval_batch_size"] == 7
     assert config["lr"] == 0.005
     assert summary["conv_weights"] == (1 * 54 * 25 + 54) + (54 * 64 * 25 + 64) + (64 * 64 * 25 + 64)
 
@@ -98,6 +107,11 @@ def test_missing_run_dir_is_one_line_without_traceback_exit_2():
     (["train", "--resume", "/nonexistent/run"], "no run directory"),
     (["train", "--channels", "32,32,64", "--enlarged"], "either --enlarged or --channels"),
     (["eval", "/nonexistent/run", "--votes", "0"], "--votes must be >= 1"),
+    (["train", "--momentum", "1"], "momentum=1.0 is out of range"),
+    (["train", "--adaptive-threshold", "2"], "adaptive_threshold=2.0 is out of range"),
+    (["train", "--eval-batch-size", "0"], "eval_batch_size must be an integer >= 1, got 0"),
+    (["train", "--init", "xavier"], "unknown init 'xavier'"),
+    (["train", "--wd-factor", "0.1"], "both set; give weight_decay only"),
 ])
 def test_user_errors_are_one_line_with_exit_code_2(args, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a run that did start would land here
@@ -134,3 +148,140 @@ def test_bench_train_prints_the_ratio(capsys):
     assert main(["bench", "train", "--batch", "4", "--images", "8", "--repeats", "1", "--device", "cpu"]) == 0
     text = capsys.readouterr().out
     assert "untiled" in text and "random 16,4,1" in text and "slowdown" in text and "target <= 1.5" in text
+
+
+# ------------------------------------------------------------- rapa train: one option per field
+
+# every TrainConfig field but version (config.json's format, not a setting): an option as a
+# user types it and the value the field must get (never the field's default)
+FIELD_OPTIONS = {
+    "dataset": (["--dataset", "svhn"], "svhn"),
+    "data_dir": (["--data-dir", "/data/sets"], "/data/sets"),
+    "download": (["--download"], True),
+    "scheme": (["--scheme", "alternate"], "alternate"),
+    "tiles": (["--tiles", "4, 4,1"], (4, 4, 1)),
+    "channels": (["--channels", "8,16,32"], (8, 16, 32)),
+    "pooling": (["--pooling", "avg"], "avg"),
+    "epochs": (["--epochs", "3"], 3),
+    "batch_size": (["--batch-size", "32"], 32),
+    "lr": (["--lr", "0.5"], 0.5),
+    "warmup_epochs": (["--warmup-epochs", "5"], 5),
+    "warmup_divisor": (["--warmup-divisor", "4"], 4.0),
+    "lr_step": (["--lr-step", "7"], 7),
+    "gamma": (["--gamma", "0.5"], 0.5),
+    "weight_decay": (["--weight-decay", "0"], 0.0),
+    "wd_factor": (["--wd-factor", "0.01"], 0.01),
+    "momentum": (["--momentum", "0.9"], 0.9),
+    "augment": (["--augment", "strong"], "strong"),
+    "mirror": (["--no-mirror"], False),
+    "seed": (["--seed", "5"], 5),
+    "device": (["--device", "cpu"], "cpu"),
+    "limit_train": (["--limit-train", "100"], 100),
+    "limit_test": (["--limit-test", "50"], 50),
+    "votes": (["--votes", "3"], 3),
+    "adaptive_threshold": (["--adaptive-threshold", "0.5"], 0.5),
+    "eval_batch_size": (["--eval-batch-size", "64"], 64),
+    "eval_every": (["--eval-every", "2"], 2),
+    "analog": (["--analog", "ideal"], "ideal"),
+    "init": (["--init", "he"], "he"),
+}
+
+
+def train_config(*argv: str) -> TrainConfig:
+    """The config ``rapa train ARGV`` would train (not validated)."""
+    return config_from_args(build_parser(["train"]).parse_args(["train", *argv]))
+
+
+def test_every_config_field_has_a_train_option_that_sets_it_alone(capsys):
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    assert set(FIELD_OPTIONS) == set(fields) - {"version"}
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = capsys.readouterr().out
+    default = TrainConfig()
+    assert train_config() == default
+    for name, (argv, value) in FIELD_OPTIONS.items():
+        assert re.search(rf"{argv[0]}\b", help_text), argv[0]
+        assert getattr(default, name) != value
+        config = train_config(*argv)
+        assert getattr(config, name) == value and type(getattr(config, name)) is type(value), name
+        assert dataclasses.replace(config, **{name: getattr(default, name)}) == default, name  # that field only
+
+
+def test_none_sets_a_field_that_may_be_none_and_balanced_tiles():
+    config = train_config("--tiles", "none", "--weight-decay", "none", "--wd-factor", "0.002", "--analog", "none",
+                          "--lr", "none", "--mirror")
+    assert config.tiles is None and config.weight_decay is None and config.analog is None and config.mirror is True
+    config.validate(check_device=False)
+    assert config.resolved_weight_decay() == pytest.approx(0.002 * 0.005)  # legacy: wd_factor * the untiled lr
+    assert train_config("--dataset", "cifar10", "--tiles", "balanced").tiles == (16, 4, 1)  # README, 32x32 images
+
+
+def test_train_help_is_the_field_docstrings_with_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--eval-batch-size EVAL_BATCH_SIZE images per forward pass in evaluation (default 500)" in text
+    assert "--momentum MOMENTUM SGD momentum (the paper: plain SGD, 0) (default 0)" in text
+    assert "(the paper: 20) (default 20)" in text and "--mirror, --no-mirror random mirroring" in text
+    assert "--lr-step LR_STEP step decay: the rate is multiplied by --gamma every --lr-step epochs" in text
+    options = text.split("training config:", 1)[1]
+    assert "``" not in options and "None" not in options  # reST and Python's None are not what a user types
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tiles", "16,x,1"], "argument --tiles: '16,x,1': give comma-separated integers"),
+    (["--channels", ","], "argument --channels: ',': empty list; give comma-separated integers"),
+    (["--epochs", "ten"], "argument --epochs: invalid int value: 'ten'"),
+    (["--limit-train", "many"], "argument --limit-train: invalid int value: 'many'"),
+    (["--gamma", "half"], "argument --gamma: invalid float value: 'half'"),
+])
+def test_unparsable_train_values_are_one_line_exit_2_naming_the_option(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", *argv])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"rapa train: error: {message}") and "rapa train --help" in err
+
+
+# ------------------------------------------------------------------------------ list parsers
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: int_list("--tiles", "16,x,1"), "--tiles '16,x,1': give comma-separated integers"),
+    (lambda: int_list("--tiles", " , "), "--tiles ' , ': empty list; give comma-separated integers"),
+    (lambda: int_list("--input-size", "3,32", length=3), "--input-size '3,32': give 3 numbers, got 2"),
+    (lambda: int_list("--tiles", "16,0,1"), "--tiles '16,0,1': every number must be >= 1"),
+    (lambda: int_list("--tiles", "1.5"), "--tiles '1.5': give comma-separated integers"),
+    (lambda: float_list("--snr", "10,ten", unit="dB"), "--snr '10,ten': give comma-separated numbers (dB)"),
+    (lambda: name_list("--methods", "norm,magic", ("norm", "random")),
+     "--methods 'norm,magic': unknown magic; choose among norm, random"),
+    (lambda: name_list("--methods", ",", ("norm",)), "--methods ',': empty list; choose among norm"),
+    (lambda: parse_list("a,b", str, option="--x", length=1), "--x 'a,b': give 1 names, got 2"),
+])
+def test_list_parser_errors_are_one_line_naming_option_and_value(call, message):
+    with pytest.raises(RapaError) as info:
+        call()
+    assert str(info.value) == message
+
+
+def test_list_parsers_read_what_users_type():
+    assert int_list("--tiles", " 16, 4 ,1,") == (16, 4, 1)
+    assert int_list("--x", "0,-3", minimum=None) == (0, -3)
+    assert float_list("--snr", "10,2.5e1") == (10.0, 25.0)
+    assert name_list("--methods", "random, norm", ("norm", "random")) == ("random", "norm")
+    assert list_type(int)("1,2") == (1, 2)
+    with pytest.raises(argparse.ArgumentTypeError, match="'1,x': give comma-separated integers"):
+        list_type(int)("1,x")
+
+
+def test_sweep_seeds_are_a_list_and_bad_ones_exit_2(capsys):
+    from rapa.cli.sweep import budget
+
+    args = build_parser(["sweep"]).parse_args(["sweep", "quick", "--seeds", "0, 2", "--datasets", "digits"])
+    assert budget(args) == {"seeds": [0, 2], "datasets": ["digits"]}  # lists, as the state file records them
+    with pytest.raises(SystemExit) as info:
+        main(["sweep", "quick", "--seeds", "0,x"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err == ("rapa sweep: error: argument --seeds: '0,x': give comma-separated integers "
+                                            "(see rapa sweep --help)\n")

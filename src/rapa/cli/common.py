@@ -27,6 +27,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from rapa import rundir
+from rapa.config import TrainConfig
 from rapa.errors import OutputError, RapaError
 
 __all__ = ["add_quiet", "add_threads", "apply_threads", "auto_threads", "float_list", "int_list", "list_type",
@@ -221,17 +223,16 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 # ------------------------------------------------------------------------------------- runs
 
 
-def read_config(run_dir: str | os.PathLike):
-    """The :class:`~rapa.config.TrainConfig` of the run in ``run_dir``; RapaError if
-    ``run_dir`` holds no (readable) run."""
-    from rapa.train import read_config as read
-
-    return read(run_dir)
+def read_config(run_dir: str | os.PathLike) -> TrainConfig:
+    """The :class:`~rapa.config.TrainConfig` of the run in ``run_dir`` (:func:`rapa.rundir.read_config`:
+    validated); RapaError if ``run_dir`` holds no (readable) run."""
+    return rundir.read_config(run_dir)
 
 
 def load_run(run_dir: str | os.PathLike, device: str = "cpu"):
-    """``(model, config, summary)`` of the run in ``run_dir`` on ``device``; RapaError if
-    it holds no (readable) run."""
+    """``(model, config, summary)`` of the run in ``run_dir`` on ``device``
+    (:func:`rapa.train.load_run`; torch is imported here, not before); RapaError if it holds
+    no (readable) run."""
     from rapa.train import load_run as load
 
     return load(run_dir, device=device)

@@ -2,9 +2,10 @@
 
 A new run: ``rapa train --dataset cifar10 --scheme random --tiles 16,4,1 --epochs 700
 --out runs/c10-random``. Continue a stopped run: ``rapa train --resume runs/c10-random``
-(the run's saved config is used; only ``--epochs``, ``--device``, ``--data-dir``, ``--votes``,
-``--eval-every`` and ``--lr`` may be given with it: a lower ``--lr`` is the way on after a
-non-finite loss stopped a run). Train again into a folder that holds a run with ``--overwrite``
+(the run's saved config is used; only the options of :data:`rapa.rundir.RESUMABLE_FIELDS`,
+``--epochs``, ``--device``, ``--data-dir``, ``--download``, ``--votes``, ``--adaptive-threshold``,
+``--eval-batch-size``, ``--eval-every``, and ``--lr`` may be given with it: a lower ``--lr`` is the
+way on after a non-finite loss stopped a run). Train again into a folder that holds a run with ``--overwrite``
 (the old run's files are deleted). ``--tiles balanced`` takes the fewest tiles per layer that
 balance the layers' analog time (:func:`rapa.convert.balanced_tiles`; 16,4,1 on 32x32 images).
 """
@@ -15,45 +16,61 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
-from rapa.cli.options import add_threads, apply_threads, output_folder
+from rapa.cli.common import add_threads, apply_threads, list_type, output_folder
+from rapa.config import TrainConfig, field_docs, output_pixels
 from rapa.errors import RapaError
+from rapa.rundir import RESUMABLE_FIELDS, RESUME_OVERRIDES, read_summary
 
-# options that build a new config; with --resume only the ones in _RESUME_OK may be given
-_CONFIG_OPTIONS = ("dataset", "scheme", "tiles", "channels", "pooling", "epochs", "batch_size", "lr",
-                   "warmup_epochs", "lr_step", "gamma", "augment", "seed", "device", "data_dir",
-                   "download", "limit_train", "limit_test", "votes", "analog", "eval_every", "init")
-_RESUME_OK = ("epochs", "device", "data_dir", "votes", "eval_every", "lr")
+# with --resume only these config options may be given: the fields a resumed run may change
+_RESUME_OK = RESUMABLE_FIELDS + RESUME_OVERRIDES
 
+NOT_OPTIONS = ("version",)
+"""TrainConfig fields without an option: ``version`` is the format of config.json, not a setting."""
 
-UNTILED = "none"
-"""What ``--tiles none`` parses to (None would read as "not given")."""
 BALANCED = "balanced"
 """``--tiles balanced``: :func:`rapa.convert.balanced_tiles` of the dataset's layer sizes."""
 
 
+class _NoneGiven:
+    """What ``none`` parses to for a field that may be None (None itself reads as "not given")."""
+
+    def __repr__(self) -> str:
+        return "none"
+
+
+NONE = _NoneGiven()
+"""``--FIELD none``: the field set to None (e.g. ``--limit-train none``: every image)."""
+
+
 def tiles_arg(text: str) -> tuple[int, ...] | str:
-    """``"16,4,1"`` -> ``(16, 4, 1)``; ``"none"`` -> :data:`UNTILED`; ``"balanced"`` -> :data:`BALANCED`."""
-    word = text.strip().lower()
-    return word if word in (UNTILED, BALANCED) else int_triple(text)
+    """``"16,4,1"`` -> ``(16, 4, 1)``; ``"balanced"`` -> :data:`BALANCED` (``none``: see :data:`NONE`)."""
+    return BALANCED if text.strip().lower() == BALANCED else int_triple(text)
 
 
-def int_triple(text: str) -> tuple[int, ...]:
-    """``"32,32,64"`` -> ``(32, 32, 64)``."""
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected three comma-separated integers like 16,4,1, got {text!r}")
-    return values  # the length is checked by TrainConfig.validate
+int_triple = list_type(int)
+"""``"32,32,64"`` -> ``(32, 32, 64)`` (the length and the values are checked by TrainConfig.validate)."""
+
+# What the command line adds to a field's option; the rest comes from the field's type
+# (the parser), its docstring (the help) and its default (named in the help).
+_SPECIAL: dict[str, dict[str, Any]] = {
+    "tiles": {"type": tiles_arg, "extra": "e.g. 16,4,1; balanced = the fewest tiles that balance the layers' "
+                                          "analog time"},
+    "channels": {"type": int_triple, "extra": "e.g. 32,32,64"},
+    "analog": {"metavar": "PRESET"},
+    "init": {"metavar": "{caffe,he}"},  # checked by TrainConfig.validate
+}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``train`` subcommand."""
     p = subparsers.add_parser("train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(p)
+    add_config_arguments(p.add_argument_group(
+        "training config", "one option per field of rapa.config.TrainConfig (saved in the run's config.json)"))
     p.add_argument("--out", type=Path, help="run directory (default runs/DATASET-SCHEME-TILES-sSEED)")
     p.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR from its last checkpoint")
     p.add_argument("--overwrite", action="store_true",
@@ -65,51 +82,88 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def add_config_arguments(p: argparse.ArgumentParser) -> None:
-    """The TrainConfig options; every default is None (= the TrainConfig default)."""
-    from rapa.config import TrainConfig
+def config_options() -> dict[str, str]:
+    """Field name -> its ``rapa train`` option, for every TrainConfig field but :data:`NOT_OPTIONS`."""
+    return {f.name: "--" + f.name.replace("_", "-") for f in dataclasses.fields(TrainConfig)
+            if f.name not in NOT_OPTIONS}
 
-    d = TrainConfig()
-    p.add_argument("--dataset", help=f"cifar10, cifar100, svhn, fashion-mnist, digits (default {d.dataset})")
-    p.add_argument("--scheme", help=f"tiling scheme; none = untiled (default {d.scheme})")
-    p.add_argument("--tiles", type=tiles_arg,
-                   help="tiles per conv layer, e.g. 16,4,1; balanced = the fewest that balance the layers; "
-                        "none = untiled (default 16,4,1)")
-    p.add_argument("--channels", type=int_triple, help="conv channels (default 32,32,64)")
-    p.add_argument("--enlarged", action="store_true",
-                   help="channels 54,64,64 (the paper's enlarged baseline is --enlarged --scheme none)")
-    p.add_argument("--pooling", help=f"pool1/pool2: max, avg, stochastic, mixed (default {d.pooling})")
-    p.add_argument("--epochs", type=int, help=f"training epochs (default {d.epochs})")
-    p.add_argument("--batch-size", type=int, help=f"minibatch size (default {d.batch_size})")
-    p.add_argument("--lr", type=float, help="learning rate (default 0.005 untiled, 0.025 tiled; with "
-                                             "--analog 0.01 for both)")
-    p.add_argument("--warmup-epochs", type=int, help=f"epochs at lr/20 first (default {d.warmup_epochs})")
-    p.add_argument("--lr-step", type=int, help=f"multiply lr by --gamma every N epochs (default {d.lr_step})")
-    p.add_argument("--gamma", type=float, help=f"step decay factor (default {d.gamma})")
-    p.add_argument("--augment", help=f"none, moderate, strong (default {d.augment})")
-    p.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")
-    p.add_argument("--device", help="auto, cpu, cuda (default auto)")
-    p.add_argument("--data-dir", help="folder holding the dataset files")
-    p.add_argument("--download", action="store_const", const=True, help="download missing dataset files")
-    p.add_argument("--limit-train", type=int, help="use only the first N training images")
-    p.add_argument("--limit-test", type=int, help="use only the first N test images")
-    p.add_argument("--votes", type=int, help=f"predictions per image for majority voting (default {d.votes})")
-    p.add_argument("--eval-every", type=int, help="measure the test error every N epochs (default 1)")
-    p.add_argument("--analog", metavar="PRESET",
-                   help="train on simulated analog arrays (needs rapa[analog]): rpu-baseline (the paper's "
-                        "device), idealized, ideal or aihwkit:CLASS; its recipe defaults to --init he and "
-                        "the --analog learning rates")
-    p.add_argument("--init", choices=("caffe", "he"),
-                   help="initialisation: caffe (the paper's, std 1e-4/0.01) or he (sqrt(2/fan_in)); "
-                        "default caffe, he with --analog")
+
+def add_config_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """One option per TrainConfig field (:func:`config_options`), made from the field: its type
+    gives the parser (``none`` sets a field that may be None to None; a bool that may be None
+    gets ``--FIELD/--no-FIELD``), its docstring the help, its default the help's last words.
+    Every default is None (= the TrainConfig default, or not given with ``--resume``)."""
+    docs = field_docs(TrainConfig)
+    defaults = TrainConfig()
+    options = config_options()
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in options:
+            continue
+        special = dict(_SPECIAL.get(f.name, {}))
+        default = getattr(defaults, f.name)
+        kind, optional = _kind(f.type)
+        kwargs: dict[str, Any] = {"default": None}
+        if kind == "bool":
+            kwargs["action"] = argparse.BooleanOptionalAction if optional else "store_const"
+            if not optional:
+                kwargs["const"] = True
+        else:
+            parse = special.pop("type", None) or {"int": int, "float": float, "str": str, "tuple": int_triple}[kind]
+            kwargs["type"] = _or_none(parse) if optional else parse
+        kwargs.update({k: v for k, v in special.items() if k != "extra"})
+        kwargs["help"] = option_help(docs[f.name], default, special.get("extra", ""), shown=kind != "bool")
+        p.add_argument(options[f.name], **kwargs)
+        if f.name == "channels":
+            p.add_argument("--enlarged", action="store_true",
+                           help="channels 54,64,64 (the paper's enlarged baseline is --enlarged --scheme none)")
+
+
+def _kind(annotation: Any) -> tuple[str, bool]:
+    """``("int" | "float" | "str" | "bool" | "tuple", may be None)`` of a field's annotation."""
+    text = str(annotation).replace(" ", "")
+    optional = "|None" in text or text.startswith("Optional[")
+    base = text.replace("|None", "").removeprefix("Optional[").rstrip("]") if optional else text
+    if base.startswith("tuple[int"):
+        return "tuple", optional
+    if base not in ("int", "float", "str", "bool"):
+        raise TypeError(f"TrainConfig field of type {annotation!r} has no command-line parser; add one to _SPECIAL")
+    return base, optional
+
+
+def _or_none(parse):
+    """``parse``, but ``none`` gives :data:`NONE`."""
+    def parse_or_none(text: str):
+        return NONE if text.strip().lower() == "none" else parse(text)
+
+    parse_or_none.__name__ = getattr(parse, "__name__", "value")  # argparse names it in its error
+    return parse_or_none
+
+
+def option_help(doc: str, default: Any = None, extra: str = "", shown: bool = True) -> str:
+    """A field's docstring as an option's help: reST markup removed, a ``field`` named as its
+    option ``--field``, ``None`` as ``none`` (what the command line takes), then ``extra`` and
+    ``(default X)`` when the default is not None (and ``shown``)."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    text = re.sub(r":\w+:`~?([^`]+)`", lambda m: m.group(1).rsplit(".", 1)[-1], " ".join(doc.split()))
+    text = re.sub(r"``([^`]+)``", lambda m: "--" + m.group(1).replace("_", "-") if m.group(1) in names
+                  else m.group(1), text)
+    text = re.sub(r"\bNone\b", "none", text).rstrip(".")
+    if text[:1].isupper() and not text[1:2].isupper():
+        text = text[0].lower() + text[1:]
+    if extra:
+        text += f"; {extra}"
+    if shown and default is not None:
+        value = ",".join(map(str, default)) if isinstance(default, tuple) else \
+            format(default, "g") if isinstance(default, float) else str(default)
+        text += f" (default {value})"
+    return text.replace("%", "%%")
 
 
 def given_options(args: argparse.Namespace) -> dict[str, Any]:
     """The config options given on the command line (None means not given)."""
-    out = {k: getattr(args, k) for k in _CONFIG_OPTIONS if getattr(args, k, None) is not None}
-    if out.get("tiles") == UNTILED:
-        out["tiles"] = None
-    elif out.get("tiles") == BALANCED:
+    out = {k: getattr(args, k) for k in config_options() if getattr(args, k, None) is not None}
+    out = {k: None if v is NONE else v for k, v in out.items()}
+    if out.get("tiles") == BALANCED:
         out["tiles"] = balanced(out.get("dataset"), out.get("scheme"))
     if getattr(args, "enlarged", False):
         if "channels" in out:
@@ -124,7 +178,6 @@ def balanced(dataset: str | None, scheme: str | None) -> tuple[int, ...]:
     """:func:`rapa.convert.balanced_tiles` of the paper's net on ``dataset`` (square numbers
     for the grid schemes)."""
     from rapa import schemes
-    from rapa.config import TrainConfig, output_pixels
     from rapa.convert import balanced_tiles
     from rapa.data import dataset_info
 
@@ -138,8 +191,6 @@ def balanced(dataset: str | None, scheme: str | None) -> tuple[int, ...]:
 
 def config_from_args(args: argparse.Namespace):
     """A TrainConfig of the defaults overridden by the given options."""
-    from rapa.config import TrainConfig
-
     return dataclasses.replace(TrainConfig(), **given_options(args))
 
 
@@ -181,10 +232,7 @@ def run(args: argparse.Namespace) -> int:
 def refuse_finished(run_dir: Path, epochs: int) -> None:
     """RapaError if ``run_dir`` already finished ``epochs`` epochs: resuming it would only
     evaluate it again (``rapa eval`` does that)."""
-    try:
-        done = json.loads((run_dir / "summary.json").read_text()).get("epochs")
-    except (OSError, ValueError, AttributeError):
-        return
+    done = (read_summary(run_dir) or {}).get("epochs")
     if isinstance(done, int) and done >= epochs:
         raise RapaError(f"{run_dir} is already finished ({done} epochs); give a larger --epochs to train it on "
                         f"(`rapa eval {run_dir}` evaluates it)")
