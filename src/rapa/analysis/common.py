@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.nn as nn
@@ -19,8 +19,8 @@ from rapa.progress import track
 from rapa.rundir import file_keys, json_safe, read_keys  # re-exported: the result files' format is rundir's
 from rapa.tiled_conv import TiledConv2d
 
-__all__ = ["digital_twin", "file_keys", "frozen_eval", "iter_batches", "json_safe", "model_device", "name_list",
-           "positive_int", "read_keys", "stochastic_in_eval", "tiled_layers"]
+__all__ = ["digital_twin", "file_keys", "frozen_eval", "iter_batches", "json_safe", "model_device",
+           "read_keys", "stochastic_in_eval", "tiled_layers"]
 
 NO_TILED_LAYER = "model has no tiled layer"
 
@@ -136,21 +136,3 @@ def iter_batches(data: Any, batch_size: int = 200, device: torch.device | str | 
         seen += x.shape[0]
         if limit is not None and seen >= limit:
             break
-
-
-def positive_int(option: str, value: int | None) -> int | None:
-    """``value`` unchanged if None or an integer >= 1, else RapaError naming ``option``."""
-    if value is not None and value < 1:
-        raise RapaError(f"{option} must be >= 1, got {value}")
-    return value
-
-
-def name_list(option: str, text: str, allowed: Sequence[str]) -> tuple[str, ...]:
-    """The comma-separated names of ``text``, each one of ``allowed``; else RapaError naming
-    ``option``, the unknown names (or the empty list) and the choices."""
-    names = tuple(t.strip() for t in text.split(",") if t.strip())
-    unknown = [t for t in names if t not in allowed]
-    if unknown or not names:
-        raise RapaError(f"{option} {text!r}: unknown {', '.join(unknown) or 'empty list'}; "
-                        f"choose among {', '.join(allowed)}")
-    return names

@@ -18,7 +18,7 @@ import dataclasses
 import math
 from pathlib import Path
 
-from rapa.cli.options import add_quiet, add_threads, apply_threads, run_output
+from rapa.cli.common import add_quiet, add_threads, apply_threads, float_list, name_list, positive_int, run_output
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -49,16 +49,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _floats(option: str, text: str) -> tuple[float, ...]:
+def _snrs(option: str, text: str) -> tuple[float, ...]:
+    """The SNRs (dB) of ``option``: comma-separated numbers in :data:`rapa.analysis.attack.SNR_RANGE`."""
     from rapa.analysis.attack import check_snrs
     from rapa.errors import RapaError
 
     try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise RapaError(f"{option} {text!r}: give comma-separated numbers (dB)") from None
-    try:
-        return check_snrs(values)
+        return check_snrs(float_list(option, text, unit="dB"))
     except ValueError as exc:
         raise RapaError(f"{option}: {exc}") from None
 
@@ -76,14 +73,13 @@ def _label(run_dir: Path, config) -> str:
 def run(args: argparse.Namespace) -> int:
     from rapa.analysis.attack import (ATTACKS, HUMAN_THRESHOLD_DB, attack_record, attack_runs, plot_robustness,
                                       save_attack, threshold_accuracies)
-    from rapa.analysis.common import name_list, positive_int
     from rapa.data import load_dataset
     from rapa.errors import RapaError
     from rapa.progress import shown
     from rapa.rundir import RESULT_PLOTS
     from rapa.train import load_run
 
-    snrs = _floats("--snr", args.snr)
+    snrs = _snrs("--snr", args.snr)
     attacks = name_list("--attacks", args.attacks, ATTACKS)
     for option, value in (("--eot", args.eot), ("--pgd-steps", args.pgd_steps), ("--limit", args.limit),
                           ("--batch-size", args.batch_size)):

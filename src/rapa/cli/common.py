@@ -15,8 +15,9 @@
   and removed again) *before* anything is computed, so a typo in ``--out`` costs nothing;
   :func:`write_text` turns a write that fails later (a full disk) into one
   :class:`~rapa.errors.OutputError` line, exit status 1.
-* Runs: :func:`run_output` checks that a directory holds a run before anything is
-  computed; :func:`load_run` loads it (model, config, summary).
+* Runs: :func:`read_config` reads a run's config (:func:`rapa.rundir.read_config`, validated),
+  :func:`run_output` checks that a directory holds a run before anything is computed (the
+  model itself is loaded by :func:`rapa.train.load_run`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from rapa.config import TrainConfig
 from rapa.errors import OutputError, RapaError
 
 __all__ = ["add_quiet", "add_threads", "apply_threads", "auto_threads", "float_list", "int_list", "list_type",
-           "load_run", "name_list", "output_file", "output_folder", "parse_list", "positive_int", "read_config",
+           "name_list", "output_file", "output_folder", "parse_list", "positive_int", "read_config",
            "run_output", "threads_arg", "write_text"]
 
 # ---------------------------------------------------------------------------------- threads
@@ -227,15 +228,6 @@ def read_config(run_dir: str | os.PathLike) -> TrainConfig:
     """The :class:`~rapa.config.TrainConfig` of the run in ``run_dir`` (:func:`rapa.rundir.read_config`:
     validated); RapaError if ``run_dir`` holds no (readable) run."""
     return rundir.read_config(run_dir)
-
-
-def load_run(run_dir: str | os.PathLike, device: str = "cpu"):
-    """``(model, config, summary)`` of the run in ``run_dir`` on ``device``
-    (:func:`rapa.train.load_run`; torch is imported here, not before); RapaError if it holds
-    no (readable) run."""
-    from rapa.train import load_run as load
-
-    return load(run_dir, device=device)
 
 
 def run_output(run_dir: str | os.PathLike, out: str | os.PathLike | None) -> Path:

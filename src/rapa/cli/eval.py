@@ -12,7 +12,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from rapa.cli.options import add_quiet, add_threads, apply_threads
+from rapa.cli.common import add_quiet, add_threads, apply_threads, positive_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,7 +35,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rapa.analysis.common import positive_int
     from rapa.analysis.voting import evaluate_run
     from rapa.data import load_dataset
     from rapa.errors import RapaError

@@ -14,7 +14,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from rapa.cli.options import add_quiet, add_threads, apply_threads, run_output
+from rapa.cli.common import add_quiet, add_threads, apply_threads, name_list, positive_int, run_output
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rapa.analysis.common import digital_twin, name_list, positive_int, tiled_layers
+    from rapa.analysis.common import digital_twin, tiled_layers
     from rapa.analysis.reduce import METHODS, reduce_run, save_reduction
     from rapa.data import load_dataset
     from rapa.errors import RapaError

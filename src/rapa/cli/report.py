@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from rapa.cli.options import add_threads, apply_threads, output_folder
+from rapa.cli.common import add_threads, apply_threads, output_folder, positive_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,7 +38,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rapa.analysis.common import positive_int
     from rapa.config import resolve_device
     from rapa.sweep.report import build_report, check_sweep_dir
     from rapa.sweep.analyses import Analyses

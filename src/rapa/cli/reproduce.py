@@ -24,6 +24,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from rapa.cli.common import output_folder, positive_int
 from rapa.cli.sweep import add_budget_arguments, add_ray_arguments, budget
 
 MIN_STEPS = 3000
@@ -58,8 +59,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rapa.analysis.common import positive_int
-    from rapa.cli.options import output_folder
     from rapa.errors import RapaError
     from rapa.sweep.experiments import apply_budget, load_experiment
     from rapa.sweep.reproduce import QUICK_EXPERIMENT, STANDARD_EXPERIMENT, reproduce

@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from rapa.cli.options import add_threads, apply_threads, run_output
+from rapa.cli.common import add_threads, apply_threads, positive_int, run_output
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rapa.analysis.common import digital_twin, json_safe, positive_int, tiled_layers
+    from rapa.analysis.common import digital_twin, json_safe, tiled_layers
     from rapa.analysis.similarity import plot_filters, save_similarity, similarity_run
     from rapa.rundir import RESULT_PLOTS
     from rapa.train import load_run
