@@ -31,7 +31,15 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
+import torch.nn.functional as F
+
+from rapa.convert import convert
+from rapa.data import dataset_info, load_dataset, make_loader
 from rapa.errors import RapaError
+from rapa.nets import build_net
+from rapa.summary import conversion_summary
+from rapa.voting import majority_vote
 
 NET_NAMES: tuple[str, ...] = ("resnet", "separable")
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
@@ -85,15 +93,6 @@ def wilson(errors: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 def run_one(run: ModernRun, out_dir: str | Path, threads: int = 1) -> dict[str, Any]:
     """Train and evaluate ``run``; write and return ``out_dir/run.name/run.json``."""
-    import torch
-    import torch.nn.functional as F
-
-    from rapa.convert import convert
-    from rapa.data import dataset_info, load_dataset, make_loader
-    from rapa.nets import build_net
-    from rapa.summary import conversion_summary
-    from rapa.voting import majority_vote
-
     torch.set_num_threads(threads)
     start = time.perf_counter()
     info = dataset_info(run.dataset)
@@ -248,8 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         start = time.perf_counter()
         with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
             for result in pool.map(run_one, todo, [args.out] * len(todo)):
-                print(f"{result['name']}: single {100 * result['single']:.2f}%, 9-vote "
-                      f"{100 * result['vote']:.2f}%, {result['wall_seconds'] / 60:.1f} min", flush=True)
+                print(f"{result['name']}: single {100 * result['single_error']:.2f}%, 9-vote "
+                      f"{100 * result['vote_error']:.2f}%, {result['wall_seconds'] / 60:.1f} min", flush=True)
         command = "python -m rapa.modern " + " ".join(sys.argv[1:] if argv is None else argv)
         print(aggregate(args.out, command, time.perf_counter() - start if todo else None))
     except RapaError as exc:

@@ -30,6 +30,7 @@ from rapa.config import TrainConfig, output_pixels, resolve_device
 from rapa.data import BatchLoader, DatasetInfo, ImageData, dataset_info, load_dataset, make_loader
 from rapa.errors import RapaError
 from rapa.models import ConvNet
+from rapa.ops.native import describe as describe_native
 from rapa.progress import shown, track
 from rapa.rundir import METRIC_FIELDS, TRAIN_FILES as RUN_FILES, read_config
 from rapa.runtime import analog_speedup
@@ -317,9 +318,7 @@ def _implementation(config: TrainConfig) -> str | None:
         return None
     if torch.device(config.device).type != "cpu":
         return f"PyTorch path on {config.device}"
-    from rapa import native  # the compiled extension, built on first use
-
-    return native.describe()
+    return describe_native()
 
 
 def load_run(run_dir: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, TrainConfig, dict | None]:

@@ -3,7 +3,9 @@
 * :mod:`~rapa.sweep.experiments`: read ``experiments/NAME.yaml``, expand its grid into
   named runs, shrink it with budget knobs.
 * :mod:`~rapa.sweep.runner`: run the runs as Ray tasks (retries, resume, skip finished).
-* :mod:`~rapa.sweep.runs`: the runs of a sweep folder and their cached analyses.
+* :mod:`~rapa.sweep.runs`: the runs of a sweep folder and their names in the tables.
+* :mod:`~rapa.sweep.analyses`: their analyses (:mod:`rapa.analysis`), cached in the run
+  directories.
 * :mod:`~rapa.sweep.report`: the paper's tables (:mod:`~rapa.sweep.tables`, Markdown and
   CSV) and figures (:mod:`~rapa.sweep.figures`) from a sweep folder.
 * :mod:`~rapa.sweep.reproduce`: ``rapa reproduce``, a battery of seeded runs with their

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from rapa.config import TrainConfig
+from rapa.data import canonical_name
 from rapa.errors import RapaError
 from rapa.rundir import RESUMABLE_FIELDS
 
@@ -85,8 +86,6 @@ class Experiment:
 def normalise(config: TrainConfig) -> TrainConfig:
     """``config`` with an untiled net written one way (``scheme="none", tiles=None``),
     tuples for ``tiles``/``channels`` and the canonical dataset name."""
-    from rapa.data import canonical_name
-
     untiled = config.scheme == "none" or config.tiles is None
     try:
         dataset = canonical_name(config.dataset)
@@ -215,8 +214,6 @@ def apply_budget(runs: Sequence[RunSpec], epochs: int | None = None, datasets: S
     datasets (RapaError for one the experiment does not have); ``seeds`` replaces each
     run's seed by every given seed; ``limit_train``/``limit_test`` cap the images.
     """
-    from rapa.data import canonical_name
-
     out = list(runs)
     if datasets is not None:
         try:

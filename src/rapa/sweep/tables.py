@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from rapa.analysis.reduce import METHODS
+from rapa.models import PAPER_TILES
 from rapa.sweep.analyses import Analyses
 from rapa.sweep.runs import DATASET_LABELS, RunRecord, dataset_label, fmt_pct, precision, scheme_label
 
@@ -89,8 +91,6 @@ def best_run(records: Iterable[RunRecord]) -> RunRecord | None:
 
 
 def _paper_tiles(rec: RunRecord) -> bool:
-    from rapa.models import PAPER_TILES
-
     return rec.config.scheme == "none" or rec.config.tiles is None or tuple(rec.config.tiles) == tuple(PAPER_TILES)
 
 
@@ -186,8 +186,6 @@ def table2(records: Sequence[RunRecord]) -> Table | None:
 
 def table3(records: Sequence[RunRecord], analyses: Analyses) -> Table | None:
     """Table 3: error of the tiled nets reduced to one kernel per layer (best method), per dataset x pooling."""
-    from rapa.analysis.reduce import METHODS
-
     sel = [r for r in records if precision(r.config) == "FP" and r.config.analog is None
            and r.config.scheme not in ("none", "perforated") and r.config.tiles is not None]
     if not sel:
