@@ -574,32 +574,28 @@ inline void tile_map(const Geo& g, const int64_t* index, int64_t b, int64_t* tma
 constexpr int DWQ = 9;  // kernel entries whose weight-gradient accumulators stay in registers
 
 // The per-thread frame of the depthwise forward and input gradient: the images split among the
-// threads; for image b its tile map, pointer arrays for the kh*kw terms of one sum, its source
-// image(b, scratch) (channels-last) and its channels-last destination: out itself, or scratch
-// that is transposed into the NCHW out after body(src, tmap, a, wq, dst) filled it (out_hw
-// pixels per image).
-template <class Image, class Body>
-inline void dw_images(const Geo& g, const int64_t* index, float* out, int64_t out_hw, Image&& image,
-                      Body&& body) {
-  const int64_t kk = g.kh * g.kw;
-  const bool nchw = g.layout & 1;
-#pragma omp parallel num_threads(g.nth)
-  {
-    int64_t b0, b1;
+// threads, an image's tile map, pointer arrays for the kh*kw terms of one sum, and where an
+// image's channels-last result goes (out itself, or scratch transposed into the NCHW out).
+// The kernels keep their loops (and the hot pointers in locals) themselves.
+struct DwThread {
+  int64_t b0 = 0, b1 = 0;  // this thread's images
+  Scratch& sc = scratch;
+  std::vector<int64_t> tmap;
+  std::vector<const float*> a, wq;
+  DwThread(const Geo& g, int64_t out_hw) : tmap(g.np()), a(g.kh * g.kw), wq(g.kh * g.kw) {
     split(g.n, omp_get_thread_num(), omp_get_num_threads(), &b0, &b1);
-    Scratch& sc = scratch;
-    std::vector<int64_t> tmap(g.np());
-    std::vector<const float*> a(kk), wq(kk);
-    if (nchw) sc.img_o.resize(out_hw * g.c);
-    for (int64_t b = b0; b < b1; ++b) {
-      tile_map(g, index, b, tmap.data());
-      const float* src = image(b, sc);
-      float* dst = nchw ? sc.img_o.data() : out + b * out_hw * g.c;
-      body(src, tmap.data(), a.data(), wq.data(), dst);
-      if (nchw) transpose(dst, out_hw, g.c, g.c, out + b * g.c * out_hw, out_hw);
-    }
+    if (g.layout & 1) sc.img_o.resize(out_hw * g.c);
   }
-}
+  // Image b: its tile map into tmap; returns where its channels-last result (out_hw pixels) goes.
+  float* start(const Geo& g, const int64_t* index, int64_t b, float* out, int64_t out_hw) {
+    tile_map(g, index, b, tmap.data());
+    return (g.layout & 1) ? sc.img_o.data() : out + b * out_hw * g.c;
+  }
+  // Image b's result dst into out, transposed when out is NCHW.
+  void finish(const Geo& g, int64_t b, const float* dst, float* out, int64_t out_hw) {
+    if (g.layout & 1) transpose(dst, out_hw, g.c, g.c, out + b * g.c * out_hw, out_hw);
+  }
+};
 
 }  // namespace
 extern "C" {
@@ -609,10 +605,17 @@ int rapa_dw_fwd(const Geo* geo, const float* x, float* xp, const float* w, const
                 const int64_t* index, float* out) {
   (void)xp;
   const Geo g = *geo;  // a local copy: the compiler knows that no store reaches it
-  const int64_t kk = g.kh * g.kw;
+  const int64_t kk = g.kh * g.kw, np = g.np();
   const bool nchw = g.layout & 1;
-  dw_images(g, index, out, g.np(), [&](int64_t b, Scratch& sc) { return image_nhwc(g, x, b, nchw, sc.img_x); },
-            [&](const float* img, const int64_t* tmap, const float** a, const float** wq, float* dst) {
+#pragma omp parallel num_threads(g.nth)
+  {
+    DwThread th(g, np);
+    const float** a = th.a.data();
+    const float** wq = th.wq.data();
+    const int64_t* tmap = th.tmap.data();
+    for (int64_t b = th.b0; b < th.b1; ++b) {
+      float* dst = th.start(g, index, b, out, np);
+      const float* img = image_nhwc(g, x, b, nchw, th.sc.img_x);
       for (int64_t oy = 0, p = 0; oy < g.oh; ++oy)
         for (int64_t ox = 0; ox < g.ow; ++ox, ++p) {
           const int64_t t = tmap[p];
@@ -633,7 +636,9 @@ int rapa_dw_fwd(const Geo* geo, const float* x, float* xp, const float* w, const
           }
           dw_row(a, wq, cnt, bias ? bias + t * g.cp : nullptr, dst + p * g.c, g.c);
         }
-    });
+      th.finish(g, b, dst, out, np);
+    }
+  }
   return 0;
 }
 
@@ -743,8 +748,15 @@ int rapa_dw_bwd_x(const Geo* geo, const float* grad, const float* w, const int64
   (void)gxp;
   const Geo g = *geo;  // a local copy: the compiler knows that no store reaches it
   const int64_t kk = g.kh * g.kw, hw = g.h * g.w;
-  dw_images(g, index, gx, hw, [&](int64_t b, Scratch& sc) { return grad_nhwc(g, grad, b, sc.img_g); },
-            [&](const float* gimg, const int64_t* tmap, const float** a, const float** wq, float* dst) {
+#pragma omp parallel num_threads(g.nth)
+  {
+    DwThread th(g, hw);
+    const float** a = th.a.data();
+    const float** wq = th.wq.data();
+    const int64_t* tmap = th.tmap.data();
+    for (int64_t b = th.b0; b < th.b1; ++b) {
+      float* dst = th.start(g, index, b, gx, hw);
+      const float* gimg = grad_nhwc(g, grad, b, th.sc.img_g);
       for (int64_t iy = 0; iy < g.h; ++iy)
         for (int64_t ix = 0; ix < g.w; ++ix) {
           int64_t cnt = 0;
@@ -762,7 +774,9 @@ int rapa_dw_bwd_x(const Geo* geo, const float* grad, const float* w, const int64
           }
           dw_row(a, wq, cnt, nullptr, dst + (iy * g.w + ix) * g.c, g.c);
         }
-    });
+      th.finish(g, b, dst, gx, hw);
+    }
+  }
   return 0;
 }
 
