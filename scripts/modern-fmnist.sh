@@ -4,7 +4,7 @@
 # converted with rapa.convert(net, tiles="balanced", scheme="random"), seeds 0, 1, 2, on the
 # full Fashion-MNIST (60,000 / 10,000 images): SGD momentum 0.9, lr 0.05 cosine, weight decay
 # 5e-4, minibatch 64, moderate augmentation, 2 epochs; test error of one pass and of a 9-vote
-# majority, and the run-time model's speed-up (python -m rapa.modern --help).
+# majority, and the run-time model's speed-up (rapa modern --help).
 #   bash scripts/modern-fmnist.sh [OUT]        about an hour on 2 free CPU cores (measured per
 #                                              step: 12 runs of 4-15 minutes, two at a time)
 #   bash scripts/modern-fmnist.sh tiny [OUT]   the same pipeline on 2,000 / 500 images, 1 epoch,
@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 . .venv/bin/activate
 if [ "${1:-}" = tiny ]; then
   out=${2:-/tmp/modern-tiny}
-  exec python -m rapa.modern --out "$out" --epochs 1 --seeds 0 --limit-train 2000 --limit-test 500 --jobs 2
+  exec rapa modern --out "$out" --epochs 1 --seeds 0 --limit-train 2000 --limit-test 500 --jobs 2
 fi
 out=${1:-results/modern}
-exec python -m rapa.modern --out "$out" --epochs 2 --seeds 0 1 2 --jobs 2
+exec rapa modern --out "$out" --epochs 2 --seeds 0 1 2 --jobs 2

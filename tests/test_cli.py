@@ -285,3 +285,15 @@ def test_sweep_seeds_are_a_list_and_bad_ones_exit_2(capsys):
     err = capsys.readouterr().err
     assert info.value.code == 2 and err == ("rapa sweep: error: argument --seeds: '0,x': give comma-separated integers "
                                             "(see rapa sweep --help)\n")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--nets", "vgg"], "--nets: unknown vgg; choose among resnet, separable"),
+    (["--jobs", "0"], "--jobs must be >= 1, got 0"),
+    (["--lr", "0"], "--lr must be > 0, got 0.0"),
+])
+def test_modern_refuses_bad_options_in_one_line_before_training(argv, message, tmp_path, capsys):
+    out = tmp_path / "modern"
+    assert main(["modern", "--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err == f"rapa modern: error: {message}\n" and not out.exists()

@@ -150,7 +150,7 @@ def test_modern_demonstration_runs_aggregates_and_skips_finished_runs(tmp_path, 
     assert row["single_error"][0] == pytest.approx(mean)
     assert row["single_error"][1] == pytest.approx(12.706 * sd / math.sqrt(2))
     assert "| resnet | balanced random | 2 |" in text
-    assert modern.main(["--out", str(tmp_path), "--nets", "resnet", "--seeds", "0", "1", "--jobs", "1"]) == 0
+    assert main(["modern", "--out", str(tmp_path), "--nets", "resnet", "--seeds", "0", "1", "--jobs", "1"]) == 0
     assert "wall time" not in capsys.readouterr().out  # nothing left to train
 
 
@@ -161,5 +161,5 @@ def test_modern_intervals_and_option_errors(capsys):
     lo, hi = modern.wilson(50, 1000)
     assert (lo, hi) == (pytest.approx(0.0382, abs=1e-4), pytest.approx(0.0653, abs=1e-4))
     assert modern._mean_ci([0.1, 0.2, 0.3]) == (pytest.approx(0.2), pytest.approx(4.303 * 0.1 / 3 ** 0.5))
-    assert modern.main(["--epochs", "0"]) == 2
+    assert main(["modern", "--epochs", "0"]) == 2
     assert "--epochs must be >= 1, got 0" in capsys.readouterr().err

@@ -10,7 +10,7 @@ images (fractions: ``single_error``, ``vote_error``, ``*_error_ci``), the run-ti
 speed-up (:func:`rapa.summary.conversion_summary`) and its wall time; :func:`aggregate`
 writes ``summary.md`` / ``summary.json`` with the mean over seeds and a 95% t-interval.
 
-    python -m rapa.modern --out results/modern --epochs 2 --seeds 0 1 2 --jobs 2
+    rapa modern --out results/modern --epochs 2 --seeds 0 1 2 --jobs 2
 
 A run whose ``run.json`` exists is skipped, so an interrupted command goes on where it
 stopped. ``scripts/modern-fmnist.sh`` is the demonstration's command.
@@ -18,18 +18,19 @@ stopped. ``scripts/modern-fmnist.sh`` is the demonstration's command.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
+import os
 import statistics
 import sys
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -220,42 +221,25 @@ def aggregate(out_dir: str | Path, command: str = "", wall_seconds: float | None
     return text
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m rapa.modern``: train the missing runs (``--jobs`` at a time), then aggregate."""
-    p = argparse.ArgumentParser(prog="python -m rapa.modern", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=Path("results/modern"), help="folder of the runs and summary")
-    p.add_argument("--nets", nargs="+", default=list(NET_NAMES), choices=NET_NAMES, help="nets to train")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default 0 1 2)")
-    p.add_argument("--epochs", type=int, default=2, help="epochs per run (default 2)")
-    p.add_argument("--lr", type=float, default=0.05, help="peak learning rate (default 0.05)")
-    p.add_argument("--limit-train", type=int, default=None, help="training images (default all)")
-    p.add_argument("--limit-test", type=int, default=None, help="test images (default all)")
-    p.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each (default 2)")
-    args = p.parse_args(argv)
-    try:
-        for name in ("epochs", "jobs", "limit_train", "limit_test"):
-            value = getattr(args, name)
-            if value is not None and value < 1:
-                raise RapaError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-        if not args.lr > 0:
-            raise RapaError(f"--lr must be > 0, got {args.lr}")
-        args.out.mkdir(parents=True, exist_ok=True)
-        runs = [ModernRun(net, tiled, seed, epochs=args.epochs, lr=args.lr, limit_train=args.limit_train,
-                          limit_test=args.limit_test)
-                for net in args.nets for seed in args.seeds for tiled in (False, True)]
-        todo = [r for r in runs if not (args.out / r.name / "run.json").exists()]
-        start = time.perf_counter()
-        with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-            for result in pool.map(run_one, todo, [args.out] * len(todo)):
-                print(f"{result['name']}: single {100 * result['single_error']:.2f}%, 9-vote "
-                      f"{100 * result['vote_error']:.2f}%, {result['wall_seconds'] / 60:.1f} min", flush=True)
-        command = "python -m rapa.modern " + " ".join(sys.argv[1:] if argv is None else argv)
-        print(aggregate(args.out, command, time.perf_counter() - start if todo else None))
-    except RapaError as exc:
-        print(f"rapa.modern: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+def run_all(out_dir: str | Path, nets: Sequence[str] = NET_NAMES, seeds: Sequence[int] = (0, 1, 2), epochs: int = 2,
+            lr: float = 0.05, limit_train: int | None = None, limit_test: int | None = None, jobs: int = 2,
+            command: str = "", say: Callable[[str], None] = print) -> str:
+    """Train the runs (every net and seed, untiled and tiled) that ``out_dir`` does not hold yet,
+    ``jobs`` at a time (one thread each; ``say`` gets a line per finished run), then
+    :func:`aggregate` them (``command`` is recorded); returns the summary table."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = [ModernRun(net, tiled, seed, epochs=epochs, lr=lr, limit_train=limit_train, limit_test=limit_test)
+            for net in nets for seed in seeds for tiled in (False, True)]
+    todo = [r for r in runs if not (out / r.name / "run.json").exists()]
+    start = time.perf_counter()
+    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+        for result in pool.map(run_one, todo, [out] * len(todo)):
+            say(f"{result['name']}: single {100 * result['single_error']:.2f}%, 9-vote "
+                f"{100 * result['vote_error']:.2f}%, {result['wall_seconds'] / 60:.1f} min")
+    return aggregate(out, command, time.perf_counter() - start if todo else None)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # the former entry point; the options are `rapa modern`'s (rapa.cli.modern)
+    warnings.warn("`python -m rapa.modern` is deprecated: use `rapa modern` (same options)", DeprecationWarning)
+    os.execv(sys.executable, [sys.executable, "-m", "rapa.cli", "modern", *sys.argv[1:]])

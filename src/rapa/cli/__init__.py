@@ -35,6 +35,7 @@ COMMANDS: dict[str, str] = {
     "sweep": "train an experiment's grid of runs on Ray (local or a cluster)",
     "report": "the paper's tables and figures from a sweep folder",
     "reproduce": "the reproduction battery on Fashion-MNIST, the paper's claims checked",
+    "modern": "beyond the paper: RAPA on a residual and a depthwise-separable net (Fashion-MNIST)",
 }
 
 
