@@ -122,7 +122,7 @@ def parse_list(text: str, kind: type = int, *, option: str = "", length: int | N
     except ValueError:
         raise RapaError(f"{where}: give {what}") from None
     if not values:
-        raise RapaError(f"{where}: empty list; give {what}")
+        raise RapaError(f"{where}: empty list; " + (f"choose among {', '.join(choices)}" if choices else f"give {what}"))
     if length is not None and len(values) != length:
         raise RapaError(f"{where}: give {length} {'names' if kind is str else 'numbers'}, got {len(values)}")
     if minimum is not None and any(v < minimum for v in values):
@@ -148,12 +148,7 @@ def float_list(option: str, text: str, unit: str = "") -> tuple[float, ...]:
 def name_list(option: str, text: str, allowed: Sequence[str]) -> tuple[str, ...]:
     """The comma-separated names of ``text``, each one of ``allowed``; else RapaError naming
     ``option``, the unknown names (or the empty list) and the choices."""
-    try:
-        return parse_list(text, str, option=option, choices=allowed)
-    except RapaError as exc:
-        if "empty list" in str(exc):
-            raise RapaError(f"{option} {text!r}: empty list; choose among {', '.join(allowed)}") from None
-        raise
+    return parse_list(text, str, option=option, choices=allowed)
 
 
 def list_type(kind: type = int, **checks: Any) -> Callable[[str], tuple[Any, ...]]:
