@@ -6,6 +6,11 @@
   is the module).
 * :mod:`~rapa.analysis.attack`: FGSM / EOT / PGD robustness against SNR (Fig. 7).
 * :mod:`~rapa.analysis.more_tiles`: error curves of runs with more tiles (Fig. 5).
+* :mod:`~rapa.analysis.voting`: a run's voting errors and one pass against a vote per image.
+
+Each analysis of a run computes its record (``reduce_run``, ``attack_runs`` /
+``attack_record``, ``similarity_run``, ``voting_run``) and saves it (``save_*``) as the result
+file :mod:`rapa.rundir` names, for the commands and the sweeps alike.
 """
 
 from rapa.analysis.attack import (ATTACKS, DEFAULT_SNRS, accuracy_at, fgsm, gap_reduction, input_gradient,

@@ -40,7 +40,7 @@ from rapa.sweep.battery_report import MANIFEST, read_manifest, write_battery_rep
 from rapa.sweep.evidence import claims_json, evaluate_claims
 from rapa.sweep.experiments import apply_budget, load_experiment
 from rapa.sweep.runner import connect, run_sweep, sweep_state_path
-from rapa.sweep.runs import RunRecord, collect_runs, scheme_label
+from rapa.sweep.runs import RunRecord, scheme_label
 from rapa.train import train
 
 __all__ = ["BATTERY_SNRS", "QUICK_EXPERIMENT", "SMALL_FILES", "STANDARD_EXPERIMENT", "BatteryTask", "claims_json",
