@@ -144,6 +144,11 @@ def test_demo_writes_table_and_plot(tmp_path, capsys):
         assert (out / name / "summary.json").is_file()
 
 
+def test_bench_names_a_bad_device_in_one_line(capsys):
+    assert main(["bench", "train", "--device", "tpu", "--batch", "4", "--images", "8", "--repeats", "1"]) == 2
+    assert capsys.readouterr().err == "rapa bench: error: unknown device 'tpu'; use auto, cpu, cuda or cuda:N\n"
+
+
 def test_bench_train_prints_the_ratio(capsys):
     assert main(["bench", "train", "--batch", "4", "--images", "8", "--repeats", "1", "--device", "cpu"]) == 0
     text = capsys.readouterr().out

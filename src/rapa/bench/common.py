@@ -1,4 +1,5 @@
-"""Shared timing helpers: interleaved repetitions, fastest times, device resolution."""
+"""Shared timing helpers: interleaved repetitions, fastest times (devices are resolved by
+:func:`rapa.config.resolve_device`, re-exported here: a bad name is one RapaError line)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,9 @@ from typing import Callable
 
 import torch
 
+from rapa.config import resolve_device
 
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when available, else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+__all__ = ["geomean", "resolve_device", "sync", "time_interleaved"]
 
 
 def sync(device: torch.device) -> None:
