@@ -9,7 +9,6 @@ in ``csrc/tiled_conv.cpp`` (the loader checks that both have the same size).
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -24,7 +23,7 @@ def round_up(v: int, m: int) -> int:
     return -(-v // m) * m
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ConvGeometry:
     """The sizes of one tiled convolution ``x`` (N, C, H, W) with ``weight`` (nt, cout, C, kh, kw)
     and a gather index (B, nt, M); made once per call by :func:`rapa.functional.tiled_conv2d`."""
@@ -68,7 +67,8 @@ class ConvGeometry:
 
     def with_channels(self, in_channels: int, out_channels: int) -> "ConvGeometry":
         """The same geometry for a slice of the channels (one group of a grouped layer)."""
-        return dataclasses.replace(self, in_channels=in_channels, out_channels=out_channels)
+        return ConvGeometry(self.batch, in_channels, self.height, self.width, self.kernel, self.stride, self.padding,
+                            self.dilation, self.out_size, self.tiles, out_channels, self.index_batch, self.slots)
 
     @property
     def padded_size(self) -> tuple[int, int]:
@@ -95,13 +95,12 @@ class ConvGeometry:
         """This geometry as the native kernels read it: output channels and patch length
         padded to whole vectors of ``vector_width`` floats, ``threads`` OpenMP threads;
         ``layout`` (depthwise kernels): bit 0, ``x`` is NCHW; bit 1, the output gradient is."""
-        hp, wp = self.padded_size
-        (kh, kw), (sh, sw), (dh, dw), (oh, ow) = self.kernel, self.stride, self.dilation, self.out_size
-        return NativeGeometry(
-            n=self.batch, c=self.in_channels, hp=hp, wp=wp, kh=kh, kw=kw, sh=sh, sw=sw, dh=dh, dw=dw,
-            oh=oh, ow=ow, nt=self.tiles, cout=self.out_channels, cp=round_up(self.out_channels, vector_width),
-            kp=round_up(self.patch_size, vector_width), bsz=self.index_batch, m=self.slots, nth=threads,
-            h=self.height, w=self.width, ph=self.padding[0], pw=self.padding[1], layout=layout)
+        (kh, kw), (ph, pw), cout = self.kernel, self.padding, self.out_channels
+        return NativeGeometry(  # positionally, in the order of NATIVE_FIELDS (faster than by keyword)
+            self.batch, self.in_channels, self.height + 2 * ph, self.width + 2 * pw, kh, kw, *self.stride,
+            *self.dilation, *self.out_size, self.tiles, cout, round_up(cout, vector_width),
+            round_up(self.in_channels * kh * kw, vector_width), self.index_batch, self.slots, threads, self.height,
+            self.width, ph, pw, layout)
 
 
 NATIVE_FIELDS: tuple[str, ...] = ("n", "c", "hp", "wp", "kh", "kw", "sh", "sw", "dh", "dw", "oh", "ow", "nt",
