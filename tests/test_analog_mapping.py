@@ -221,19 +221,24 @@ def test_first_50_steps_move_every_array_and_the_fc_gradient_flows(tiles, one_th
     end = _arrays(model)
     unchanged = [name for name in start if torch.equal(start[name], end[name])]
     assert not unchanged, unchanged
-    # logits pushed past the old bound (the FC's input x 40): the FC still passes a gradient
+    # logits pushed well past the old bound (the FC's input scaled so that the median logit
+    # is about 60, 5x the bound; the simulator's noise is clock-seeded, so the factor is
+    # measured rather than fixed): the FC still passes a gradient
+    x, y = next(iter(loader))
+    with torch.no_grad():
+        factor = 60.0 / float(model(x).abs().median().clamp_min(1e-3))
+    factor = max(factor, 1.0)
     seen: list[torch.Tensor] = []
 
     def amplify(module: nn.Module, inputs: tuple) -> tuple:
-        scaled = inputs[0] * 40
+        scaled = inputs[0] * factor
         scaled.retain_grad()
         seen.append(scaled)
         return (scaled,)
 
     model.fc.register_forward_pre_hook(amplify)
-    x, y = next(iter(loader))
     logits = model(x)
-    assert (logits.abs() > 12).float().mean() > 0.3, logits.abs().max()
+    assert (logits.abs() > 12).float().mean() > 0.5, (factor, logits.abs().median())
     (logits * torch.randn_like(logits)).sum().backward()  # d = dL/dlogits: no saturating softmax
     assert (seen[0].grad.abs().sum(dim=1) > 0).all()  # aihwkit's mask would zero these rows
 
