@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from rapa import __version__, rundir
+from rapa import __version__, analog, rundir
 from rapa.checkpoint import load_checkpoint, save_checkpoint
 from rapa.config import TrainConfig, output_pixels, resolve_device
 from rapa.data import BatchLoader, DatasetInfo, ImageData, dataset_info, load_dataset, make_loader
@@ -95,10 +95,8 @@ def make_model_and_optimizer(config: TrainConfig, info: DatasetInfo,
     optimizer = torch.optim.SGD(model.parameters(), lr=lr_at(config, 0), momentum=config.momentum,
                                 weight_decay=config.resolved_weight_decay())
     if config.analog is not None:
-        import rapa.analog
-
-        rapa.analog.require_aihwkit()  # one line naming the extra to install when it is missing
-        model, optimizer = rapa.analog.prepare(model, config)
+        analog.require_aihwkit()  # one line naming the extra to install when it is missing
+        model, optimizer = analog.prepare(model, config)
     return model, optimizer
 
 

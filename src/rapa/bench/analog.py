@@ -24,8 +24,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from rapa.analog import analog_optimizer, convert_to_analog, require_aihwkit
 from rapa.bench.common import resolve_device, time_interleaved
 from rapa.errors import RapaError
+from rapa.models import ConvNet
 
 TARGET_RATIO = 1.5
 
@@ -57,8 +59,6 @@ class _AihwkitConv(nn.Module):
 
 def build_nets(preset: str, size: int = 32, in_channels: int = 3, seed: int = 0):
     """``(untiled analog net, RAPA analog net)``, both ``(model, AnalogSGD)`` pairs."""
-    from rapa.analog import analog_optimizer, convert_to_analog
-    from rapa.models import ConvNet
 
     torch.manual_seed(seed)
     untiled = ConvNet(in_channels=in_channels, tiles=None, scheme="none", image_size=size)
@@ -80,7 +80,6 @@ def run_analog_bench(preset: str = "rpu-baseline", batch: int = 10, size: int = 
                      repeats: int = 5, device: str = "cpu", threads: int = 1) -> AnalogBench:
     """Time one training step of both nets (fastest of ``repeats``, interleaved), with
     ``threads`` torch/OpenMP threads (0: leave the setting as it is)."""
-    from rapa.analog import require_aihwkit
 
     require_aihwkit()
     dev = resolve_device(device)

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from rapa.bench.common import resolve_device, time_interleaved
+from rapa.models import ConvNet
+from rapa.ops import native as rnative
 
 NETS: dict[str, tuple[str, tuple[int, int, int] | None]] = {
     "untiled": ("none", None),
@@ -29,8 +31,6 @@ def make_step(scheme: str, tiles, batch: int, device: torch.device, steps: int,
               native: bool = True):
     """A closure running ``steps`` SGD steps of one net at ``batch`` images per step
     (``native=False``: tiled convolutions on the PyTorch path)."""
-    from rapa import native as rnative
-    from rapa.models import ConvNet
 
     torch.manual_seed(0)
     model = ConvNet(10, 3, tiles=tiles, scheme=scheme, image_size=32, device=device)
@@ -52,15 +52,14 @@ def make_step(scheme: str, tiles, batch: int, device: torch.device, steps: int,
 def run_train_bench(batches=(10, 128), device: str = "auto", images: int = 640,
                     repeats: int = 5) -> list[dict]:
     """Images/s of every net at every batch size."""
-    from rapa import native
 
     dev = resolve_device(device)
-    impl = native.describe() if dev.type == "cpu" else dev.type
+    impl = rnative.describe() if dev.type == "cpu" else dev.type
     rows = []
     for batch in batches:
         steps = max(1, images // batch)
         fns = {name: make_step(scheme, tiles, batch, dev, steps) for name, (scheme, tiles) in NETS.items()}
-        if dev.type == "cpu" and native.enabled():
+        if dev.type == "cpu" and rnative.enabled():
             fns[PYTORCH_PATH] = make_step(*NETS["random 16,4,1"], batch, dev, steps, native=False)
         secs = time_interleaved(fns, dev, repeats)
         rows.append({"batch": batch, "steps": steps, "device": str(dev), "threads": torch.get_num_threads(),

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rapa.data.datasets import dataset_info
+
 __all__ = ["KINDS", "Augment", "hflip", "make_augment", "scale_crop", "shift_brightness"]
 
 KINDS: tuple[str, ...] = ("none", "moderate", "strong")
@@ -140,7 +142,6 @@ def make_augment(
 ) -> Augment:
     """An :class:`Augment` for ``dataset_name``; ``mirror=None`` takes the dataset's default
     (off for ``digits`` and ``svhn``, on otherwise). ``kwargs`` go to :class:`Augment`."""
-    from rapa.data.datasets import dataset_info
 
     if mirror is None:
         mirror = dataset_info(dataset_name).default_mirror

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from rapa.data.augment import make_augment
 from rapa.data.base import ImageData
+from rapa.data.datasets import dataset_info
 
 __all__ = ["BatchLoader", "make_loader"]
 
@@ -128,7 +129,6 @@ def make_loader(
     ``augment`` is a kind (``none``, ``moderate``, ``strong``); ``mirror=None`` takes the
     dataset's default. ``generator`` drives both the order and the augmentation.
     """
-    from rapa.data.datasets import dataset_info
 
     info = dataset_info(data.name)
     aug = None if augment == "none" else make_augment(augment, data.name, mirror=mirror, generator=generator)
