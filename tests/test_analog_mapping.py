@@ -164,7 +164,7 @@ def test_gradient_passes_through_outputs_beyond_the_old_bound():
     managed tile passes the whole ``d W`` (the reference) back."""
     manual_seed(0)
     w = torch.randn(10, 256) * 0.1
-    x = torch.randn(20, 256) * 20  # logits of std ~32: most beyond 12
+    x = torch.randn(200, 256) * 20  # logits of std ~32: most beyond 12 (200 rows: stable cosines)
     preset = _quiet_device()
     for tile_class in (ManagedAnalogTile, AnalogTile):
         config = preset.rpu_config(1)
@@ -180,9 +180,9 @@ def test_gradient_passes_through_outputs_beyond_the_old_bound():
         whole = F.cosine_similarity(xi.grad.flatten(), (d @ w).flatten(), dim=0)
         masked = F.cosine_similarity(xi.grad.flatten(), ((d * ~beyond) @ w).flatten(), dim=0)
         if tile_class is ManagedAnalogTile:
-            assert whole > 0.85 and masked < 0.7, (whole, masked)  # backward noise: ~0.9
+            assert whole > 0.8 and masked < 0.65, (whole, masked)  # ~0.88-0.92 vs ~0.46-0.51
         else:  # aihwkit's own tile: the gradient of every output beyond 12 dropped
-            assert masked > whole + 0.15, (whole, masked)  # ~0.76 vs ~0.56
+            assert masked > whole + 0.1, (whole, masked)  # ~0.71-0.79 vs ~0.50-0.54
 
 
 # -------------------------------------------------------- training the paper's net on the arrays
