@@ -48,14 +48,17 @@ GEOMS = [  # cin, cout, kernel, stride, padding, dilation, size, tiles
 
 @pytest.mark.parametrize("geom", GEOMS)
 @pytest.mark.parametrize("scheme", ["random", "random_fixed", "alternate", "perforated"])
-@pytest.mark.parametrize("bias", [True, False])
-def test_native_matches_per_tile_conv2d(lib, geom, scheme, bias):
+@pytest.mark.parametrize("bias,channels_last", [(True, False), (False, False), (True, True)])
+def test_native_matches_per_tile_conv2d(lib, geom, scheme, bias, channels_last):
     cin, cout, k, stride, padding, dilation, size, nt = geom
     if scheme == "alternate":
         nt = 4  # a grid scheme: a square number of tiles
     torch.manual_seed(0)
     layer = rapa.TiledConv2d(cin, cout, k, stride, padding, dilation, bias=bias, tiles=nt, scheme=scheme)
-    x = torch.randn(3, cin, *size, requires_grad=True)
+    x = torch.randn(3, cin, *size)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
     index = layer.assignment(x)
     y = layer(x, index=index)
     assert type(y.grad_fn).__name__ == "NativeTiledConv2dFnBackward"
@@ -88,11 +91,40 @@ def test_only_the_needed_gradients(lib):
     assert layer.weight.grad is None and x.grad is None
 
 
-@pytest.mark.parametrize("threads", [1, 3])
-def test_thread_counts_agree_and_runs_are_deterministic(lib, threads):
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("grad_channels_last", [False, True])
+def test_output_and_input_gradient_keep_the_input_memory_format(lib, channels_last, grad_channels_last):
+    # NCHW and channels-last inputs are read as they are; the output and the input gradient come
+    # back in the input's memory format, whatever the format of the output gradient
     torch.manual_seed(0)
-    layer = rapa.TiledConv2d(8, 16, 3, padding=1, tiles=4)
-    x = torch.randn(7, 8, 10, 10, requires_grad=True)  # 7 images: uneven shares
+    conv = torch.nn.Conv2d(6, 16, 3, padding=1)
+    layer = rapa.TiledConv2d.from_conv2d(conv, 4, "random")
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(3, 6, 9, 8).contiguous(memory_format=fmt).requires_grad_(True)
+    y = layer(x)
+    assert y.is_contiguous(memory_format=fmt)
+    g = torch.randn(y.shape).contiguous(memory_format=torch.channels_last if grad_channels_last
+                                        else torch.contiguous_format)
+    y.backward(g)
+    assert x.grad.is_contiguous(memory_format=fmt)
+    xr = x.detach().contiguous().requires_grad_(True)
+    ref = conv(xr)  # identical tiles: the layer is this convolution
+    ref.backward(g.contiguous())
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(layer.weight.grad.sum(0), conv.weight.grad, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("scheme,channels_last", [("random", False), ("random", True), ("perforated", False)])
+def test_thread_counts_agree_and_runs_are_deterministic(lib, threads, scheme, channels_last):
+    # 3 threads share 7 images x 4 tiles unevenly: an image's tiles are split between threads
+    torch.manual_seed(0)
+    layer = rapa.TiledConv2d(8, 16, 3, padding=1, tiles=4, scheme=scheme)
+    x = torch.randn(7, 8, 10, 10)  # 7 images: uneven shares
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
     index = layer.assignment(x)
     before = torch.get_num_threads()
 
@@ -238,3 +270,30 @@ def test_geometry_of_a_call():
     assert (ng.n, ng.c, ng.hp, ng.wp, ng.kh, ng.kw, ng.sh, ng.sw, ng.dh, ng.dw) == (2, 3, 11, 7, 3, 2, 2, 1, 1, 2)
     assert (ng.oh, ng.ow, ng.nt, ng.cout, ng.cp, ng.kp, ng.bsz, ng.m, ng.nth) == (5, 5, 4, 5, 16, 32, 1, 6, 3)
     assert (ng.h, ng.w, ng.ph, ng.pw, ng.layout) == (9, 7, 1, 0, 1)
+
+
+@pytest.mark.parametrize("b,n,cols", [(1, 1, 1), (3, 7, 1), (5, 1024, 16), (4, 10, 3), (2, 100, 7)])
+def test_native_draw_is_torch_randperm(lib, b, n, cols):
+    # the random scheme draws b permutations in one native call: exactly b torch.randperm calls'
+    # permutations (as rows, or as rank grids of cols columns) and generator state afterwards
+    ours, theirs = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    torch.randperm(3, generator=ours), torch.randperm(3, generator=theirs)  # start mid-block
+    out = ops_native.randperm_rows(b, n, ours, cols)
+    ref = torch.stack([torch.randperm(n, generator=theirs) for _ in range(b)])  # (b, n)
+    if cols > 1:
+        m = -(-n // cols)
+        ref = torch.cat([ref, ref.new_full((b, m * cols - n), n)], 1).view(b, m, cols).transpose(1, 2)
+    assert torch.equal(out, ref)
+    assert torch.equal(ours.get_state(), theirs.get_state())
+    assert torch.equal(torch.rand(4, generator=ours), torch.rand(4, generator=theirs))
+
+
+def test_native_draw_uses_the_default_generator_and_the_partition_is_unchanged(lib, monkeypatch):
+    torch.manual_seed(3)
+    fast = schemes.random_partition_index(6, 300, 7)
+    after_fast = torch.rand(3)
+    monkeypatch.setenv(native.ENV_SWITCH, "0")  # torch.randperm row by row
+    torch.manual_seed(3)
+    slow = schemes.random_partition_index(6, 300, 7)
+    assert torch.equal(fast, slow) and torch.equal(after_fast, torch.rand(3))
+    assert ops_native.randperm_rows(2, 5) is None  # the native path is off

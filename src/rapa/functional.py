@@ -187,9 +187,6 @@ def tiled_conv2d(
         return depthwise_tiled_conv2d(x, weight, bias, index, mask, geo, covered)
     if groups > GROUP_LOOP_MAX:
         return grouped_tiled_conv2d(x, weight, bias, index, mask, geo, groups)
-    nchw = groups > 1 and native.supports(x, weight, mask) and not (x.stride(1) == 1 and x.shape[1] > 1)
-    if nchw:  # one transposition here, not one per group: the groups' slices read channels-last
-        x = channels_last(x)
     if groups > 1:
         geo = geo.with_channels(geo.in_channels // groups, geo.out_channels // groups)
     outs = []
@@ -199,10 +196,7 @@ def tiled_conv2d(
             outs.append(native.NativeTiledConv2dFn.apply(xg, wg, bg, index, geo, covered))
         else:
             outs.append(TiledConv2dFn.apply(xg, wg, bg, index, mask, geo, covered))
-    if groups == 1:
-        return outs[0]
-    out = torch.cat(outs, 1)
-    return out.contiguous() if nchw else out
+    return outs[0] if groups == 1 else torch.cat(outs, 1)  # (each in x's memory format)
 
 
 

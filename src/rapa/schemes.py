@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from rapa.ops import native
+
 SCHEMES: tuple[str, ...] = (
     "none",
     "random",
@@ -100,10 +102,12 @@ def random_partition_index(
     """
     m = -(-np_ // nt)  # ceil(np/nt) = M
     rem = np_ - (m - 1) * nt  # tiles that get M pixels (1..nt)
-    perm = _rand_perm(b, np_, generator, device, canonical)  # (b, np)
-    if m * nt != np_:
-        perm = torch.cat([perm, perm.new_full((b, m * nt - np_), np_)], dim=1)  # (b, M*nt)
-    cols = perm.view(b, m, nt).transpose(1, 2)  # (b, nt, M): column c of the rank grid
+    cols = _native_draw(b, np_, generator, device, canonical, nt)  # (b, nt, M), or None
+    if cols is None:
+        perm = _rand_perm(b, np_, generator, device, canonical)  # (b, np)
+        if m * nt != np_:
+            perm = torch.cat([perm, perm.new_full((b, m * nt - np_), np_)], dim=1)  # (b, M*nt)
+        cols = perm.view(b, m, nt).transpose(1, 2)  # (b, nt, M): column c of the rank grid
     if rem < nt:  # give the full columns to a random set of tiles
         tau = _rand_perm(b, nt, generator, device, canonical)  # (b, nt)
         cols = cols.gather(1, tau.unsqueeze(2).expand(b, nt, m))
@@ -258,15 +262,31 @@ def region_mask(nt: int, h: int, w: int, oh: int, ow: int, kernel_size: tuple[in
     return ((same_y & same_x) | ~inside).reshape(oh * ow, kh * kw)
 
 
+def _native_draw(b: int, n: int, generator: torch.Generator | None, device, canonical: bool,
+                 cols: int = 1) -> Tensor | None:
+    """:func:`rapa.ops.native.randperm_rows` (the draws of ``b`` ``torch.randperm`` calls, as
+    rows or rank grids of ``cols`` columns) where it applies: CPU, not ``canonical``, built."""
+    gen_dev = torch.device("cpu") if generator is None else generator.device
+    dev = gen_dev if device is None else torch.device(device)
+    if dev.type != "cpu" or gen_dev.type != "cpu" or canonical:
+        return None
+    return native.randperm_rows(b, n, generator, cols)
+
+
 def _rand_perm(b: int, n: int, generator: torch.Generator | None, device,
                canonical: bool = False) -> Tensor:
     """``b`` independent uniformly random permutations of ``range(n)``, shape ``(b, n)``.
 
-    On the CPU one ``randperm`` per row (a shuffle, several times faster than sorting
-    random keys); elsewhere, or when ``canonical``, the argsort of ``torch.rand`` keys.
+    On the CPU ``torch.randperm``'s shuffle per row (several times faster than sorting random
+    keys), all rows in one native call where the kernels build
+    (:func:`rapa.ops.native.randperm_rows`: the same permutations and generator state);
+    elsewhere, or when ``canonical``, the argsort of ``torch.rand`` keys.
     """
     gen_dev = torch.device("cpu") if generator is None else generator.device
     dev = gen_dev if device is None else torch.device(device)
+    rows = _native_draw(b, n, generator, device, canonical)
+    if rows is not None:
+        return rows
     if dev.type == "cpu" and gen_dev.type == "cpu" and not canonical:
         out = torch.empty(b, n, dtype=torch.long)
         for row in out:  # rows, not patches: b calls of a compiled shuffle

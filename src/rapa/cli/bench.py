@@ -11,7 +11,8 @@ import json
 from pathlib import Path
 from typing import Iterable
 
-from rapa.cli.common import add_threads, apply_threads, auto_threads, output_file, positive_int, write_text
+from rapa.cli.common import (add_threads, apply_threads, auto_threads, list_type, output_file, positive_int,
+                              write_text)
 
 # benchmark -> its one-line summary in `rapa bench --help` (the first line of its module's docstring)
 BENCHES = {
@@ -37,8 +38,12 @@ def add_conv_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("--batch", type=int, nargs="+", default=[10, 128], help="batch sizes")
     c.add_argument("--device", default="auto", help="auto, cpu or cuda")
     c.add_argument("--repeats", type=int, default=5, help="timed repetitions per method (fastest counts)")
-    c.add_argument("--channels-last", action="store_true",
-                   help="give every method NHWC (channels_last) inputs instead of NCHW")
+    c.add_argument("--formats", type=list_type(str, choices=("nchw", "nhwc")), default=("nchw", "nhwc"),
+                   metavar="LIST",
+                   help="memory formats of the inputs, comma-separated: nchw (as a user passes them), "
+                        "nhwc (channels-last, as rapa.ConvNet runs); default both")
+    c.add_argument("--channels-last", dest="formats", action="store_const", const=("nhwc",),
+                   help="channels-last inputs only (the same as --formats nhwc)")
     c.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     c.add_argument("--json", type=Path, help="also write the measurements to this file")
     add_threads(c)
@@ -91,9 +96,9 @@ def run_conv(args: argparse.Namespace) -> int:
 
     prepare(args, ("batch", "repeats"))
     dev = resolve_device(args.device)
-    cases = run_conv_bench(tuple(args.batch), str(dev), args.repeats, not args.no_memory,
-                           channels_last=args.channels_last)
-    print(format_conv_bench(cases, str(dev), "NHWC" if args.channels_last else "NCHW"))
+    formats = tuple(dict.fromkeys(f.upper() for f in args.formats))
+    cases = run_conv_bench(tuple(args.batch), str(dev), args.repeats, not args.no_memory, formats=formats)
+    print(format_conv_bench(cases, str(dev)))
     if args.json:
         write_text(args.json, json.dumps(cases_to_json(cases), indent=2))
     return 0

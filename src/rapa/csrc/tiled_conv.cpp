@@ -34,10 +34,18 @@
 #if defined(__AVX512F__)
 #define RAPA_VW 16
 #define RAPA_NVMAX 4
+#ifndef RAPA_FWD_ACC
 #define RAPA_FWD_ACC 16
+#endif
+#ifndef RAPA_GW_ACC
 #define RAPA_GW_ACC 20
+#endif
+#ifndef RAPA_GX_MR
 #define RAPA_GX_MR 8
+#endif
+#ifndef RAPA_GX_SV
 #define RAPA_GX_SV 3
+#endif
 #else
 #if defined(__AVX__)
 #define RAPA_VW 8
@@ -88,8 +96,8 @@ struct Geo {
   int64_t nth;       // OpenMP threads
   int64_t h, w;      // the input's size
   int64_t ph, pw;    // zero padding on both sides
-  // depthwise kernels only: bit 0, x, the output and the input gradient are NCHW (else NHWC);
-  // bit 1, the output gradient is NCHW
+  // bit 0: x, the output and the input gradient are NCHW (else NHWC); bit 1: the output
+  // gradient is NCHW; bit 2 (forward): not every output pixel is listed in the index
   int64_t layout;
   int64_t np() const { return oh * ow; }
   int64_t k() const { return kh * kw * c; }
@@ -119,19 +127,30 @@ inline void split(int64_t items, int tid, int nth, int64_t* i0, int64_t* i1) {
 }
 
 // Fill pix with the valid pixels of group (b, t) and base with the offset of each one's patch
-// in the padded input (pbase: the offsets within an image); return how many there are.
+// in the image's padded input (pbase: those offsets by pixel); return how many there are.
 inline int64_t group(const Geo& g, const int64_t* index, const int64_t* pbase, int64_t b,
                      int64_t t, int64_t* pix, int64_t* base) {
   const int64_t* row = index + ((g.bsz == 1 ? 0 : b) * g.nt + t) * g.m;
-  const int64_t np = g.np(), img = b * g.hp * g.wp * g.c;
+  const int64_t np = g.np();
   int64_t cnt = 0;
   for (int64_t i = 0; i < g.m; ++i) {
     const int64_t p = row[i];
     if (p < 0 || p >= np) continue;  // empty slot
     pix[cnt] = p;
-    base[cnt++] = img + pbase[p];
+    base[cnt++] = pbase[p];
   }
   return cnt;
+}
+
+// dst[j * ldd + i] = src[i * lds + j] for i < rows, j < cols, in cache-sized blocks.
+inline void transpose(const float* src, int64_t rows, int64_t cols, int64_t lds, float* dst, int64_t ldd) {
+  constexpr int64_t B = 16;
+  for (int64_t i0 = 0; i0 < rows; i0 += B)
+    for (int64_t j0 = 0; j0 < cols; j0 += B) {
+      const int64_t i1 = std::min(rows, i0 + B), j1 = std::min(cols, j0 + B);
+      for (int64_t j = j0; j < j1; ++j)
+        for (int64_t i = i0; i < i1; ++i) dst[j * ldd + i] = src[i * lds + j];
+    }
 }
 
 // pbase (np,): where each output pixel's patch starts in a padded image.
@@ -153,16 +172,16 @@ inline void dispatch(int64_t n, F&& f) {
 constexpr int rows_for(int nv) { return std::min(12, RAPA_FWD_ACC / nv); }
 constexpr int krows_for(int nv) { return std::min(12, RAPA_GW_ACC / nv); }
 
-// Forward: MR pixels x NV*VW channels. base: the MR patches' offsets in xp; koff (K,): the
-// offset of every patch entry from its patch's first number; w: (K, cp) at the column block;
-// out rows get `valid` channels. One flat loop over K keeps the accumulators in registers.
+// Forward: MR pixels x NV*VW channels. base: the MR patches' offsets in the padded image xp;
+// koff (K,): the offset of every patch entry from its patch's first number; w: (K, cp) at the
+// column block; init: the bias there, or null. The sums go to the rows out + pix[r] * cp (whole
+// vectors). One flat loop over K keeps the accumulators in registers.
 template <int MR, int NV>
 void fwd_block(const float* xp, const int64_t* base, const int64_t* koff, int64_t k, const float* w,
-               int64_t cp, const float* bias, float* out, const int64_t* pix, int64_t orow,
-               int64_t cout, int64_t valid) {
+               int64_t cp, const float* init, float* out, const int64_t* pix) {
   vf acc[MR][NV];
   for (int v = 0; v < NV; ++v) {
-    const vf b0 = bias ? vload(bias + v * VW) : vf{};
+    const vf b0 = init ? vload(init + v * VW) : vf{};
     for (int r = 0; r < MR; ++r) acc[r][v] = b0;
   }
   const float* a[MR];
@@ -176,16 +195,8 @@ void fwd_block(const float* xp, const int64_t* base, const int64_t* koff, int64_
       for (int v = 0; v < NV; ++v) acc[r][v] += wv[v] * x;
     }
   }
-  for (int r = 0; r < MR; ++r) {
-    float* dst = out + (orow + pix[r]) * cout;
-    if (valid == NV * VW) {
-      for (int v = 0; v < NV; ++v) vstore(dst + v * VW, acc[r][v]);
-    } else {
-      float tmp[NV * VW];
-      for (int v = 0; v < NV; ++v) vstore(tmp + v * VW, acc[r][v]);
-      std::memcpy(dst, tmp, valid * sizeof(float));
-    }
-  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) vstore(out + pix[r] * cp + v * VW, acc[r][v]);
 }
 
 // Weight gradient: MK consecutive patch entries (k0..k0+MK, one segment) x NV*VW channels,
@@ -224,34 +235,100 @@ void gx_block(const float* G, int64_t cp, int64_t cout, const float* w2, int64_t
     for (int v = 0; v < SV; ++v) vstore(T + r * kp + v * VW, acc[r][v]);
 }
 
-// Image b of x (N, H, W, C) into xp (N, Hp, Wp, C) with its zero border.
-inline void pad_image(const Geo& g, const float* x, int64_t b, float* xp) {
-  const int64_t row = g.wp * g.c, inner = g.w * g.c;
-  float* img = xp + b * g.hp * row;
-  std::fill(img, img + g.ph * row, 0.f);
-  for (int64_t y = 0; y < g.h; ++y) {
-    float* dst = img + (g.ph + y) * row;
-    std::fill(dst, dst + g.pw * g.c, 0.f);
-    std::memcpy(dst + g.pw * g.c, x + (b * g.h + y) * inner, inner * sizeof(float));
-    std::fill(dst + g.pw * g.c + inner, dst + row, 0.f);
+// The same sums added straight into the padded input gradient: row r's SV*VW entries are a
+// contiguous run of its window at img + at[r] (windows of the block may overlap: each row's
+// adds complete before the next row's).
+template <int MR, int SV>
+void gx_block_add(const float* G, int64_t cp, int64_t cout, const float* w2, int64_t kp, float* img,
+                  const int64_t* at) {
+  vf acc[MR][SV] = {};
+  for (int64_t n = 0; n < cout; ++n) {
+    vf wv[SV];
+    for (int v = 0; v < SV; ++v) wv[v] = vload_reg(w2 + n * kp + v * VW);
+    for (int r = 0; r < MR; ++r) {
+      const float gg = G[r * cp + n];
+      for (int v = 0; v < SV; ++v) acc[r][v] += wv[v] * gg;
+    }
   }
-  std::fill(img + (g.ph + g.h) * row, img + g.hp * row, 0.f);
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < SV; ++v) {
+      float* dst = img + at[r] + v * VW;
+      vstore(dst, vload(dst) + acc[r][v]);
+    }
 }
 
-// Copy the output-gradient rows of cnt pixels of image b into G (cnt, cp), zero-padded.
-inline void pack_g(const Geo& g, const float* grad, int64_t b, const int64_t* pix, int64_t cnt,
-                   float* G) {
+// Image b of x into pad (Hp, Wp, C) with its zero border: x is (N, H, W, C), or (N, C, H, W)
+// when nchw (transposed row by row, in cache: no transposed copy of x is ever made).
+inline void pad_image(const Geo& g, const float* x, int64_t b, bool nchw, float* pad) {
+  const int64_t row = g.wp * g.c, inner = g.w * g.c, hw = g.h * g.w;
+  std::fill(pad, pad + g.ph * row, 0.f);
+  for (int64_t y = 0; y < g.h; ++y) {
+    float* dst = pad + (g.ph + y) * row;
+    std::fill(dst, dst + g.pw * g.c, 0.f);
+    if (nchw) transpose(x + b * g.c * hw + y * g.w, g.c, g.w, hw, dst + g.pw * g.c, g.c);
+    else std::memcpy(dst + g.pw * g.c, x + (b * g.h + y) * inner, inner * sizeof(float));
+    std::fill(dst + g.pw * g.c + inner, dst + row, 0.f);
+  }
+  std::fill(pad + (g.ph + g.h) * row, pad + g.hp * row, 0.f);
+}
+
+// Image b of the output gradient as (np, cout) rows: grad itself when it is (N, oh, ow, cout),
+// its transpose in buf when it is (N, cout, oh, ow) (Geo::layout bit 1).
+inline const float* grad_rows(const Geo& g, const float* grad, int64_t b, std::vector<float>& buf) {
   const int64_t np = g.np();
+  if (!(g.layout & 2)) return grad + b * np * g.cout;
+  buf.resize(np * g.cout);
+  transpose(grad + b * g.cout * np, g.cout, np, np, buf.data(), g.cout);
+  return buf.data();
+}
+
+// Copy the gradient rows (gimg: one image's (np, cout)) of cnt pixels into G (cnt, cp), zero-padded.
+inline void pack_g(const Geo& g, const float* gimg, const int64_t* pix, int64_t cnt, float* G) {
   for (int64_t r = 0; r < cnt; ++r) {
-    std::memcpy(G + r * g.cp, grad + (b * np + pix[r]) * g.cout, g.cout * sizeof(float));
+    std::memcpy(G + r * g.cp, gimg + pix[r] * g.cout, g.cout * sizeof(float));
     std::fill(G + r * g.cp + g.cout, G + (r + 1) * g.cp, 0.f);
+  }
+}
+
+// The images that groups [i0, i1) of (image, tile) order touch, and the tiles of image b among them.
+inline void tile_range(const Geo& g, int64_t i0, int64_t i1, int64_t b, int64_t* t0, int64_t* t1) {
+  *t0 = std::max<int64_t>(i0 - b * g.nt, 0);
+  *t1 = std::min<int64_t>(i1 - b * g.nt, g.nt);
+}
+
+// weight (nt, cout, C, kh, kw) -> wt (nt, K, cp): K in (kh, kw, C) order, channels zero-padded
+// to cp; rows (t, q) split among the threads of the enclosing parallel region (then a barrier).
+inline void pack_fwd_weight(const Geo& g, const float* weight, float* wt) {
+  const int64_t k = g.k(), khw = g.kh * g.kw;
+#pragma omp for schedule(static)
+  for (int64_t row = 0; row < g.nt * k; ++row) {
+    const int64_t t = row / k, q = row % k, c = q % g.c, ij = q / g.c;
+    const float* src = weight + (t * g.cout * g.c + c) * khw + ij;  // weight[t, :, c, i, j]
+    float* dst = wt + row * g.cp;
+    for (int64_t n = 0; n < g.cout; ++n) dst[n] = src[n * g.c * khw];
+    std::fill(dst + g.cout, dst + g.cp, 0.f);
+  }
+}
+
+// weight (nt, cout, C, kh, kw) -> w2 (nt, cout, kp): each row in (kh, kw, C) order, zero-padded
+// to kp; rows split among the threads of the enclosing parallel region (then a barrier).
+inline void pack_bwd_weight(const Geo& g, const float* weight, float* w2) {
+  const int64_t khw = g.kh * g.kw;
+#pragma omp for schedule(static)
+  for (int64_t row = 0; row < g.nt * g.cout; ++row) {
+    const float* src = weight + row * g.c * khw;  // (C, kh*kw)
+    float* dst = w2 + row * g.kp;
+    for (int64_t ij = 0; ij < khw; ++ij)
+      for (int64_t c = 0; c < g.c; ++c) dst[ij * g.c + c] = src[c * khw + ij];
+    std::fill(dst + khw * g.c, dst + g.kp, 0.f);
   }
 }
 
 struct Scratch {  // per-thread buffers, kept between calls (OpenMP threads persist)
   std::vector<int64_t> pix, base, pbase, koff;
   std::vector<float> G, T, gw, gb;
-  std::vector<float> img_x, img_g, img_o;  // depthwise: one image's input, gradient, output
+  std::vector<float> img_x, img_g, img_o;  // one image's (padded) input, output gradient, output
+  std::vector<float> packed;  // the calling thread's: a call's weights packed for the team
 
   // Room for one group's pixels and patch offsets, and the pixel offsets of this geometry.
   void prepare(const Geo& g) {
@@ -284,18 +361,31 @@ int64_t rapa_geometry_layout(int64_t* offsets) {
   return sizeof(Geo);
 }
 
-// x (N, H, W, C) is padded into the scratch xp (N, Hp, Wp, C). out (N*np, cout): written for
-// every listed pixel (the caller zeroes it if some are not). w: (nt, K, cp); bias: (nt, cp) or
-// null.
-int rapa_tiled_conv_fwd(const Geo* geo, const float* x, float* xp, const float* w,
-                        const float* bias, const int64_t* index, float* out) {
+// x: (N, H, W, C), or (N, C, H, W) when Geo::layout bit 0 is set; out: (N, oh, ow, cout), or
+// (N, cout, oh, ow) likewise, written for every listed pixel (the caller zeroes it when some
+// are not, and then sets layout bit 2). weight: (nt, cout, C, kh, kw), packed here into
+// (nt, K, cp); bias: (nt, cout) or null. Each thread
+// takes a contiguous range of the (image, tile) groups and pads each of its images into its
+// own scratch (transposing an NCHW one); an NCHW output is gathered per image in scratch and
+// transposed into out, so neither layout costs a full-size copy.
+int rapa_tiled_conv_fwd(const Geo* geo, const float* x, const float* weight, const float* bias_in,
+                        const int64_t* index, float* out) {
   const Geo g = *geo;  // a local copy: the compiler knows that no store reaches it
   const Segs sg(g);
   const int64_t k = g.k(), np = g.np();
+  const bool nchw = g.layout & 1, every = !(g.layout & 4);
+  std::vector<float>& packed = scratch.packed;  // the calling thread's: shared by the team
+  packed.resize(g.nt * k * g.cp + (bias_in ? g.nt * g.cp : 0));
+  float* w = packed.data();
+  float* bias = bias_in ? w + g.nt * k * g.cp : nullptr;  // (nt, cp)
+  if (bias)
+    for (int64_t t = 0; t < g.nt; ++t) {
+      std::memcpy(bias + t * g.cp, bias_in + t * g.cout, g.cout * sizeof(float));
+      std::fill(bias + t * g.cp + g.cout, bias + (t + 1) * g.cp, 0.f);
+    }
 #pragma omp parallel num_threads(g.nth)
   {
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < g.n; ++b) pad_image(g, x, b, xp);  // (a barrier follows)
+    pack_fwd_weight(g, weight, w);
     int64_t i0, i1;
     split(g.n * g.nt, omp_get_thread_num(), omp_get_num_threads(), &i0, &i1);
     Scratch& sc = scratch;
@@ -303,23 +393,52 @@ int rapa_tiled_conv_fwd(const Geo* geo, const float* x, float* xp, const float* 
     sc.koff.resize(k);
     for (int64_t q = 0; q < sg.nseg; ++q)
       for (int64_t e = 0; e < sg.len; ++e) sc.koff[q * sg.len + e] = sg.off[q] + e;
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / g.nt, t = i % g.nt;
-      const int64_t cnt = sc.group_of(g, index, b, t);
-      for (int64_t c0 = 0; c0 < g.cp; c0 += NVMAX * VW) {
-        const int64_t nv = std::min<int64_t>(NVMAX, (g.cp - c0) / VW);
-        const int64_t valid = std::min<int64_t>(nv * VW, g.cout - c0);
-        const float* wt = w + t * k * g.cp + c0;
-        const float* bt = bias ? bias + t * g.cp + c0 : nullptr;
-        dispatch<NVMAX>(nv, [&](auto NVc) {
-          constexpr int NV = decltype(NVc)::value, MR = rows_for(NV);
-          for (int64_t r0 = 0; r0 < cnt; r0 += MR) {
-            dispatch<MR>(std::min<int64_t>(MR, cnt - r0), [&](auto R) {
-              fwd_block<decltype(R)::value, NV>(xp, sc.base.data() + r0, sc.koff.data(), k, wt, g.cp, bt,
-                                                out + c0, sc.pix.data() + r0, b * np, g.cout, valid);
-            });
+    sc.img_x.resize(g.hp * g.wp * g.c);
+    sc.img_o.resize(np * g.cp);
+    const float* xp = sc.img_x.data();
+    for (int64_t b = i0 / g.nt; b * g.nt < i1; ++b) {
+      int64_t t0, t1;
+      tile_range(g, i0, i1, b, &t0, &t1);
+      pad_image(g, x, b, nchw, sc.img_x.data());
+      float* dst = sc.img_o.data();  // the image's (np, cp) rows
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t cnt = sc.group_of(g, index, b, t);
+        for (int64_t c0 = 0; c0 < g.cp; c0 += NVMAX * VW) {
+          const int64_t nv = std::min<int64_t>(NVMAX, (g.cp - c0) / VW);
+          const float* bt = bias ? bias + t * g.cp + c0 : nullptr;
+          const float* wt = w + t * k * g.cp + c0;
+          dispatch<NVMAX>(nv, [&](auto NVc) {
+            constexpr int NV = decltype(NVc)::value, MR = rows_for(NV);
+            for (int64_t r0 = 0; r0 < cnt; r0 += MR) {
+              dispatch<MR>(std::min<int64_t>(MR, cnt - r0), [&](auto R) {
+                fwd_block<decltype(R)::value, NV>(xp, sc.base.data() + r0, sc.koff.data(), k, wt, g.cp, bt,
+                                                  dst + c0, sc.pix.data() + r0);
+              });
+            }
+          });
+        }
+      }
+      float* ob = out + b * g.cout * np;  // (np, cout) or (cout, np)
+      if (every && t0 == 0 && t1 == g.nt) {
+        if (nchw) {
+          transpose(dst, np, g.cout, g.cp, ob, np);
+        } else if (g.cp == g.cout) {
+          std::memcpy(ob, dst, np * g.cout * sizeof(float));
+        } else {
+          for (int64_t p = 0; p < np; ++p) std::memcpy(ob + p * g.cout, dst + p * g.cp, g.cout * sizeof(float));
+        }
+      } else {  // part of the image, or not every pixel listed: only this thread's pixels
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t cnt = sc.group_of(g, index, b, t);
+          for (int64_t r = 0; r < cnt; ++r) {
+            const int64_t p = sc.pix[r];
+            if (nchw) {
+              for (int64_t c = 0; c < g.cout; ++c) ob[c * np + p] = dst[p * g.cp + c];
+            } else {
+              std::memcpy(ob + p * g.cout, dst + p * g.cp, g.cout * sizeof(float));
+            }
           }
-        });
+        }
       }
     }
   }
@@ -327,57 +446,62 @@ int rapa_tiled_conv_fwd(const Geo* geo, const float* x, float* xp, const float* 
 }
 
 // gw (nt, cout, C, kh, kw) and gb (nt, cout): the weight and bias gradients, either may be null
-// (x and xp are only read for gw). Each thread sums its groups into its own scratch; after a
+// (x is only read for gw). x as in the forward; grad (N, oh, ow, cout), or (N, cout, oh, ow)
+// when Geo::layout bit 1 is set. Each thread sums its groups into its own scratch; after a
 // barrier the threads sum those partials in thread order (deterministic for a thread count)
 // into gw, rows split among them.
-int rapa_tiled_conv_bwd_w(const Geo* geo, const float* x, float* xp, const float* grad,
-                          const int64_t* index, float* gw, float* gb) {
+int rapa_tiled_conv_bwd_w(const Geo* geo, const float* x, const float* grad, const int64_t* index,
+                          float* gw, float* gb) {
   const Geo g = *geo;  // a local copy: the compiler knows that no store reaches it
   const Segs sg(g);
   const int64_t k = g.k();
+  const bool nchw = g.layout & 1;
   std::vector<float*> part_w(g.nth), part_b(g.nth);
 #pragma omp parallel num_threads(g.nth)
   {
-    if (gw) {
-#pragma omp for schedule(static)
-      for (int64_t b = 0; b < g.n; ++b) pad_image(g, x, b, xp);
-    }
     const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
     int64_t i0, i1;
     split(g.n * g.nt, tid, nth, &i0, &i1);
     Scratch& sc = scratch;
     sc.prepare(g);
     sc.G.resize(PB * g.cp);
+    if (gw) sc.img_x.resize(g.hp * g.wp * g.c);
+    const float* xp = sc.img_x.data();
     if (gw) sc.gw.assign(g.nt * k * g.cp, 0.f), part_w[tid] = sc.gw.data();
     if (gb) sc.gb.assign(g.nt * g.cp, 0.f), part_b[tid] = sc.gb.data();
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / g.nt, t = i % g.nt;
-      const int64_t cnt = sc.group_of(g, index, b, t);
-      for (int64_t r0 = 0; r0 < cnt; r0 += PB) {
-        const int64_t rc = std::min(PB, cnt - r0);
-        const int64_t* base = sc.base.data() + r0;
-        float* G = sc.G.data();
-        pack_g(g, grad, b, sc.pix.data() + r0, rc, G);
-        if (gb) {
-          float* gbt = sc.gb.data() + t * g.cp;
-          for (int64_t r = 0; r < rc; ++r)
-            for (int64_t j = 0; j < g.cout; ++j) gbt[j] += G[r * g.cp + j];
-        }
-        if (!gw) continue;
-        float* gwt = sc.gw.data() + t * k * g.cp;
-        for (int64_t c0 = 0; c0 < g.cp; c0 += NVMAX * VW) {
-          const int64_t nv = std::min<int64_t>(NVMAX, (g.cp - c0) / VW);
-          dispatch<NVMAX>(nv, [&](auto NVc) {
-            constexpr int NV = decltype(NVc)::value, MK = krows_for(NV);
-            for (int64_t s = 0; s < sg.nseg; ++s) {
-              for (int64_t e0 = 0; e0 < sg.len; e0 += MK) {
-                dispatch<MK>(std::min<int64_t>(MK, sg.len - e0), [&](auto J) {
-                  gw_block<decltype(J)::value, NV>(xp, base, sg.off[s] + e0, G + c0, g.cp, rc,
-                                                   gwt + (s * sg.len + e0) * g.cp + c0);
-                });
+    for (int64_t b = i0 / g.nt; b * g.nt < i1; ++b) {
+      int64_t t0, t1;
+      tile_range(g, i0, i1, b, &t0, &t1);
+      if (gw) pad_image(g, x, b, nchw, sc.img_x.data());
+      const float* gimg = grad_rows(g, grad, b, sc.img_g);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t cnt = sc.group_of(g, index, b, t);
+        for (int64_t r0 = 0; r0 < cnt; r0 += PB) {
+          const int64_t rc = std::min(PB, cnt - r0);
+          const int64_t* base = sc.base.data() + r0;
+          float* G = sc.G.data();
+          pack_g(g, gimg, sc.pix.data() + r0, rc, G);
+          if (gb) {
+            float* gbt = sc.gb.data() + t * g.cp;
+            for (int64_t r = 0; r < rc; ++r)
+              for (int64_t j = 0; j < g.cout; ++j) gbt[j] += G[r * g.cp + j];
+          }
+          if (!gw) continue;
+          float* gwt = sc.gw.data() + t * k * g.cp;
+          for (int64_t c0 = 0; c0 < g.cp; c0 += NVMAX * VW) {
+            const int64_t nv = std::min<int64_t>(NVMAX, (g.cp - c0) / VW);
+            dispatch<NVMAX>(nv, [&](auto NVc) {
+              constexpr int NV = decltype(NVc)::value, MK = krows_for(NV);
+              for (int64_t s = 0; s < sg.nseg; ++s) {
+                for (int64_t e0 = 0; e0 < sg.len; e0 += MK) {
+                  dispatch<MK>(std::min<int64_t>(MK, sg.len - e0), [&](auto J) {
+                    gw_block<decltype(J)::value, NV>(xp, base, sg.off[s] + e0, G + c0, g.cp, rc,
+                                                     gwt + (s * sg.len + e0) * g.cp + c0);
+                  });
+                }
               }
-            }
-          });
+            });
+          }
         }
       }
     }
@@ -413,25 +537,35 @@ void rapa_clear_scratch(int64_t nth) {
   scratch = Scratch();
 }
 
-// gx (N, H, W, C): every listed pixel's patch gradient summed over its window, accumulated in
-// the scratch gxp (N, Hp, Wp, C). w2: (nt, cout, kp), the weights transposed, K zero-padded.
-int rapa_tiled_conv_bwd_x(const Geo* geo, const float* grad, const float* w2,
-                          const int64_t* index, float* gxp, float* gx) {
+// gx: every listed pixel's patch gradient summed over its window, in x's layout (Geo::layout
+// bit 0); grad as in rapa_tiled_conv_bwd_w. weight: (nt, cout, C, kh, kw), packed here into
+// w2 (nt, cout, kp), K in (kh, kw, C) order and zero-padded. Work is split by images (windows overlap within an image); each thread
+// accumulates an image's padded gradient in its scratch and copies (or transposes) its inside out.
+int rapa_tiled_conv_bwd_x(const Geo* geo, const float* grad, const float* weight, const int64_t* index,
+                          float* gx) {
   const Geo g = *geo;  // a local copy: the compiler knows that no store reaches it
   const Segs sg(g);
+  const bool nchw = g.layout & 1;
   constexpr int MR = RAPA_GX_MR, SVMAX = RAPA_GX_SV;
+  std::vector<float>& packed = scratch.packed;  // the calling thread's: shared by the team
+  packed.resize(g.nt * g.cout * g.kp);
+  const float* w2 = packed.data();
+  const bool fused = sg.len % VW == 0;  // each segment whole vectors: no patch-gradient buffer
 #pragma omp parallel num_threads(g.nth)
   {
+    pack_bwd_weight(g, weight, packed.data());
     int64_t b0, b1;
     split(g.n, omp_get_thread_num(), omp_get_num_threads(), &b0, &b1);
     Scratch& sc = scratch;
     sc.prepare(g);
     sc.G.resize(PBX * g.cp), sc.T.resize(PBX * g.kp);
     float* T = sc.T.data();
-    const int64_t row = g.wp * g.c, inner = g.w * g.c;
-    for (int64_t b = b0; b < b1; ++b) {  // images do not share windows: one thread each
-      float* img = gxp + b * g.hp * row;
+    const int64_t row = g.wp * g.c, inner = g.w * g.c, hw = g.h * g.w;
+    sc.img_x.resize(g.hp * row);
+    float* img = sc.img_x.data();
+    for (int64_t b = b0; b < b1; ++b) {
       std::fill(img, img + g.hp * row, 0.f);
+      const float* gimg = grad_rows(g, grad, b, sc.img_g);
       for (int64_t t = 0; t < g.nt; ++t) {
         const int64_t cnt = sc.group_of(g, index, b, t);
         const float* w2t = w2 + t * g.cout * g.kp;
@@ -441,7 +575,25 @@ int rapa_tiled_conv_bwd_x(const Geo* geo, const float* grad, const float* w2,
         for (int64_t q0 = 0; q0 < cnt; q0 += PBX) {
           const int64_t qc = std::min(PBX, cnt - q0);
           float* G = sc.G.data();
-          pack_g(g, grad, b, sc.pix.data() + q0, qc, G);
+          pack_g(g, gimg, sc.pix.data() + q0, qc, G);
+          if (fused) {  // segments of whole vectors: add each block of entries into the windows
+            for (int64_t s = 0; s < sg.nseg; ++s)
+              for (int64_t e0 = 0; e0 < sg.len; e0 += SVMAX * VW) {
+                const int64_t sv = std::min<int64_t>(SVMAX, (sg.len - e0) / VW);
+                for (int64_t r0 = 0; r0 < qc; r0 += MR) {
+                  const int64_t rn = std::min<int64_t>(MR, qc - r0);
+                  int64_t at[MR];
+                  for (int64_t r = 0; r < rn; ++r) at[r] = sc.base[q0 + r0 + r] + sg.off[s] + e0;
+                  dispatch<MR>(rn, [&](auto R) {
+                    dispatch<SVMAX>(sv, [&](auto S) {
+                      gx_block_add<decltype(R)::value, decltype(S)::value>(G + r0 * g.cp, g.cp, g.cout,
+                                                                           w2t + s * sg.len + e0, g.kp, img, at);
+                    });
+                  });
+                }
+              }
+            continue;
+          }
           for (int64_t v0 = 0; v0 < g.kp / VW; v0 += SVMAX) {
             const int64_t sv = std::min<int64_t>(SVMAX, g.kp / VW - v0);
             for (int64_t r0 = 0; r0 < qc; r0 += MR) {
@@ -458,15 +610,18 @@ int rapa_tiled_conv_bwd_x(const Geo* geo, const float* grad, const float* w2,
             const float* src = T + r * g.kp;
             const int64_t at = sc.base[q0 + r];
             for (int64_t s = 0; s < sg.nseg; ++s) {
-              float* dst = gxp + at + sg.off[s];
+              float* dst = img + at + sg.off[s];
               const float* sr = src + s * sg.len;
               for (int64_t e = 0; e < sg.len; ++e) dst[e] += sr[e];
             }
           }
         }
       }
-      for (int64_t y = 0; y < g.h; ++y)  // the image's gradient without the border
-        std::memcpy(gx + (b * g.h + y) * inner, img + (g.ph + y) * row + g.pw * g.c, inner * sizeof(float));
+      for (int64_t y = 0; y < g.h; ++y) {  // the image's gradient without the border
+        const float* src = img + (g.ph + y) * row + g.pw * g.c;
+        if (nchw) transpose(src, g.w, g.c, g.c, gx + b * g.c * hw + y * g.w, hw);
+        else std::memcpy(gx + (b * g.h + y) * inner, src, inner * sizeof(float));
+      }
     }
   }
   return 0;
@@ -488,17 +643,6 @@ inline vf loadn(const float* p, int64_t valid) {
   return v;
 }
 inline void storen(float* p, vf v, int64_t valid) { std::memcpy(p, &v, valid * sizeof(float)); }
-
-// dst[j * ldd + i] = src[i * lds + j] for i < rows, j < cols, in cache-sized blocks.
-inline void transpose(const float* src, int64_t rows, int64_t cols, int64_t lds, float* dst, int64_t ldd) {
-  constexpr int64_t B = 16;
-  for (int64_t i0 = 0; i0 < rows; i0 += B)
-    for (int64_t j0 = 0; j0 < cols; j0 += B) {
-      const int64_t i1 = std::min(rows, i0 + B), j1 = std::min(cols, j0 + B);
-      for (int64_t j = j0; j < j1; ++j)
-        for (int64_t i = i0; i < i1; ++i) dst[j * ldd + i] = src[i * lds + j];
-    }
-}
 
 // Image b of x as (H*W, C) channels-last: x itself (NHWC) or its transpose in buf (NCHW).
 inline const float* image_nhwc(const Geo& g, const float* x, int64_t b, bool nchw, std::vector<float>& buf) {
@@ -601,9 +745,8 @@ struct DwThread {
 extern "C" {
 
 // out (N, C, oh, ow) or (N, oh, ow, C), as x: every pixel written (0 where no slot lists it).
-int rapa_dw_fwd(const Geo* geo, const float* x, float* xp, const float* w, const float* bias,
-                const int64_t* index, float* out) {
-  (void)xp;
+int rapa_dw_fwd(const Geo* geo, const float* x, const float* w, const float* bias, const int64_t* index,
+                float* out) {
   const Geo g = *geo;  // a local copy: the compiler knows that no store reaches it
   const int64_t kk = g.kh * g.kw, np = g.np();
   const bool nchw = g.layout & 1;
@@ -645,9 +788,8 @@ int rapa_dw_fwd(const Geo* geo, const float* x, float* xp, const float* w, const
 // gw (nt, C, 1, kh, kw) and gb (nt, C), either may be null; grad as Geo::layout says. Per-thread
 // partials (nt, kk, cp) and (nt, cp), summed in thread order after a barrier (deterministic for
 // a thread count). Each image is padded (and transposed) into scratch once.
-int rapa_dw_bwd_w(const Geo* geo, const float* x, float* xp, const float* grad,
-                  const int64_t* index, float* gw, float* gb) {
-  (void)xp;
+int rapa_dw_bwd_w(const Geo* geo, const float* x, const float* grad, const int64_t* index, float* gw,
+                  float* gb) {
   const Geo g = *geo;  // a local copy: the compiler knows that no store reaches it
   const int64_t kk = g.kh * g.kw;
   const bool nchw = g.layout & 1;
@@ -742,10 +884,8 @@ int rapa_dw_bwd_w(const Geo* geo, const float* x, float* xp, const float* grad,
 
 // gx (N, C, H, W) or (N, H, W, C), as x: for every input pixel, the sum over the output pixels
 // whose window reads it of their output gradient times their tile's weight at that offset (a
-// gather: every input pixel written once). gxp unused.
-int rapa_dw_bwd_x(const Geo* geo, const float* grad, const float* w, const int64_t* index,
-                  float* gxp, float* gx) {
-  (void)gxp;
+// gather: every input pixel written once).
+int rapa_dw_bwd_x(const Geo* geo, const float* grad, const float* w, const int64_t* index, float* gx) {
   const Geo g = *geo;  // a local copy: the compiler knows that no store reaches it
   const int64_t kk = g.kh * g.kw, hw = g.h * g.w;
 #pragma omp parallel num_threads(g.nth)

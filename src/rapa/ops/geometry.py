@@ -94,7 +94,8 @@ class ConvGeometry:
     def native(self, vector_width: int, threads: int, layout: int = 0) -> "NativeGeometry":
         """This geometry as the native kernels read it: output channels and patch length
         padded to whole vectors of ``vector_width`` floats, ``threads`` OpenMP threads;
-        ``layout`` (depthwise kernels): bit 0, ``x`` is NCHW; bit 1, the output gradient is."""
+        ``layout``: bit 0, ``x`` (and the output, the input gradient) is NCHW, else channels-last;
+        bit 1, the output gradient is NCHW; bit 2, not every output pixel is listed (forward)."""
         (kh, kw), (ph, pw), cout = self.kernel, self.padding, self.out_channels
         return NativeGeometry(  # positionally, in the order of NATIVE_FIELDS (faster than by keyword)
             self.batch, self.in_channels, self.height + 2 * ph, self.width + 2 * pw, kh, kw, *self.stride,

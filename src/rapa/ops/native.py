@@ -38,17 +38,17 @@ import torch
 from torch import Tensor
 
 from rapa.ops.geometry import NATIVE_FIELDS, ConvGeometry, NativeGeometry
-from rapa.ops.workspace import scratch
 
-SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "tiled_conv.cpp"
+SOURCES = tuple(Path(__file__).resolve().parents[1] / "csrc" / name for name in ("tiled_conv.cpp", "randperm.cpp"))
+SOURCE = SOURCES[0]  # the convolution kernels (its struct Geo is checked at load)
 ENV_SWITCH = "RAPA_NATIVE"  # "0": use the PyTorch path
 ENV_DIR = "RAPA_NATIVE_DIR"
 ENV_ARCH = "RAPA_NATIVE_ARCH"  # the -march target, default "native"
 FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 
 # every kernel takes the geometry, then this many tensor addresses; its int return is 0
-_KERNELS = {"rapa_tiled_conv_fwd": 6, "rapa_tiled_conv_bwd_w": 6, "rapa_tiled_conv_bwd_x": 5,
-            "rapa_dw_fwd": 6, "rapa_dw_bwd_w": 6, "rapa_dw_bwd_x": 5}
+_KERNELS = {"rapa_tiled_conv_fwd": 5, "rapa_tiled_conv_bwd_w": 5, "rapa_tiled_conv_bwd_x": 4,
+            "rapa_dw_fwd": 5, "rapa_dw_bwd_w": 5, "rapa_dw_bwd_x": 4}
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "lib": the loaded library, or "error": why there is none
 
@@ -80,7 +80,7 @@ def build(force: bool = False) -> Path:
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set $CXX or install g++)")
     flags = (*FLAGS, f"-march={os.environ.get(ENV_ARCH) or 'native'}")
-    src = SOURCE.read_bytes()
+    src = b"\0".join(path.read_bytes() for path in SOURCES)
     key = hashlib.sha256(b"\0".join([src, cxx.encode(), " ".join(flags).encode(),
                                      _cpu_id().encode(), torch.__version__.encode()])).hexdigest()[:16]
     path = build_dir() / f"rapa_tiled_conv_{key}.so"
@@ -90,10 +90,10 @@ def build(force: bool = False) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
     try:
-        res = subprocess.run([*shlex.split(cxx), *flags, str(SOURCE), "-o", tmp], capture_output=True,
+        res = subprocess.run([*shlex.split(cxx), *flags, *map(str, SOURCES), "-o", tmp], capture_output=True,
                              text=True, timeout=600)
         if res.returncode != 0:
-            raise RuntimeError(f"building {SOURCE.name} with {cxx} failed:\n{res.stderr[-4000:]}")
+            raise RuntimeError(f"building {', '.join(p.name for p in SOURCES)} with {cxx} failed:\n{res.stderr[-4000:]}")
         os.replace(tmp, path)  # atomic: concurrent builders (e.g. Ray workers) do not collide
     finally:
         if os.path.exists(tmp):
@@ -116,6 +116,9 @@ def library() -> ctypes.CDLL | None:
                     getattr(lib, name).restype = ctypes.c_int
                 lib.rapa_clear_scratch.argtypes = [ctypes.c_int64]
                 lib.rapa_clear_scratch.restype = None
+                lib.rapa_randperm_rows.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p]
+                lib.rapa_randperm_rows.restype = ctypes.c_int
+                lib.rapa_generator_state_bytes.restype = ctypes.c_int64
                 _state["lib"] = lib
             except (RuntimeError, OSError, subprocess.SubprocessError) as err:
                 _state["error"] = str(err)
@@ -186,6 +189,58 @@ def describe() -> str:
     return f"native kernels (-march={arch}, {lib.rapa_vector_width()} floats per vector)"
 
 
+def randperm_rows(b: int, n: int, generator: torch.Generator | None = None, cols: int = 1) -> Tensor | None:
+    """``b`` rows of ``torch.randperm(n, generator=generator)`` (CPU, int64) in one native call:
+    the same permutations as ``b`` calls of ``torch.randperm`` with the generator (``None``:
+    torch's default CPU generator), which is left in the same state; ``None`` where the native
+    kernels are off or do not reproduce ``torch.randperm`` here (checked once per process).
+    With ``cols > 1`` each row ``perm`` is returned as its rank grid ``(cols, M)``,
+    ``M = ceil(n / cols)``: ``out[r, c, j] = perm[r, j * cols + c]``, ``n`` past its end
+    (shape (b, cols, M); cols = 1: (b, n))."""
+    if not enabled() or (generator is not None and generator.device.type != "cpu"):
+        return None
+    if "randperm" not in _state:
+        _state["randperm"] = _randperm_matches_torch()
+    if not _state["randperm"]:
+        return None
+    return _randperm_native(b, n, generator, cols)
+
+
+def _randperm_native(b: int, n: int, generator: torch.Generator | None, cols: int = 1) -> Tensor | None:
+    lib = library()
+    state = (torch.get_rng_state() if generator is None else generator.get_state()).contiguous()
+    if state.numel() < lib.rapa_generator_state_bytes():  # type: ignore[union-attr]
+        return None
+    out = torch.empty((b, n) if cols == 1 else (b, cols, -(-n // cols)), dtype=torch.int64)
+    if lib.rapa_randperm_rows(state.data_ptr(), b, n, cols, torch.get_num_threads(),  # type: ignore[union-attr]
+                              out.data_ptr()) != 0:
+        return None
+    if generator is None:
+        torch.set_rng_state(state)
+    else:
+        generator.set_state(state)
+    return out
+
+
+def _randperm_matches_torch() -> bool:
+    """Whether the native draw gives torch.randperm's permutations and generator state."""
+    for seed, b, n in ((0, 3, 1), (1, 4, 7), (2, 2, 1000)):
+        ours, theirs = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        torch.randperm(5, generator=ours), torch.randperm(5, generator=theirs)  # mid-block positions too
+        rows = _randperm_native(b, n, ours)
+        if rows is None or not torch.equal(rows, torch.stack([torch.randperm(n, generator=theirs)
+                                                                for _ in range(b)])):
+            return False
+        grid = _randperm_native(b, n, ours, 3)
+        full = torch.stack([torch.randperm(n, generator=theirs) for _ in range(b)])
+        full = torch.cat([full, full.new_full((b, -n % 3), n)], 1)  # (b, 3 * M)
+        if grid is None or not torch.equal(grid, full.view(b, -1, 3).transpose(1, 2)):
+            return False
+        if not torch.equal(ours.get_state(), theirs.get_state()):
+            return False
+    return True
+
+
 def supports(x: Tensor, weight: Tensor, mask: Tensor | None) -> bool:
     """Whether this call can take the native path."""
     return (mask is None and x.device.type == "cpu" and x.dtype == torch.float32
@@ -200,7 +255,9 @@ def supports_depthwise(x: Tensor, weight: Tensor, mask: Tensor | None, groups: i
 
 
 def _ptr(t: Tensor | None) -> int | None:
-    """The address the kernels read or write; they assume dense row-major memory."""
+    """The address the kernels read or write; they assume dense row-major memory. ``t`` must
+    stay referenced until the kernel returns (never ``_ptr(x.contiguous())`` inline: the copy
+    would be freed before the call)."""
     if t is None:
         return None
     if not t.is_contiguous():
@@ -209,67 +266,65 @@ def _ptr(t: Tensor | None) -> int | None:
     return t.data_ptr()
 
 
-def _prepare(x: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor, geo: ConvGeometry,
-             layout: int = 0) -> tuple[ctypes.CDLL, NativeGeometry, Tensor, Tensor | None]:
+def _prepare(x: Tensor, index: Tensor, geo: ConvGeometry,
+             layout: int = 0) -> tuple[ctypes.CDLL, NativeGeometry, Tensor]:
     """What every forward needs: the library, the geometry struct (``layout`` as
-    :meth:`ConvGeometry.native`), the index as dense int64, the bias padded to whole vectors."""
+    :meth:`ConvGeometry.native`) and the index as dense int64."""
     lib = library()
     assert lib is not None, "native kernels called without a library (check supports() first)"
     ngeo = geo.native(lib.rapa_vector_width(), torch.get_num_threads(), layout)
-    index = index.to(torch.int64).contiguous()
-    bp = None if bias is None else _padded(bias, 1, ngeo.cp)  # (nt, cp)
-    return lib, ngeo, index, bp
+    return lib, ngeo, index.to(torch.int64).contiguous()
 
 
 class NativeTiledConv2dFn(torch.autograd.Function):
     """Autograd function of the tiled convolution on the native kernels (CPU, float32).
 
     Same arguments and results as :class:`rapa.ops.torch_path.TiledConv2dFn` without the mask.
-    Saves only ``x``, ``weight`` and the index; the backward re-reads the padded input.
+    NCHW and channels-last tensors are read as they are (the kernels pad, and transpose, one
+    image at a time in cache); the output and the input gradient have ``x``'s memory format.
+    Saves only ``x``, ``weight`` and the index; the backward pads the input again.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor, geo: ConvGeometry,
                 covered: bool) -> Tensor:
-        lib, ngeo, index, bp = _prepare(x, weight, bias, index, geo)
+        nhwc = _is_nhwc(x)
+        lib, ngeo, index = _prepare(x, index, geo, (0 if nhwc else 1) | (0 if covered else 4))
+        wc = weight.contiguous()  # (nt, cout, C, kh, kw); kept alive through the call
+        bias_c = None if bias is None else bias.contiguous()  # (nt, cout)
         n, oh, ow, cout = geo.batch, *geo.out_size, geo.out_channels
-        xh = _nhwc(x)  # (N, H, W, C)
-        xp = scratch.get("xp", geo.padded_numel, x)  # scratch for the padded input
-        wt = _padded(weight.permute(0, 3, 4, 2, 1), 4, ngeo.cp)  # (nt, kh, kw, C, cp) = (nt, K, cp)
-        out = (x.new_empty if covered else x.new_zeros)(n, oh, ow, cout)  # (N, oh, ow, cout)
-        lib.rapa_tiled_conv_fwd(ctypes.byref(ngeo), _ptr(xh), _ptr(xp), _ptr(wt), _ptr(bp), _ptr(index),
-                                _ptr(out))
+        xc = _nhwc(x) if nhwc else x.contiguous()  # (N, H, W, C) or (N, C, H, W)
+        out = (x.new_empty if covered else x.new_zeros)((n, oh, ow, cout) if nhwc else (n, cout, oh, ow))
+        lib.rapa_tiled_conv_fwd(ctypes.byref(ngeo), _ptr(xc), _ptr(wc), _ptr(bias_c), _ptr(index),
+                                _ptr(out))  # (the kernel packs the weight and bias)
         ctx.save_for_backward(x, weight, index)
-        ctx.geo, ctx.ngeo, ctx.has_bias = geo, ngeo, bias is not None
-        out = out.permute(0, 3, 1, 2)  # (N, cout, oh, ow) NHWC memory
-        if x.stride(1) == 1 and x.stride(2) >= x.shape[1]:  # channels-last memory (or a channel slice of it)
-            return out
-        return out.contiguous()
+        ctx.geo, ctx.ngeo, ctx.has_bias, ctx.nhwc = geo, ngeo, bias is not None, nhwc
+        return out.permute(0, 3, 1, 2) if nhwc else out  # (N, cout, oh, ow)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         lib = library()
         x, weight, index = ctx.saved_tensors
-        geo, ngeo = ctx.geo, ctx.ngeo
+        geo, ngeo, nhwc = ctx.geo, ctx.ngeo, ctx.nhwc
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and ctx.has_bias
         n, c, h, w = x.shape
         nt, cout, _, kh, kw = weight.shape
-        g = grad_out.permute(0, 2, 3, 1).contiguous()  # (N, oh, ow, cout)
+        g_nhwc = _is_nhwc(grad_out)
+        g = _nhwc(grad_out) if g_nhwc else grad_out.contiguous()  # (N, oh, ow, cout) or (N, cout, oh, ow)
+        ngeo.layout = (0 if nhwc else 1) | (0 if g_nhwc else 2)
         gx = gw = gb = None
         if need_w or need_b:
-            xh = _nhwc(x) if need_w else None
-            xp = scratch.get("xp", geo.padded_numel, x) if need_w else None
+            xc = (_nhwc(x) if nhwc else x.contiguous()) if need_w else None
             gw = x.new_empty(nt, cout, c, kh, kw) if need_w else None
             gb = x.new_empty(nt, cout) if need_b else None
-            lib.rapa_tiled_conv_bwd_w(ctypes.byref(ngeo), _ptr(xh), _ptr(xp), _ptr(g), _ptr(index), _ptr(gw),
-                                      _ptr(gb))
+            lib.rapa_tiled_conv_bwd_w(ctypes.byref(ngeo), _ptr(xc), _ptr(g), _ptr(index), _ptr(gw), _ptr(gb))
         if need_x:
-            w2 = _padded(weight.permute(0, 1, 3, 4, 2), 2, ngeo.kp)  # (nt, cout, kp), K in (kh, kw, C) order
-            gxp = scratch.get("gxp", geo.padded_numel, x)  # scratch: the padded gradient
-            gx = x.new_empty(n, h, w, c)  # (N, H, W, C)
-            lib.rapa_tiled_conv_bwd_x(ctypes.byref(ngeo), _ptr(g), _ptr(w2), _ptr(index), _ptr(gxp), _ptr(gx))
-            gx = gx.permute(0, 3, 1, 2)  # (N, C, H, W) channels-last memory
+            gx = x.new_empty((n, h, w, c) if nhwc else (n, c, h, w))
+            wc = weight.contiguous()  # kept alive through the call
+            lib.rapa_tiled_conv_bwd_x(ctypes.byref(ngeo), _ptr(g), _ptr(wc), _ptr(index), _ptr(gx))
+            if nhwc:
+                gx = gx.permute(0, 3, 1, 2)  # (N, C, H, W) channels-last memory
         return gx, gw, gb, None, None, None
 
 
@@ -283,14 +338,15 @@ class NativeDepthwiseFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor, geo: ConvGeometry,
                 covered: bool) -> Tensor:
-        nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        lib, ngeo, index, bp = _prepare(x, weight, bias, index, geo, 0 if nhwc else 1)
+        nhwc = _is_nhwc(x)
+        lib, ngeo, index = _prepare(x, index, geo, 0 if nhwc else 1)
+        bp = None if bias is None else _padded(bias, 1, ngeo.cp)  # (nt, cp)
         n, c, oh, ow = geo.batch, geo.in_channels, *geo.out_size
         nt, (kh, kw) = geo.tiles, geo.kernel
         xc = _nhwc(x) if nhwc else x.contiguous()  # (N, H, W, C) view or (N, C, H, W)
         wt = _padded(weight.view(nt, c, kh * kw).transpose(1, 2), 2, ngeo.cp)  # (nt, kh*kw, cp)
         out = x.new_empty((n, oh, ow, c) if nhwc else (n, c, oh, ow))
-        lib.rapa_dw_fwd(ctypes.byref(ngeo), _ptr(xc), None, _ptr(wt), _ptr(bp), _ptr(index), _ptr(out))
+        lib.rapa_dw_fwd(ctypes.byref(ngeo), _ptr(xc), _ptr(wt), _ptr(bp), _ptr(index), _ptr(out))
         ctx.save_for_backward(x, wt, index)
         ctx.ngeo, ctx.has_bias, ctx.kernel, ctx.nhwc = ngeo, bias is not None, (kh, kw), nhwc
         return out.permute(0, 3, 1, 2) if nhwc else out
@@ -304,7 +360,7 @@ class NativeDepthwiseFn(torch.autograd.Function):
         need_b = need_b and ctx.has_bias
         n, c, h, w = x.shape
         nt = wt.shape[0]
-        g_nhwc = grad_out.is_contiguous(memory_format=torch.channels_last) and not grad_out.is_contiguous()
+        g_nhwc = _is_nhwc(grad_out)
         g = _nhwc(grad_out) if g_nhwc else grad_out.contiguous()
         ngeo.layout = (0 if nhwc else 1) | (0 if g_nhwc else 2)
         gx = gw = gb = None
@@ -312,10 +368,10 @@ class NativeDepthwiseFn(torch.autograd.Function):
             xc = (_nhwc(x) if nhwc else x.contiguous()) if need_w else None
             gw = x.new_empty(nt, c, 1, kh, kw) if need_w else None
             gb = x.new_empty(nt, c) if need_b else None
-            lib.rapa_dw_bwd_w(ctypes.byref(ngeo), _ptr(xc), None, _ptr(g), _ptr(index), _ptr(gw), _ptr(gb))
+            lib.rapa_dw_bwd_w(ctypes.byref(ngeo), _ptr(xc), _ptr(g), _ptr(index), _ptr(gw), _ptr(gb))
         if need_x:
             gx = x.new_empty((n, h, w, c) if nhwc else (n, c, h, w))
-            lib.rapa_dw_bwd_x(ctypes.byref(ngeo), _ptr(g), _ptr(wt), _ptr(index), None, _ptr(gx))
+            lib.rapa_dw_bwd_x(ctypes.byref(ngeo), _ptr(g), _ptr(wt), _ptr(index), _ptr(gx))
             if nhwc:
                 gx = gx.permute(0, 3, 1, 2)
         return gx, gw, gb, None, None, None
@@ -328,6 +384,12 @@ def _padded(w: Tensor, lead: int, width: int) -> Tensor:
     out = (w.new_zeros if width != inner else w.new_empty)(*w.shape[:lead], width)
     out[..., :inner].view(w.shape).copy_(w)
     return out
+
+
+def _is_nhwc(x: Tensor) -> bool:
+    """Whether ``x`` (N, C, H, W) has its channels innermost (channels-last memory, or a channel
+    slice of it), so that the kernels read it as (N, H, W, C); one channel counts as NCHW."""
+    return x.shape[1] > 1 and x.stride(1) == 1 and x.stride(2) >= x.shape[1]
 
 
 def _nhwc(x: Tensor) -> Tensor:

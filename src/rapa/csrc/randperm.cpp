@@ -1,0 +1,113 @@
+// Rows of uniformly random permutations drawn exactly as torch.randperm draws them on the CPU,
+// loaded by rapa/ops/native.py (rapa.schemes draws the `random` scheme's assignment with it).
+//
+// torch.randperm(n, generator=g) on the CPU (n < 2^32 / 20) is a forward Fisher-Yates shuffle:
+// for i in [0, n-1): z = g.random() % (n - i), swap r[i] and r[i + z], where g.random() is the
+// next 32-bit output of the generator's MT19937 engine. A training step draws one such
+// permutation per image and layer; from Python that is one call per image (about 18 us each
+// for n = 1024, most of it call overhead). Here the engine runs from the generator's own
+// state (torch.Generator.get_state(), edited in place and set back by the caller), so b rows
+// cost one call, give the same permutations and leave the generator where b calls of
+// torch.randperm would. The caller checks the result against torch.randperm once per process
+// (rapa.ops.native.randperm_rows) and otherwise draws with torch.
+#include <omp.h>
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int MT_N = 624, MT_M = 397;
+// torch's CPU generator state as get_state() returns it (CPUGeneratorImplStateLegacy):
+// uint64 seed, int32 left, int32 seeded, uint64 next, uint64 state[624], ...
+constexpr int64_t OFF_LEFT = 8, OFF_NEXT = 16, OFF_STATE = 24, STATE_BYTES = OFF_STATE + 8 * MT_N;
+
+struct Mt19937 {  // at::mt19937 (ATen/core/MT19937RNGEngine.h)
+  uint32_t s[MT_N];
+  int32_t left;
+  uint32_t next;
+
+  static uint32_t twist(uint32_t u, uint32_t v) {
+    return (((u & 0x80000000u) | (v & 0x7fffffffu)) >> 1) ^ ((v & 1u) ? 0x9908b0dfu : 0u);
+  }
+  void next_state() {
+    uint32_t* p = s;
+    left = MT_N, next = 0;
+    for (int j = MT_N - MT_M + 1; --j; p++) *p = p[MT_M] ^ twist(p[0], p[1]);
+    for (int j = MT_M; --j; p++) *p = p[MT_M - MT_N] ^ twist(p[0], p[1]);
+    *p = p[MT_M - MT_N] ^ twist(p[0], s[0]);
+  }
+  uint32_t operator()() {
+    if (--left == 0) next_state();
+    uint32_t y = s[next++];
+    y ^= (y >> 11);
+    y ^= (y << 7) & 0x9d2c5680u;
+    y ^= (y << 15) & 0xefc60000u;
+    y ^= (y >> 18);
+    return y;
+  }
+};
+
+}  // namespace
+
+extern "C" {
+
+// The bytes of torch's CPU generator state that this engine reads and writes.
+int64_t rapa_generator_state_bytes() { return STATE_BYTES; }
+
+// b permutations perm of range(n), drawn from the generator state `state` (at least
+// rapa_generator_state_bytes() bytes), which is advanced past the b * (n - 1) draws, written
+// to out (b, cols, M), M = ceil(n / cols), as out[row, c, j] = perm[row, j * cols + c] (n past
+// the end of perm): the rank grid of a random balanced partition into `cols` tiles (cols = 1:
+// the permutations as rows). The draws are made in order; the shuffles run on nth OpenMP
+// threads (one row each). Returns 0, or -1 (nothing written) if the state is not one this
+// engine can read or n is out of torch.randperm's small-n range.
+int rapa_randperm_rows(uint8_t* state, int64_t b, int64_t n, int64_t cols, int64_t nth, int64_t* out) {
+  if (b < 0 || n < 1 || cols < 1 || n >= int64_t(UINT32_MAX / 20)) return -1;
+  Mt19937 mt;
+  uint64_t next;
+  std::memcpy(&mt.left, state + OFF_LEFT, sizeof mt.left);
+  std::memcpy(&next, state + OFF_NEXT, sizeof next);
+  if (mt.left < 1 || mt.left > MT_N || next > uint64_t(MT_N)) return -1;
+  mt.next = uint32_t(next);
+  for (int i = 0; i < MT_N; ++i) {
+    uint64_t v;
+    std::memcpy(&v, state + OFF_STATE + 8 * i, sizeof v);
+    mt.s[i] = uint32_t(v);
+  }
+  const int64_t per = n - 1;
+  std::vector<uint32_t> draws(b * per);
+  for (auto& d : draws) d = mt();
+  std::memcpy(state + OFF_LEFT, &mt.left, sizeof mt.left);
+  next = mt.next;
+  std::memcpy(state + OFF_NEXT, &next, sizeof next);
+  for (int i = 0; i < MT_N; ++i) {
+    const uint64_t v = mt.s[i];
+    std::memcpy(state + OFF_STATE + 8 * i, &v, sizeof v);
+  }
+  const int64_t m = (n + cols - 1) / cols;
+#pragma omp parallel num_threads(nth)
+  {
+    std::vector<int64_t> buf(cols == 1 ? 0 : n);
+#pragma omp for schedule(static)
+    for (int64_t row = 0; row < b; ++row) {
+      int64_t* r = cols == 1 ? out + row * n : buf.data();
+      const uint32_t* d = draws.data() + row * per;
+      for (int64_t i = 0; i < n; ++i) r[i] = i;
+      for (int64_t i = 0; i < per; ++i) {
+        const int64_t z = int64_t(d[i] % uint32_t(n - i));  // n < 2^32: the same as torch's int64 %
+        const int64_t save = r[i];
+        r[i] = r[i + z];
+        r[i + z] = save;
+      }
+      if (cols == 1) continue;
+      int64_t* o = out + row * cols * m;
+      for (int64_t c = 0; c < cols; ++c)
+        for (int64_t j = 0; j < m; ++j) o[c * m + j] = j * cols + c < n ? r[j * cols + c] : n;
+    }
+  }
+  return 0;
+}
+
+}  // extern "C"
