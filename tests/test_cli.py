@@ -152,7 +152,50 @@ def test_bench_names_a_bad_device_in_one_line(capsys):
 def test_bench_train_prints_the_ratio(capsys):
     assert main(["bench", "train", "--batch", "4", "--images", "8", "--repeats", "1", "--device", "cpu"]) == 0
     text = capsys.readouterr().out
-    assert "untiled" in text and "random 16,4,1" in text and "slowdown" in text and "target <= 1.5" in text
+    assert "untiled" in text and "random 16,4,1" in text and "slowdown" in text and "target <= 1.1" in text
+
+
+def test_bench_train_profile_splits_the_step(capsys, tmp_path):
+    out = tmp_path / "b.json"
+    assert main(["bench", "train", "--batch", "2", "--images", "2", "--repeats", "1", "--device", "cpu",
+                 "--profile", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    for part in ("convolution", "LRN", "ReLU", "max pooling", "FC + loss", "optimizer", "assignment draws"):
+        assert part in text
+    prof = json.loads(out.read_text())["profiles"][0]
+    for name in ("untiled", "random 16,4,1"):  # both nets' convolutions are found by their op names
+        assert prof["parts_ms"][name]["convolution"] > 0 and prof["parts_ms"][name]["LRN"] > 0
+        assert sum(prof["parts_ms"][name].values()) <= 1.5 * prof["step_ms_profiled"][name]
+    assert prof["draw_ms"] > 0
+
+
+def test_bench_conv_summary_against_the_targets():
+    from rapa.bench.conv import ConvCase, format_conv_bench
+
+    def case(shape, batch, nt, ratio, fmt, groups=1, mem=1.0):
+        secs = {"conv2d": 1e-3, "none": 1e-3, "random": ratio * 1e-3, "random-pt": 2e-3, "naive": 8e-3}
+        return ConvCase(shape, batch, nt, secs, {"conv2d": 100, "random": int(100 * mem), "naive": 300}, groups, fmt)
+
+    cases = [case("a", 10, 16, 1.0, "NCHW"), case("b", 10, 4, 1.21, "NCHW", mem=1.05), case("c", 10, 1, 1.0, "NCHW"),
+             case("a", 10, 16, 1.02, "NHWC"), case("b", 10, 4, 1.04, "NHWC"), case("c", 10, 1, 1.0, "NHWC", mem=1.2),
+             case("d dw", 10, 4, 3.0, "NHWC", groups=64)]
+    text = format_conv_bench(cases, "cpu")
+    # NCHW: geomean (1 * 1.21 * 1)^(1/3) = 1.066 misses 1.05, the worst layer 1.21 misses 1.10
+    assert "NCHW batch 10: random/conv2d geomean 1.07x (NOT met), worst layer 1.21x (NOT met)" in text
+    assert "peak memory up to 1.05x (met)" in text
+    # NHWC: geomean 1.02 and worst 1.04 meet theirs; the depthwise layer is not in the geomean
+    assert "NHWC batch 10: random/conv2d geomean 1.02x (met), worst layer 1.04x (met)" in text
+    assert "peak memory up to 1.20x (NOT met)" in text
+    assert "NHWC batch 10, depthwise: random/conv2d = 3.00x (target <= 1.5)" in text
+    assert "NCHW batch 10, 16 tiles: naive/random = 8.0x" in text
+
+
+def test_bench_conv_formats_option(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "conv", "--formats", "nchw,xx"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--formats" in err and "unknown xx" in err
 
 
 # ------------------------------------------------------------- rapa train: one option per field

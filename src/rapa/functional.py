@@ -189,15 +189,17 @@ def tiled_conv2d(
         return grouped_tiled_conv2d(x, weight, bias, index, mask, geo, groups)
     if groups > 1:
         geo = geo.with_channels(geo.in_channels // groups, geo.out_channels // groups)
+    # one call per group; an ungrouped layer is not chunked (a chunk of one would put a split
+    # into the graph, whose backward copies every gradient)
+    parts = [(x, weight, bias)] if groups == 1 else zip(
+        x.chunk(groups, 1), weight.chunk(groups, 1), [None] * groups if bias is None else bias.chunk(groups, 1))
     outs = []
-    for xg, wg, bg in zip(x.chunk(groups, 1), weight.chunk(groups, 1),  # one call per group
-                          [None] * groups if bias is None else bias.chunk(groups, 1)):
+    for xg, wg, bg in parts:
         if native.supports(xg, wg, mask):
             outs.append(native.NativeTiledConv2dFn.apply(xg, wg, bg, index, geo, covered))
         else:
             outs.append(TiledConv2dFn.apply(xg, wg, bg, index, mask, geo, covered))
     return outs[0] if groups == 1 else torch.cat(outs, 1)  # (each in x's memory format)
-
 
 
 def check_input(x: Tensor, in_channels: int, kernel_size: tuple[int, int], stride: tuple[int, int],

@@ -57,6 +57,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="training images per timed repetition (default 640)")
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions per net (fastest counts, default 5)")
     add_threads(p)
+    p.add_argument("--profile", action="store_true",
+                   help="also split one step of each net into its parts (convolution, LRN, ReLU, pooling, FC + "
+                        "loss, optimizer, the assignment draw) with torch.profiler")
     p.add_argument("--json", type=Path, help="also write the measurements to this file")
 
 
@@ -111,8 +114,16 @@ def run_train(args: argparse.Namespace) -> int:
     prepare(args, ("batch", "images", "repeats"))
     rows = run_train_bench(tuple(args.batch), args.device, args.images, args.repeats)
     print(format_train_bench(rows))
+    result: dict | list = rows
+    if args.profile:
+        from rapa.bench.train import format_profile, profile_train_step
+
+        profiles = [profile_train_step(b, args.device, max(1, args.images // b), args.repeats) for b in args.batch]
+        for p in profiles:
+            print(format_profile(p))
+        result = {"throughput": rows, "profiles": profiles}
     if args.json:
-        write_text(args.json, json.dumps(rows, indent=2))
+        write_text(args.json, json.dumps(result, indent=2))
     return 0
 
 
