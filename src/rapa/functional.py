@@ -11,6 +11,7 @@ dense reference :func:`tiled_conv2d_dense`.
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -152,21 +153,17 @@ def tiled_conv2d(
         return tiled_conv2d(x.unsqueeze(0), weight, bias, stride, padding, dilation, scheme, tiles,
                             training, generator, fixed_seed, index, groups, padding_mode).squeeze(0)
     check_dtype_device(x, weight)
-    nk = weight.shape[0]
-    nt = nk if tiles is None else tiles
-    schemes.check_scheme(scheme, nt)
-    if nk != schemes.num_kernels(scheme, nt):
-        raise ValueError(f"weight.shape[0]={nk} does not match scheme={scheme!r} with tiles={nt}")
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or weight.shape[1] % groups:
-        raise ValueError(f"groups={groups!r} must be a positive integer dividing the "
-                         f"{weight.shape[1]} output channels")
-    stride, dilation = _pair(stride), _pair(dilation)
+    try:  # the checks and sizes that depend on shapes and arguments only, memoised
+        call = _static_call(tuple(x.shape), tuple(weight.shape), _hashable(stride), _hashable(padding),
+                            _hashable(dilation), scheme, tiles, groups, padding_mode)
+    except TypeError:  # an argument that cannot be a memo key (it is checked on the way)
+        call = _static_call.__wrapped__(tuple(x.shape), tuple(weight.shape), stride, padding, dilation, scheme,
+                                        tiles, groups, padding_mode)
+    nk, nt, stride, dilation, (top, left), pad, padding, (oh, ow) = call
     kh, kw = weight.shape[-2:]
     h0, w0 = x.shape[-2:]
-    top, _, left, _ = resolve_padding(padding, (kh, kw), stride, dilation)
-    if x.dim() == 4:
-        x, padding = pad_input(x, padding, padding_mode, (kh, kw), stride, dilation)
-    oh, ow = check_input(x, weight.shape[2] * groups, (kh, kw), stride, padding, dilation, nt)
+    if pad is not None:  # padding modes other than zeros, or an asymmetric 'same'
+        x = F.pad(x, pad[0], mode=pad[1])
     if index is None:
         index = schemes.assignment_index(scheme, nt, x.shape[0], oh, ow, training, generator,
                                          x.device, fixed_seed)
@@ -202,27 +199,71 @@ def tiled_conv2d(
     return outs[0] if groups == 1 else torch.cat(outs, 1)  # (each in x's memory format)
 
 
+def _hashable(value):
+    """``value`` with lists made tuples (a memo key); anything else as it is."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+@functools.lru_cache(maxsize=256, typed=True)
+def _static_call(x_shape: tuple[int, ...], w_shape: tuple[int, ...], stride, padding, dilation, scheme: str,
+                 tiles: int | None, groups: int, padding_mode: str):
+    """The checks of a :func:`tiled_conv2d` call that depend on its shapes and arguments only,
+    and what it needs from them: ``(nk, nt, stride, dilation, (top, left), pad, padding, (oh, ow))``
+    with ``pad`` the ``F.pad`` arguments to apply first (or None) and ``padding`` the zero
+    padding ``(ph, pw)`` left to the convolution. ``ValueError`` naming the value otherwise."""
+    nk = w_shape[0]
+    nt = nk if tiles is None else tiles
+    schemes.check_scheme(scheme, nt)
+    if nk != schemes.num_kernels(scheme, nt):
+        raise ValueError(f"weight.shape[0]={nk} does not match scheme={scheme!r} with tiles={nt}")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or w_shape[1] % groups:
+        raise ValueError(f"groups={groups!r} must be a positive integer dividing the "
+                         f"{w_shape[1]} output channels")
+    stride, dilation = tuple(_pair(stride)), tuple(_pair(dilation))
+    kh, kw = w_shape[-2:]
+    top, bottom, left, right = resolve_padding(padding, (kh, kw), stride, dilation)
+    if padding_mode not in PADDING_MODES:
+        raise ValueError(f"padding_mode={padding_mode!r}: expected one of {', '.join(PADDING_MODES)}")
+    pad = None
+    zero = (top, left)
+    if not (padding_mode == "zeros" and top == bottom and left == right):  # as pad_input
+        zero = (0, 0)
+        if top or bottom or left or right:
+            pad = ((left, right, top, bottom), "constant" if padding_mode == "zeros" else padding_mode)
+    padded = x_shape[:-2] + (x_shape[-2] + top + bottom - 2 * zero[0], x_shape[-1] + left + right - 2 * zero[1])
+    oh, ow = _check_shape(padded, w_shape[2] * groups, (kh, kw), stride, zero, dilation, nt)
+    return nk, nt, stride, dilation, (top, left), pad, zero, (oh, ow)
+
+
 def check_input(x: Tensor, in_channels: int, kernel_size: tuple[int, int], stride: tuple[int, int],
                 padding: Sequence[int], dilation: tuple[int, int], nt: int) -> tuple[int, int]:
     """Validate an input for a tiled conv, a batch (N, C, H, W) or one image (C, H, W);
     ``padding`` is ``(ph, pw)`` on both sides or ``(top, bottom, left, right)``. Return the
     output grid ``(oh, ow)``."""
-    if x.dim() not in (3, 4):
-        raise ValueError(f"input of shape {tuple(x.shape)}: expected (N, C, H, W) or (C, H, W)")
-    if x.shape[-3] != in_channels:
-        raise ValueError(f"input has {x.shape[-3]} channels (shape {tuple(x.shape)}); "
+    return _check_shape(tuple(x.shape), in_channels, tuple(kernel_size), tuple(stride), tuple(padding),
+                        tuple(dilation), nt)
+
+
+@functools.lru_cache(maxsize=256, typed=True)
+def _check_shape(shape: tuple[int, ...], in_channels: int, kernel_size: tuple[int, int], stride: tuple[int, int],
+                 padding: tuple[int, ...], dilation: tuple[int, int], nt: int) -> tuple[int, int]:
+    """:func:`check_input` on an input's shape (memoised: shapes repeat from call to call)."""
+    if len(shape) not in (3, 4):
+        raise ValueError(f"input of shape {shape}: expected (N, C, H, W) or (C, H, W)")
+    if shape[-3] != in_channels:
+        raise ValueError(f"input has {shape[-3]} channels (shape {shape}); "
                          f"the layer expects in_channels={in_channels}")
     kh, kw = kernel_size
     eh, ew = dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1
     top, bottom, left, right = padding if len(padding) == 4 else (padding[0], padding[0], padding[1],
                                                                   padding[1])
-    h, w = x.shape[-2] + top + bottom, x.shape[-1] + left + right
+    h, w = shape[-2] + top + bottom, shape[-1] + left + right
     if h < eh or w < ew:
-        raise ValueError(f"input of size {tuple(x.shape[-2:])} (padded {h}x{w}) is smaller than "
+        raise ValueError(f"input of size {shape[-2:]} (padded {h}x{w}) is smaller than "
                          f"the kernel ({eh}x{ew} with dilation)")
     oh, ow = conv_output_size(h, w, kernel_size, stride, 0, dilation)
     if nt > oh * ow:
         raise ValueError(f"tiles={nt} is more than the {oh * ow} output pixels ({oh}x{ow}) of an "
-                         f"input of size {tuple(x.shape[-2:])}")
+                         f"input of size {shape[-2:]}")
     return oh, ow
 
