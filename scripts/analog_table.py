@@ -2,7 +2,8 @@
 
     python scripts/analog_table.py runs/analog        # Markdown on stdout
 
-Reads each run's ``metrics.csv`` and ``summary.json`` (fractions) and prints errors in %.
+Reads each run's ``metrics.csv`` and ``summary.json`` (fractions) and prints errors in %,
+with 95% intervals, and whether untiled and random rank the same way in FP and RPU.
 """
 
 from __future__ import annotations
@@ -24,10 +25,44 @@ def _run(folder: Path) -> tuple[list[float], dict] | None:
     return curve, json.loads(summary.read_text())
 
 
+def _interval(run: tuple[list[float], dict]) -> str:
+    """The final single-pass error's 95% Wilson interval in % (the test images as trials)."""
+    from rapa.modern import wilson
+
+    s = run[1]
+    n = int(s["test_images"])
+    lo, hi = wilson(round(s["final_test_error"] * n), n)
+    return f"[{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def _gap(fp: dict, rpu: dict) -> str:
+    """RPU - FP in pp with a 95% interval: two independent binomials (normal approximation;
+    conservative, as both nets are scored on the same test images)."""
+    a, b, n = fp["final_test_error"], rpu["final_test_error"], int(fp["test_images"])
+    half = 1.96 * ((a * (1 - a) + b * (1 - b)) / n) ** 0.5
+    return f"{100 * (b - a):+.2f} [{100 * (b - a - half):+.1f}, {100 * (b - a + half):+.1f}]"
+
+
+def ranking(out: Path) -> str:
+    """Whether untiled vs random rank the same way in FP and RPU (final single pass)."""
+    runs = {(key, kind): _run(out / f"fmnist-{key}-{kind}") for key, _ in NETS for kind in ("fp", "rpu-baseline")}
+    if any(r is None for r in runs.values()):
+        return "ranking: not every run has finished"
+    err = {k: r[1]["final_test_error"] for k, r in runs.items()}  # type: ignore[index]
+    fp = "untiled" if err[("none", "fp")] < err[("random", "fp")] else "random"
+    rpu = "untiled" if err[("none", "rpu-baseline")] < err[("random", "rpu-baseline")] else "random"
+    gap_fp = 100 * (err[("random", "fp")] - err[("none", "fp")])
+    gap_rpu = 100 * (err[("random", "rpu-baseline")] - err[("none", "rpu-baseline")])
+    same = "the same" if fp == rpu else "NOT the same"
+    return (f"ranking: {same} in FP and RPU (better: {fp} in FP, {rpu} in RPU; random - untiled "
+            f"{gap_fp:+.2f} pp in FP, {gap_rpu:+.2f} pp in RPU)")
+
+
 def table(out: Path) -> str:
-    """Markdown rows: per net, FP and RPU test error per epoch, final single pass (9-vote), gap."""
-    lines = ["| net | FP: test error per epoch | FP final (9-vote) | RPU: test error per epoch "
-             "| RPU final (9-vote) | RPU - FP (pp) | RPU img/s |",
+    """Markdown rows: per net, FP and RPU test error per epoch, final single pass with its 95%
+    interval (9-vote), the gap with its interval."""
+    lines = ["| net | FP: test error per epoch | FP final [95% CI] (9-vote) | RPU: test error per epoch "
+             "| RPU final [95% CI] (9-vote) | RPU - FP (pp) [95% CI] | RPU img/s |",
              "|---|---|---|---|---|---|---|"]
     for key, label in NETS:
         fp, rpu = _run(out / f"fmnist-{key}-fp"), _run(out / f"fmnist-{key}-rpu-baseline")
@@ -38,9 +73,9 @@ def table(out: Path) -> str:
                 continue
             curve, s = run
             cells += [", ".join(f"{e:.1f}" for e in curve),
-                      f"{100 * s['final_test_error']:.2f} ({100 * s['vote_test_error']:.2f})"]
+                      f"{100 * s['final_test_error']:.2f} {_interval(run)} ({100 * s['vote_test_error']:.2f})"]
         if fp and rpu:
-            cells.append(f"{100 * (rpu[1]['final_test_error'] - fp[1]['final_test_error']):+.2f}")
+            cells.append(_gap(fp[1], rpu[1]))
             cells.append(f"{rpu[1]['images_per_s']:.0f}")
         else:
             cells += ["-", "-"]
@@ -53,3 +88,5 @@ if __name__ == "__main__":
         print("usage: python scripts/analog_table.py RUNS_FOLDER", file=sys.stderr)
         sys.exit(2)
     print(table(Path(sys.argv[1])))
+    print()
+    print(ranking(Path(sys.argv[1])))
