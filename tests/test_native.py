@@ -144,6 +144,29 @@ def test_thread_counts_agree_and_runs_are_deterministic(lib, threads, scheme, ch
         assert torch.equal(b, c)  # the same thread count: bitwise the same
 
 
+def test_weight_gradient_is_bitwise_the_same_for_thread_counts_that_share_the_tiles(lib):
+    # 1, 2 and 4 threads share 4 tiles evenly: each tile's gradient is summed over the images in
+    # image order, whatever the thread count (3 threads sum partials: equal up to rounding)
+    torch.manual_seed(0)
+    layer = rapa.TiledConv2d(8, 16, 3, padding=1, tiles=4)
+    x = torch.randn(5, 8, 10, 10)
+    index = layer.assignment(x)
+    before = torch.get_num_threads()
+    grads = {}
+    try:
+        for nth in (1, 2, 3, 4):
+            torch.set_num_threads(nth)
+            layer.weight.grad = layer.bias.grad = None
+            y = layer(x, index=index)
+            y.backward(torch.ones_like(y))
+            grads[nth] = (layer.weight.grad.clone(), layer.bias.grad.clone())
+    finally:
+        torch.set_num_threads(before)
+    for nth in (2, 4):
+        assert torch.equal(grads[nth][0], grads[1][0]) and torch.equal(grads[nth][1], grads[1][1])
+    torch.testing.assert_close(grads[3][0], grads[1][0], rtol=1e-5, atol=1e-5)
+
+
 def test_falls_back_to_pytorch_path():
     torch.manual_seed(0)
     layer = rapa.TiledConv2d(2, 3, 3, padding=1, tiles=4, scheme="image_pad")

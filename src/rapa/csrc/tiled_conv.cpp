@@ -447,31 +447,31 @@ int rapa_tiled_conv_fwd(const Geo* geo, const float* x, const float* weight, con
 
 // gw (nt, cout, C, kh, kw) and gb (nt, cout): the weight and bias gradients, either may be null
 // (x is only read for gw). x as in the forward; grad (N, oh, ow, cout), or (N, cout, oh, ow)
-// when Geo::layout bit 1 is set. Each thread sums its groups into its own scratch; after a
-// barrier the threads sum those partials in thread order (deterministic for a thread count)
-// into gw, rows split among them.
+// when Geo::layout bit 1 is set. When the threads can share the tiles evenly, each thread sums
+// whole tiles over every image (in image order: the same bits for any such thread count) and
+// writes them; otherwise each sums its range of (image, tile) groups into partials that, after
+// a barrier, the threads add up in thread order (deterministic for a thread count).
 int rapa_tiled_conv_bwd_w(const Geo* geo, const float* x, const float* grad, const int64_t* index,
                           float* gw, float* gb) {
   const Geo g = *geo;  // a local copy: the compiler knows that no store reaches it
   const Segs sg(g);
-  const int64_t k = g.k();
+  const int64_t k = g.k(), khw = g.kh * g.kw;
   const bool nchw = g.layout & 1;
   std::vector<float*> part_w(g.nth), part_b(g.nth);
 #pragma omp parallel num_threads(g.nth)
   {
     const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-    int64_t i0, i1;
-    split(g.n * g.nt, tid, nth, &i0, &i1);
+    const bool by_tile = g.nt % nth == 0;
+    int64_t tt0 = 0, tt1 = g.nt;  // the tiles of this thread's sums
+    if (by_tile) split(g.nt, tid, nth, &tt0, &tt1);
     Scratch& sc = scratch;
     sc.prepare(g);
     sc.G.resize(PB * g.cp);
     if (gw) sc.img_x.resize(g.hp * g.wp * g.c);
     const float* xp = sc.img_x.data();
-    if (gw) sc.gw.assign(g.nt * k * g.cp, 0.f), part_w[tid] = sc.gw.data();
-    if (gb) sc.gb.assign(g.nt * g.cp, 0.f), part_b[tid] = sc.gb.data();
-    for (int64_t b = i0 / g.nt; b * g.nt < i1; ++b) {
-      int64_t t0, t1;
-      tile_range(g, i0, i1, b, &t0, &t1);
+    if (gw) sc.gw.assign((tt1 - tt0) * k * g.cp, 0.f), part_w[tid] = sc.gw.data();
+    if (gb) sc.gb.assign((tt1 - tt0) * g.cp, 0.f), part_b[tid] = sc.gb.data();
+    auto image = [&](int64_t b, int64_t t0, int64_t t1) {  // groups (b, t0..t1) into the sums
       if (gw) pad_image(g, x, b, nchw, sc.img_x.data());
       const float* gimg = grad_rows(g, grad, b, sc.img_g);
       for (int64_t t = t0; t < t1; ++t) {
@@ -482,12 +482,12 @@ int rapa_tiled_conv_bwd_w(const Geo* geo, const float* x, const float* grad, con
           float* G = sc.G.data();
           pack_g(g, gimg, sc.pix.data() + r0, rc, G);
           if (gb) {
-            float* gbt = sc.gb.data() + t * g.cp;
+            float* gbt = sc.gb.data() + (t - tt0) * g.cp;
             for (int64_t r = 0; r < rc; ++r)
               for (int64_t j = 0; j < g.cout; ++j) gbt[j] += G[r * g.cp + j];
           }
           if (!gw) continue;
-          float* gwt = sc.gw.data() + t * k * g.cp;
+          float* gwt = sc.gw.data() + (t - tt0) * k * g.cp;
           for (int64_t c0 = 0; c0 < g.cp; c0 += NVMAX * VW) {
             const int64_t nv = std::min<int64_t>(NVMAX, (g.cp - c0) / VW);
             dispatch<NVMAX>(nv, [&](auto NVc) {
@@ -504,26 +504,48 @@ int rapa_tiled_conv_bwd_w(const Geo* geo, const float* x, const float* grad, con
           }
         }
       }
-    }
+    };
+    int64_t i0, i1;
+    if (by_tile) {
+      for (int64_t b = 0; b < g.n; ++b) image(b, tt0, tt1);
+    } else {
+      split(g.n * g.nt, tid, nth, &i0, &i1);
+      for (int64_t b = i0 / g.nt; b * g.nt < i1; ++b) {
+        int64_t t0, t1;
+        tile_range(g, i0, i1, b, &t0, &t1);
+        image(b, t0, t1);
+      }
 #pragma omp barrier
-    if (gw) {  // rows (t, q) of K entries in (kh, kw, C) order -> gw[t, n, c, i, j]
-      const int64_t khw = g.kh * g.kw;
-      split(g.nt * k, tid, nth, &i0, &i1);
-      for (int64_t row = i0; row < i1; ++row) {
-        const int64_t t = row / k, q = row % k, c = q % g.c, ij = q / g.c;
-        float* dst = gw + (t * g.cout * g.c + c) * khw + ij;
+    }
+    // the sums' rows (t, q), K entries in (kh, kw, C) order -> gw[t, n, c, i, j]: this thread's
+    // own tiles, or its share of the (t, c) rows summed over every thread's partials; for one
+    // (t, c) the kh*kw rows it reads stay in L1 while gw is written in order
+    const int64_t nparts = by_tile ? 1 : nth;
+    float* const* pw = by_tile ? &part_w[tid] : part_w.data();
+    float* const* pb = by_tile ? &part_b[tid] : part_b.data();
+    if (gw) {
+      if (by_tile) i0 = tt0 * g.c, i1 = tt1 * g.c;
+      else split(g.nt * g.c, tid, nth, &i0, &i1);
+      for (int64_t tc = i0; tc < i1; ++tc) {
+        const int64_t t = tc / g.c, c = tc % g.c;
+        const int64_t src = ((t - tt0) * k + c) * g.cp;  // row (t, q = c) of the sums; q = ij*C + c
         for (int64_t n = 0; n < g.cout; ++n) {
-          float acc = 0.f;
-          for (int j = 0; j < nth; ++j) acc += part_w[j][row * g.cp + n];
-          dst[n * g.c * khw] = acc;
+          float* dst = gw + ((t * g.cout + n) * g.c + c) * khw;
+          for (int64_t ij = 0; ij < khw; ++ij) {
+            float acc = 0.f;
+            for (int64_t j = 0; j < nparts; ++j) acc += pw[j][src + ij * g.c * g.cp + n];
+            dst[ij] = acc;
+          }
         }
       }
     }
     if (gb) {
-      split(g.nt * g.cout, tid, nth, &i0, &i1);
+      if (by_tile) i0 = tt0 * g.cout, i1 = tt1 * g.cout;
+      else split(g.nt * g.cout, tid, nth, &i0, &i1);
+      const int64_t off = by_tile ? tt0 : 0;
       for (int64_t e = i0; e < i1; ++e) {
         float acc = 0.f;
-        for (int j = 0; j < nth; ++j) acc += part_b[j][(e / g.cout) * g.cp + e % g.cout];
+        for (int64_t j = 0; j < nparts; ++j) acc += pb[j][(e / g.cout - off) * g.cp + e % g.cout];
         gb[e] = acc;
       }
     }
