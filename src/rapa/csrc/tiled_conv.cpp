@@ -518,24 +518,31 @@ int rapa_tiled_conv_bwd_w(const Geo* geo, const float* x, const float* grad, con
 #pragma omp barrier
     }
     // the sums' rows (t, q), K entries in (kh, kw, C) order -> gw[t, n, c, i, j]: this thread's
-    // own tiles, or its share of the (t, c) rows summed over every thread's partials; for one
-    // (t, c) the kh*kw rows it reads stay in L1 while gw is written in order
+    // own tiles, or its share of the (t, c) rows summed over every thread's partials. The kh*kw
+    // rows of one (t, c) (far apart: q = ij*C + c) are summed into a small block first, which
+    // is then written to gw in order
     const int64_t nparts = by_tile ? 1 : nth;
     float* const* pw = by_tile ? &part_w[tid] : part_w.data();
     float* const* pb = by_tile ? &part_b[tid] : part_b.data();
     if (gw) {
       if (by_tile) i0 = tt0 * g.c, i1 = tt1 * g.c;
       else split(g.nt * g.c, tid, nth, &i0, &i1);
+      sc.T.resize(khw * g.cp);
+      float* blk = sc.T.data();  // (kh*kw, cp)
       for (int64_t tc = i0; tc < i1; ++tc) {
         const int64_t t = tc / g.c, c = tc % g.c;
-        const int64_t src = ((t - tt0) * k + c) * g.cp;  // row (t, q = c) of the sums; q = ij*C + c
+        for (int64_t ij = 0; ij < khw; ++ij) {
+          const int64_t src = ((t - tt0) * k + ij * g.c + c) * g.cp;  // row (t, q = ij*C + c)
+          float* dst = blk + ij * g.cp;
+          for (int64_t v = 0; v < g.cp; v += VW) {
+            vf acc = vload(pw[0] + src + v);
+            for (int64_t j = 1; j < nparts; ++j) acc += vload(pw[j] + src + v);
+            vstore(dst + v, acc);
+          }
+        }
         for (int64_t n = 0; n < g.cout; ++n) {
           float* dst = gw + ((t * g.cout + n) * g.c + c) * khw;
-          for (int64_t ij = 0; ij < khw; ++ij) {
-            float acc = 0.f;
-            for (int64_t j = 0; j < nparts; ++j) acc += pw[j][src + ij * g.c * g.cp + n];
-            dst[ij] = acc;
-          }
+          for (int64_t ij = 0; ij < khw; ++ij) dst[ij] = blk[ij * g.cp + n];
         }
       }
     }
