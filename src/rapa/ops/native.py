@@ -196,7 +196,8 @@ def randperm_rows(b: int, n: int, generator: torch.Generator | None = None, cols
     kernels are off or do not reproduce ``torch.randperm`` here (checked once per process).
     With ``cols > 1`` each row ``perm`` is returned as its rank grid ``(cols, M)``,
     ``M = ceil(n / cols)``: ``out[r, c, j] = perm[r, j * cols + c]``, ``n`` past its end
-    (shape (b, cols, M); cols = 1: (b, n))."""
+    (shape (b, cols, M); cols = 1: (b, n)). The generator's state is read, advanced and set
+    back: Python threads drawing from one generator at the same time may get the same rows."""
     if not enabled() or (generator is not None and generator.device.type != "cpu"):
         return None
     if "randperm" not in _state:
