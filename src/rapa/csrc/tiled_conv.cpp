@@ -18,6 +18,9 @@
 // Linked to libgomp.so.1, which torch's wheel has already loaded, the kernels run on torch's
 // own OpenMP threads (no second thread pool competing for the cores).
 #include <omp.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cstddef>
@@ -142,12 +145,49 @@ inline int64_t group(const Geo& g, const int64_t* index, const int64_t* pbase, i
   return cnt;
 }
 
-// dst[j * ldd + i] = src[i * lds + j] for i < rows, j < cols, in cache-sized blocks.
+#if defined(__AVX512F__)
+// dst[j * ldd + i] = src[i * lds + j] for i, j < 16: in registers, four rounds of shuffles.
+inline void transpose16(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * lds);
+  for (int i = 0; i < 8; ++i) {  // pairs of rows, 32-bit interleaved
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // 64-bit interleaved
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int i = 0; i < 2; ++i)  // 128-bit lanes
+    for (int j = 0; j < 4; ++j) {
+      t[8 * i + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + j + 4], 0x88);
+      t[8 * i + j + 4] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + j + 4], 0xdd);
+    }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88);
+    r[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xdd);
+  }
+  for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + i * ldd, r[i]);
+}
+#endif
+
+// dst[j * ldd + i] = src[i * lds + j] for i < rows, j < cols, in cache-sized blocks (whole
+// 16 x 16 blocks in registers with AVX-512).
 inline void transpose(const float* src, int64_t rows, int64_t cols, int64_t lds, float* dst, int64_t ldd) {
   constexpr int64_t B = 16;
   for (int64_t i0 = 0; i0 < rows; i0 += B)
     for (int64_t j0 = 0; j0 < cols; j0 += B) {
       const int64_t i1 = std::min(rows, i0 + B), j1 = std::min(cols, j0 + B);
+#if defined(__AVX512F__)
+      if (i1 - i0 == B && j1 - j0 == B) {
+        transpose16(src + i0 * lds + j0, lds, dst + j0 * ldd + i0, ldd);
+        continue;
+      }
+#endif
       for (int64_t j = j0; j < j1; ++j)
         for (int64_t i = i0; i < i1; ++i) dst[j * ldd + i] = src[i * lds + j];
     }
