@@ -66,7 +66,7 @@ def profile_table(profiles: list[dict]) -> str:
     lines = ["| batch | part | untiled ms | random ms | difference |", "|---|---|---|---|---|"]
     for p in profiles:
         a, b = p["parts_ms"]["untiled"], p["parts_ms"]["random 16,4,1"]
-        for part in list(a.keys() | b.keys()):
+        for part in list(a) + [k for k in b if k not in a]:  # the order of rapa.bench.train.PARTS
             lines.append(f"| {p['batch']} | {part} | {a.get(part, 0):.3f} | {b.get(part, 0):.3f} | "
                          f"{b.get(part, 0) - a.get(part, 0):+.3f} |")
         lines.append(f"| {p['batch']} | assignment draws (in the random net's convolution) | | {p['draw_ms']:.3f} | |")

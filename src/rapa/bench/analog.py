@@ -7,7 +7,7 @@ with ``random`` tiles ``(16, 4, 1)``, every replica its own array
 One training step (forward, backward, ``AnalogSGD`` pulsed update) is timed for each,
 interleaved, and the ratio RAPA / untiled printed. The RAPA net does the same number of
 analog matrix-vector products and updates (one per patch), split over more arrays, so the
-simulation should cost about the same (the target is within 1.5x); on analog hardware the
+simulation should cost about the same (the target is within 1.1x); on analog hardware the
 arrays of a layer would run in parallel, which a simulation on one CPU does not show.
 
 By default ``rapa bench analog`` runs single-threaded (``--threads 1``): the simulator's many
@@ -29,7 +29,7 @@ from rapa.bench.common import resolve_device, time_interleaved
 from rapa.errors import RapaError
 from rapa.models import ConvNet
 
-TARGET_RATIO = 1.5
+TARGET_RATIO = 1.1  # issue "the simulated analog arrays learn": at or below 1.1x
 
 
 @dataclass
