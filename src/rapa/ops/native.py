@@ -1,10 +1,12 @@
-"""Native CPU kernels of the tiled convolution (``csrc/tiled_conv.cpp``), built on first use.
+"""Native CPU kernels of the tiled convolution (``csrc/tiled_conv.cpp``) and of the random
+scheme's draw (``csrc/randperm.cpp``), built on first use.
 
 The pure-PyTorch path (:mod:`rapa.ops.torch_path`) gathers patches into a matrix and calls
 batched GEMMs; on CPU that costs about twice a direct convolution. The native kernels compute
-each (image, tile) group as an implicit GEMM straight from the padded channels-last input,
-with register-blocked vector code and torch's own OpenMP threads, so the tiled layer costs
-1.1-1.35x what ``nn.Conv2d`` costs (README, Benchmarks). They cover float32 on the CPU without
+each (image, tile) group as an implicit GEMM straight from the image's padded channels-last
+copy in per-thread scratch (an NCHW image is transposed there, and its result back), with
+register-blocked vector code and torch's own OpenMP threads, so the tiled layer costs
+0.8-1.3x what ``nn.Conv2d`` costs (README, Benchmarks). They cover float32 on the CPU without
 the ``image_pad`` mask, for ungrouped and depthwise (``groups == C == cout``, vectorised
 across channels) layers; everything else (other grouped layers too), and any machine where
 the build fails, takes the PyTorch path (same results up to float rounding). Every kernel
