@@ -259,9 +259,13 @@ void gw_block(const float* xp, const int64_t* base, int64_t koff, const float* G
 }
 
 // Input gradient: the patch gradients of MR pixels for SV*VW patch entries,
-// T[r, :] = G[r, :cout] . W2[:, kv block] (W2 (cout, kp) at the block).
-template <int MR, int SV>
-void gx_block(const float* G, int64_t cp, int64_t cout, const float* w2, int64_t kp, float* T) {
+// G[r, :cout] . W2[:, kv block] (W2 (cout, kp) at the block), stored to row r of T (ADD false:
+// dst + r * ld) or added into the padded input gradient (ADD true: row r's entries are a
+// contiguous run of its window at dst + at[r]; windows of the block may overlap, and each
+// row's adds complete before the next row's).
+template <int MR, int SV, bool ADD>
+void gx_block(const float* G, int64_t cp, int64_t cout, const float* w2, int64_t kp, float* dst,
+              const int64_t* at, int64_t ld) {
   vf acc[MR][SV] = {};
   for (int64_t n = 0; n < cout; ++n) {
     vf wv[SV];
@@ -271,30 +275,10 @@ void gx_block(const float* G, int64_t cp, int64_t cout, const float* w2, int64_t
       for (int v = 0; v < SV; ++v) acc[r][v] += wv[v] * gg;
     }
   }
-  for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < SV; ++v) vstore(T + r * kp + v * VW, acc[r][v]);
-}
-
-// The same sums added straight into the padded input gradient: row r's SV*VW entries are a
-// contiguous run of its window at img + at[r] (windows of the block may overlap: each row's
-// adds complete before the next row's).
-template <int MR, int SV>
-void gx_block_add(const float* G, int64_t cp, int64_t cout, const float* w2, int64_t kp, float* img,
-                  const int64_t* at) {
-  vf acc[MR][SV] = {};
-  for (int64_t n = 0; n < cout; ++n) {
-    vf wv[SV];
-    for (int v = 0; v < SV; ++v) wv[v] = vload_reg(w2 + n * kp + v * VW);
-    for (int r = 0; r < MR; ++r) {
-      const float gg = G[r * cp + n];
-      for (int v = 0; v < SV; ++v) acc[r][v] += wv[v] * gg;
-    }
+  for (int r = 0; r < MR; ++r) {
+    float* row = ADD ? dst + at[r] : dst + r * ld;
+    for (int v = 0; v < SV; ++v) vstore(row + v * VW, ADD ? vload(row + v * VW) + acc[r][v] : acc[r][v]);
   }
-  for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < SV; ++v) {
-      float* dst = img + at[r] + v * VW;
-      vstore(dst, vload(dst) + acc[r][v]);
-    }
 }
 
 // Image b of x into pad (Hp, Wp, C) with its zero border: x is (N, H, W, C), or (N, C, H, W)
@@ -655,8 +639,8 @@ int rapa_tiled_conv_bwd_x(const Geo* geo, const float* grad, const float* weight
                   for (int64_t r = 0; r < rn; ++r) at[r] = sc.base[q0 + r0 + r] + sg.off[s] + e0;
                   dispatch<MR>(rn, [&](auto R) {
                     dispatch<SVMAX>(sv, [&](auto S) {
-                      gx_block_add<decltype(R)::value, decltype(S)::value>(G + r0 * g.cp, g.cp, g.cout,
-                                                                           w2t + s * sg.len + e0, g.kp, img, at);
+                      gx_block<decltype(R)::value, decltype(S)::value, true>(G + r0 * g.cp, g.cp, g.cout,
+                                                                             w2t + s * sg.len + e0, g.kp, img, at, 0);
                     });
                   });
                 }
@@ -668,9 +652,9 @@ int rapa_tiled_conv_bwd_x(const Geo* geo, const float* grad, const float* weight
             for (int64_t r0 = 0; r0 < qc; r0 += MR) {
               dispatch<MR>(std::min<int64_t>(MR, qc - r0), [&](auto R) {
                 dispatch<SVMAX>(sv, [&](auto S) {
-                  gx_block<decltype(R)::value, decltype(S)::value>(G + r0 * g.cp, g.cp, g.cout,
-                                                                   w2t + v0 * VW, g.kp,
-                                                                   T + r0 * g.kp + v0 * VW);
+                  gx_block<decltype(R)::value, decltype(S)::value, false>(G + r0 * g.cp, g.cp, g.cout,
+                                                                          w2t + v0 * VW, g.kp,
+                                                                          T + r0 * g.kp + v0 * VW, nullptr, g.kp);
                 });
               });
             }
