@@ -83,15 +83,25 @@ def pad_input(x: Tensor, padding: _size2 | str, padding_mode: str, kernel_size: 
     """``x`` padded as ``nn.Conv2d`` pads it, and the zero padding still to apply on both
     sides ``(ph, pw)``: symmetric zero padding is left to the convolution (no copy); any
     other mode, or an asymmetric ``'same'``, is applied here with ``F.pad``."""
+    pad, zero = _pad_plan(padding, padding_mode, kernel_size, stride, dilation)
+    if pad is not None:
+        x = F.pad(x, pad[0], mode=pad[1])
+    return x, zero
+
+
+def _pad_plan(padding: _size2 | str, padding_mode: str, kernel_size: _size2, stride: _size2,
+              dilation: _size2) -> tuple[tuple[tuple[int, int, int, int], str] | None, tuple[int, int]]:
+    """How :func:`pad_input` pads: the ``F.pad`` arguments ``((left, right, top, bottom), mode)``
+    to apply to the input (None: nothing), and the zero padding ``(ph, pw)`` left to the
+    convolution on both sides."""
     if padding_mode not in PADDING_MODES:
         raise ValueError(f"padding_mode={padding_mode!r}: expected one of {', '.join(PADDING_MODES)}")
     top, bottom, left, right = resolve_padding(padding, kernel_size, stride, dilation)
     if padding_mode == "zeros" and top == bottom and left == right:
-        return x, (top, left)
+        return None, (top, left)
     if top or bottom or left or right:
-        mode = "constant" if padding_mode == "zeros" else padding_mode
-        x = F.pad(x, (left, right, top, bottom), mode=mode)
-    return x, (0, 0)
+        return ((left, right, top, bottom), "constant" if padding_mode == "zeros" else padding_mode), (0, 0)
+    return None, (0, 0)
 
 
 GROUP_LOOP_MAX = 16
@@ -222,14 +232,7 @@ def _static_call(x_shape: tuple[int, ...], w_shape: tuple[int, ...], stride, pad
     stride, dilation = tuple(_pair(stride)), tuple(_pair(dilation))
     kh, kw = w_shape[-2:]
     top, bottom, left, right = resolve_padding(padding, (kh, kw), stride, dilation)
-    if padding_mode not in PADDING_MODES:
-        raise ValueError(f"padding_mode={padding_mode!r}: expected one of {', '.join(PADDING_MODES)}")
-    pad = None
-    zero = (top, left)
-    if not (padding_mode == "zeros" and top == bottom and left == right):  # as pad_input
-        zero = (0, 0)
-        if top or bottom or left or right:
-            pad = ((left, right, top, bottom), "constant" if padding_mode == "zeros" else padding_mode)
+    pad, zero = _pad_plan(padding, padding_mode, (kh, kw), stride, dilation)
     padded = x_shape[:-2] + (x_shape[-2] + top + bottom - 2 * zero[0], x_shape[-1] + left + right - 2 * zero[1])
     oh, ow = _check_shape(padded, w_shape[2] * groups, (kh, kw), stride, zero, dilation, nt)
     return nk, nt, stride, dilation, (top, left), pad, zero, (oh, ow)

@@ -269,8 +269,7 @@ def _ptr(t: Tensor | None) -> int | None:
     return t.data_ptr()
 
 
-def _prepare(x: Tensor, index: Tensor, geo: ConvGeometry,
-             layout: int = 0) -> tuple[ctypes.CDLL, NativeGeometry, Tensor]:
+def _prepare(index: Tensor, geo: ConvGeometry, layout: int = 0) -> tuple[ctypes.CDLL, NativeGeometry, Tensor]:
     """What every forward needs: the library, the geometry struct (``layout`` as
     :meth:`ConvGeometry.native`) and the index as dense int64."""
     lib = library()
@@ -292,11 +291,11 @@ class NativeTiledConv2dFn(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor, geo: ConvGeometry,
                 covered: bool) -> Tensor:
         nhwc = _is_nhwc(x)
-        lib, ngeo, index = _prepare(x, index, geo, (0 if nhwc else 1) | (0 if covered else 4))
+        lib, ngeo, index = _prepare(index, geo, (0 if nhwc else 1) | (0 if covered else 4))
         wc = weight.contiguous()  # (nt, cout, C, kh, kw); kept alive through the call
         bias_c = None if bias is None else bias.contiguous()  # (nt, cout)
         n, oh, ow, cout = geo.batch, *geo.out_size, geo.out_channels
-        xc = _nhwc(x) if nhwc else x.contiguous()  # (N, H, W, C) or (N, C, H, W)
+        xc = _dense(x, nhwc)  # (N, H, W, C) or (N, C, H, W)
         out = (x.new_empty if covered else x.new_zeros)((n, oh, ow, cout) if nhwc else (n, cout, oh, ow))
         lib.rapa_tiled_conv_fwd(ctypes.byref(ngeo), _ptr(xc), _ptr(wc), _ptr(bias_c), _ptr(index),
                                 _ptr(out))  # (the kernel packs the weight and bias)
@@ -314,11 +313,11 @@ class NativeTiledConv2dFn(torch.autograd.Function):
         n, c, h, w = x.shape
         nt, cout, _, kh, kw = weight.shape
         g_nhwc = _is_nhwc(grad_out)
-        g = _nhwc(grad_out) if g_nhwc else grad_out.contiguous()  # (N, oh, ow, cout) or (N, cout, oh, ow)
+        g = _dense(grad_out, g_nhwc)  # (N, oh, ow, cout) or (N, cout, oh, ow)
         ngeo.layout = (0 if nhwc else 1) | (0 if g_nhwc else 2)
         gx = gw = gb = None
         if need_w or need_b:
-            xc = (_nhwc(x) if nhwc else x.contiguous()) if need_w else None
+            xc = _dense(x, nhwc) if need_w else None
             gw = x.new_empty(nt, cout, c, kh, kw) if need_w else None
             gb = x.new_empty(nt, cout) if need_b else None
             lib.rapa_tiled_conv_bwd_w(ctypes.byref(ngeo), _ptr(xc), _ptr(g), _ptr(index), _ptr(gw), _ptr(gb))
@@ -342,11 +341,11 @@ class NativeDepthwiseFn(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor, geo: ConvGeometry,
                 covered: bool) -> Tensor:
         nhwc = _is_nhwc(x)
-        lib, ngeo, index = _prepare(x, index, geo, 0 if nhwc else 1)
+        lib, ngeo, index = _prepare(index, geo, 0 if nhwc else 1)
         bp = None if bias is None else _padded(bias, 1, ngeo.cp)  # (nt, cp)
         n, c, oh, ow = geo.batch, geo.in_channels, *geo.out_size
         nt, (kh, kw) = geo.tiles, geo.kernel
-        xc = _nhwc(x) if nhwc else x.contiguous()  # (N, H, W, C) view or (N, C, H, W)
+        xc = _dense(x, nhwc)  # (N, H, W, C) view or (N, C, H, W)
         wt = _padded(weight.view(nt, c, kh * kw).transpose(1, 2), 2, ngeo.cp)  # (nt, kh*kw, cp)
         out = x.new_empty((n, oh, ow, c) if nhwc else (n, c, oh, ow))
         lib.rapa_dw_fwd(ctypes.byref(ngeo), _ptr(xc), _ptr(wt), _ptr(bp), _ptr(index), _ptr(out))
@@ -364,11 +363,11 @@ class NativeDepthwiseFn(torch.autograd.Function):
         n, c, h, w = x.shape
         nt = wt.shape[0]
         g_nhwc = _is_nhwc(grad_out)
-        g = _nhwc(grad_out) if g_nhwc else grad_out.contiguous()
+        g = _dense(grad_out, g_nhwc)
         ngeo.layout = (0 if nhwc else 1) | (0 if g_nhwc else 2)
         gx = gw = gb = None
         if need_w or need_b:
-            xc = (_nhwc(x) if nhwc else x.contiguous()) if need_w else None
+            xc = _dense(x, nhwc) if need_w else None
             gw = x.new_empty(nt, c, 1, kh, kw) if need_w else None
             gb = x.new_empty(nt, c) if need_b else None
             lib.rapa_dw_bwd_w(ctypes.byref(ngeo), _ptr(xc), _ptr(g), _ptr(index), _ptr(gw), _ptr(gb))
@@ -393,6 +392,12 @@ def _is_nhwc(x: Tensor) -> bool:
     """Whether ``x`` (N, C, H, W) has its channels innermost (channels-last memory, or a channel
     slice of it), so that the kernels read it as (N, H, W, C); one channel counts as NCHW."""
     return x.shape[1] > 1 and x.stride(1) == 1 and x.stride(2) >= x.shape[1]
+
+
+def _dense(x: Tensor, nhwc: bool) -> Tensor:
+    """``x`` (N, C, H, W) as the kernels read it: dense (N, H, W, C) when ``nhwc``, else dense
+    (N, C, H, W) (views where ``x`` already is)."""
+    return _nhwc(x) if nhwc else x.contiguous()
 
 
 def _nhwc(x: Tensor) -> Tensor:
