@@ -8,8 +8,13 @@
 #                                               2,000 test images (default OUT runs/analog)
 #   bash scripts/analog-fmnist.sh full  [OUT]   5 epochs on all 60,000 / 10,000 (default OUT
 #                                               runs/analog-full; about 2 hours on 2 cores)
-# The two analog runs go side by side, then the two FP runs. Rerunning the command resumes
-# unfinished runs (rapa train --resume) and skips finished ones. Then:
+#   bash scripts/analog-fmnist.sh long  [OUT]   8 epochs on all 60,000 / 10,000, the last two at
+#                                               lr/10 (default OUT runs/analog-long; about 2 hours
+#                                               per analog run on one core)
+# A third argument picks the nets: none (untiled), random (16,4,1) or both (the default).
+# The analog runs go side by side in the background while the FP runs (short) go one after the
+# other beside them. Rerunning the command resumes unfinished runs (rapa train --resume) and
+# skips finished ones. Then:
 #   python scripts/analog_table.py OUT          the README's table from the runs' files
 set -eu
 cd "$(dirname "$0")/.."
@@ -17,7 +22,12 @@ mode=${1:-short}
 case "$mode" in
   short) out=${2:-runs/analog}; budget="--epochs 3 --lr-step 2 --limit-train 10000 --limit-test 2000" ;;
   full) out=${2:-runs/analog-full}; budget="--epochs 5 --lr-step 4" ;;
-  *) echo "analog-fmnist.sh: mode must be short or full, got '$mode'" >&2; exit 2 ;;
+  long) out=${2:-runs/analog-long}; budget="--epochs 8 --lr-step 6" ;;
+  *) echo "analog-fmnist.sh: mode must be short, full or long, got '$mode'" >&2; exit 2 ;;
+esac
+case "${3:-both}" in
+  none) nets="none" ;; random) nets="random" ;; both) nets="none random" ;;
+  *) echo "analog-fmnist.sh: nets must be none, random or both, got '$3'" >&2; exit 2 ;;
 esac
 . .venv/bin/activate
 mkdir -p "$out"
@@ -39,10 +49,8 @@ run() {  # backend (fp | preset) net (none | random)
   fi
 }
 start=$(date +%s)
-run rpu-baseline none > "$out/none-rpu.log" 2>&1 &
-run rpu-baseline random > "$out/random-rpu.log" 2>&1 &
+for net in $nets; do run rpu-baseline "$net" > "$out/$net-rpu.log" 2>&1 & done
+for net in $nets; do run fp "$net" > "$out/$net-fp.log" 2>&1; done
 wait
-run fp none > "$out/none-fp.log" 2>&1
-run fp random > "$out/random-fp.log" 2>&1
 echo "wall time $(( $(date +%s) - start )) s" | tee "$out/wall.txt"
 tail -n 4 "$out"/*.log
