@@ -426,6 +426,9 @@ def test_digital_twin_of_an_analog_convnet_has_its_weights():
     (dict(padding_mode="circular"), "random", 5),
     (dict(padding="same", padding_mode="reflect", kernel_size=(3, 2)), "alternate", 4),
     (dict(groups=2, padding="valid"), "none", 1),
+    (dict(stride=2, dilation=(2, 1)), "random", 3),  # strided, dilated patches
+    (dict(stride=(1, 2), kernel_size=(2, 3), padding=(1, 0)), "perforated", 2),
+    (dict(channels_last=True), "random", 4),  # a channels-last input (gradient in its format)
 ])
 @pytest.mark.analog
 def test_ideal_analog_grouped_and_padded_layer_equals_digital(kwargs, scheme, nt):
@@ -436,6 +439,7 @@ def test_ideal_analog_grouped_and_padded_layer_equals_digital(kwargs, scheme, nt
 
     torch.manual_seed(0)
     args = dict(in_channels=4, out_channels=6, kernel_size=3, padding=1, tiles=nt, scheme=scheme)
+    channels_last = kwargs.pop("channels_last", False)
     args.update(kwargs)
     digital = TiledConv2d(**args)
     analog = AnalogTiledConv2d.from_tiled(digital, "ideal")
@@ -449,6 +453,8 @@ def test_ideal_analog_grouped_and_padded_layer_equals_digital(kwargs, scheme, nt
     torch.testing.assert_close(weight, digital.weight.detach())
     torch.testing.assert_close(bias, digital.bias.detach())
     x = torch.randn(2, 4, 6, 7)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     index = digital.assignment(x)
     xd, xa = x.clone().requires_grad_(), x.clone().requires_grad_()
     yd, ya = digital(xd, index), analog(xa, index)
@@ -457,6 +463,7 @@ def test_ideal_analog_grouped_and_padded_layer_equals_digital(kwargs, scheme, nt
     yd.backward(g)
     ya.backward(g)
     torch.testing.assert_close(xa.grad, xd.grad, atol=1e-5, rtol=1e-5)
+    assert xa.grad.is_contiguous(memory_format=torch.channels_last) == channels_last
     assert analog.to_digital().groups == groups
 
 

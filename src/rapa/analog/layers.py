@@ -153,11 +153,15 @@ class AnalogTiledConv2d(TiledConvBase):
             raise ValueError(f"index has {tp.index.shape[1]} tiles; the layer has {self.num_kernels} replicas")
         geo = ConvGeometry(n, self.in_channels, x.shape[2], x.shape[3], self.kernel_size, self.stride, padding,
                            self.dilation, (oh, ow), self.num_kernels, cout, tp.index.shape[0], tp.index.shape[2])
-        cols, dest = gather_patches(x, tp.index, geo, tp.mask, tp.covered)  # (nt, N*M, k), (nt*N*M,)
-        y = torch.cat([self._apply_arrays(cols[j], j)  # (N*M, cout): the replica's whole batch
-                       for j in range(self.num_kernels)])  # (nt*N*M, cout)
-        out = (y.new_empty if tp.covered else y.new_zeros)(n * np_ + 1, cout).index_copy(0, dest, y)
-        return out[: n * np_].view(n, oh, ow, cout).permute(0, 3, 1, 2)  # (N, cout, oh, ow)
+        cols, slot = gather_patches(x, tp.index, geo, tp.mask, tp.covered)  # (nt, N*M, k), (N*np,)
+        # unbind, not cols[j]: the gradient of nt selects would be nt zero-filled (nt, N*M, k)
+        # tensors added up; unbind's is one stack of the arrays' input gradients
+        y = torch.cat([self._apply_arrays(c, j)  # (N*M, cout): the replica's whole batch
+                       for j, c in enumerate(cols.unbind(0))])  # (nt*N*M, cout)
+        if not tp.covered:  # pixels without a slot read a zero row
+            y = torch.cat([y, y.new_zeros(1, cout)])
+        out = y.index_select(0, slot)  # (N*np, cout): back to pixel order
+        return out.view(n, oh, ow, cout).permute(0, 3, 1, 2)  # (N, cout, oh, ow)
 
     @classmethod
     def from_tiled(cls, conv: TiledConv2d, preset: str | AnalogPreset = "rpu-baseline",

@@ -4,8 +4,9 @@ A tiled convolution's slots (the entries of a gather index (B, nt, M), :mod:`rap
 are processed tile-major, in chunks of images (:func:`chunk_order`). :class:`PatchPlan`
 turns the index into the rows of the padded channels-last input that each slot's patch is
 made of and the output pixel that each slot writes; :mod:`rapa.ops.torch_path` gathers and
-multiplies with it, and :func:`gather_patches` hands the analog layer every tile's patch
-matrix (``(nt, N*M, K)``, for one analog array per tile) with a col2im backward.
+multiplies with it. :func:`gather_patches` hands the analog layer every tile's patch matrix
+(``(nt, N*M, K)``, for one analog array per tile), read as whole ``(C, kh, kw)`` blocks from a
+padded ``(N, Hp, C, Wp)`` copy of the input, with a col2im backward.
 """
 
 from __future__ import annotations
@@ -119,53 +120,106 @@ def window_table(in_hw: tuple[int, int], out_size: tuple[int, int], kernel_size:
 
 
 
+def slot_order(index: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """The pixel and the image of every slot of ``index`` (B, nt, M) for ``n`` images, flat in
+    ``(nt, N, M)`` order (tile-major: tile ``j``'s slots are rows ``j*N*M ... (j+1)*N*M``)."""
+    _, nt, m = index.shape
+    idx = index.expand(n, nt, m).transpose(0, 1).reshape(-1)  # (L,) pixel of every slot, np = empty
+    img = scratch.memo(("img_t", n, nt, m, index.device), lambda: torch.arange(n, device=index.device)
+                       .view(1, n, 1).expand(nt, n, m).reshape(-1))  # (L,)
+    return idx, img
+
+
+def pad_nhcw(x: Tensor, padding: tuple[int, int]) -> Tensor:
+    """Zero-padded ``(N, Hp, C, Wp)`` copy of ``x`` (N, C, H, W) in scratch: every patch of a
+    pixel is then one strided block ``(C, kh, kw)`` in ``nn.Conv2d``'s weight order."""
+    n, c, h, w = x.shape
+    ph, pw = padding
+    hp, wp = h + 2 * ph, w + 2 * pw
+    xp = scratch.get("xp_nhcw", n * hp * c * wp, x).view(n, hp, c, wp)  # (N, Hp, C, Wp)
+    if ph:
+        xp[:, :ph].zero_()
+        xp[:, ph + h:].zero_()
+    if pw:
+        xp[:, ph:ph + h, :, :pw].zero_()
+        xp[:, ph:ph + h, :, pw + w:].zero_()
+    xp[:, ph:ph + h, :, pw:pw + w] = x.permute(0, 2, 1, 3)
+    return xp
+
+
 class _GatherPatches(torch.autograd.Function):
     """``x`` (N, C, H, W) -> the patches of every tile ``(nt, N*M, K)`` in ``(C, kh, kw)``
-    order (``nn.Conv2d``'s weight order); the backward folds the patch gradients (col2im)."""
+    order (``nn.Conv2d``'s weight order), and the slot of every output pixel; the backward
+    adds the patch gradients back into their windows.
+
+    Forward: one ``index_select`` of whole ``(C, kh, kw)`` blocks from an overlapping strided
+    view of the padded ``(N, Hp, C, Wp)`` input (no im2col of the whole input, no transposed
+    copy). Backward: the slot gradients are put in pixel order by the inverse of the
+    assignment (an ``index_select``: a partition's slots are a permutation of the pixels) and
+    added into the padded channels-last gradient one kernel offset at a time (col2im).
+    """
 
     @staticmethod
     def forward(ctx, x: Tensor, index: Tensor, mask: Tensor | None, geo: ConvGeometry,
                 covered: bool) -> tuple[Tensor, Tensor]:
-        n, c = x.shape[:2]
-        (kh, kw), np_ = geo.kernel, geo.num_pixels
+        n, c, h, w = x.shape
+        (kh, kw), (sh, sw), (dh, dw) = geo.kernel, geo.stride, geo.dilation
+        np_, ow = geo.num_pixels, geo.out_size[1]
         nt, m = index.shape[1:]
-        xp = pad_nhwc(x, geo.padding)  # (N, Hp, Wp, C) scratch
-        src, strided = gather_source(xp, kw, geo.stride, geo.dilation, geo.out_size[1])
-        # one chunk of all N images: slots in (nt, N, M) order, tile j's rows are cols[j]
-        plan = PatchPlan(index, n, xp.shape[1:3], geo.out_size, kh, geo.stride, geo.dilation, n, covered,
-                         strided)
-        cols = src.index_select(0, plan.rows).view(-1, kh * kw, c)  # (L, kh*kw, C), a fresh tensor
+        idx, img = slot_order(index, n)  # (L,), (L,)
+        num_slots = idx.numel()
+        has_empty = nt * m != np_ if covered else bool((idx == np_).any())
+        p = idx.clamp(max=np_ - 1) if has_empty else idx  # (L,) empty slots read pixel np-1
+        xp = pad_nhcw(x, geo.padding)  # (N, Hp, C, Wp) scratch
+        hp, wp = xp.shape[1], xp.shape[3]
+        span = (kh - 1) * dh * c * wp + (c - 1) * wp + (kw - 1) * dw  # last entry of a block
+        src = xp.view(-1).as_strided((xp.numel() - span, c, kh, kw), (1, wp, dh * c * wp, dw))
+        start = (img * hp + p.div(ow, rounding_mode="floor") * sh) * (c * wp) + (p % ow) * sw  # (L,)
+        cols = src.index_select(0, start).view(num_slots, c, kh * kw)  # (L, C, kh*kw), a fresh tensor
         if mask is not None:  # image_pad: zero the reads outside the pixel's own region
-            cols = cols * mask[plan.p].unsqueeze(-1)
-        if plan.has_empty:  # empty slots send a zero patch
-            cols = cols.masked_fill((plan.dest == n * np_).view(-1, 1, 1), 0)
-        ctx.save_for_backward(plan.p, plan.dest, mask)
-        ctx.meta = (x.shape, geo, plan.has_empty, covered)
-        ctx.mark_non_differentiable(plan.dest)
-        return cols.transpose(1, 2).reshape(nt, n * m, c * kh * kw), plan.dest
+            cols = cols * mask[p].unsqueeze(1)
+        if has_empty:  # empty slots send a zero patch
+            cols = cols.masked_fill((idx == np_).view(-1, 1, 1), 0)
+        # the slot of every output pixel (num_slots: a pixel no slot computes, perforated)
+        inv = torch.full((n * np_ + 1,), num_slots, dtype=torch.int64, device=x.device)
+        inv[torch.add(idx, img, alpha=np_).masked_fill_(idx == np_, n * np_) if has_empty
+            else torch.add(idx, img, alpha=np_)] = torch.arange(num_slots, device=x.device)
+        inv = inv[: n * np_]  # (N*np,)
+        ctx.save_for_backward(p, inv, mask)
+        ctx.meta = (x.shape, x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+                    and not x.is_contiguous(), geo, covered)
+        ctx.mark_non_differentiable(inv)
+        return cols.view(nt, n * m, c * kh * kw), inv
 
     @staticmethod
-    def backward(ctx, grad: Tensor, _grad_dest: Tensor | None):
-        p, dest, mask = ctx.saved_tensors
-        (n, c, h, w), geo, has_empty, covered = ctx.meta
-        kh, kw = geo.kernel
-        k, np_ = c * kh * kw, geo.num_pixels
+    def backward(ctx, grad: Tensor, _grad_inv: Tensor | None):
+        p, inv, mask = ctx.saved_tensors
+        (n, c, h, w), channels_last, geo, covered = ctx.meta
+        (kh, kw), (sh, sw), (dh, dw) = geo.kernel, geo.stride, geo.dilation
+        (oh, ow), (ph, pw) = geo.out_size, geo.padding
+        k = c * kh * kw
         grad = grad.reshape(-1, k)  # (L, K)
         if mask is not None:
             grad = (grad.view(-1, c, kh * kw) * mask[p].unsqueeze(1)).view(-1, k)
-        rows = n * np_ + int(has_empty)  # empty slots write to the extra last row
-        buf = (grad.new_empty if covered else grad.new_zeros)(rows, k)
-        buf.index_copy_(0, dest, grad)  # back to pixel order
-        buf = buf[: n * np_].view(n, np_, k).transpose(1, 2)  # (N, K, np)
-        grad_x = F.fold(buf, (h, w), geo.kernel, dilation=geo.dilation, padding=geo.padding, stride=geo.stride)
-        return grad_x, None, None, None, None
+        if not covered:  # pixels without a slot read a zero row
+            grad = torch.cat([grad, grad.new_zeros(1, k)])
+        gv = grad.index_select(0, inv).view(n, oh, ow, c, kh, kw)  # pixel order
+        gxp = grad.new_zeros(n, h + 2 * ph, w + 2 * pw, c)  # (N, Hp, Wp, C)
+        for ky in range(kh):  # col2im, one kernel offset at a time: kh*kw strided adds
+            y0 = ky * dh
+            for kx in range(kw):
+                x0 = kx * dw
+                gxp[:, y0:y0 + (oh - 1) * sh + 1:sh, x0:x0 + (ow - 1) * sw + 1:sw] += gv[..., ky, kx]
+        grad_x = gxp[:, ph:ph + h, pw:pw + w].permute(0, 3, 1, 2)  # (N, C, H, W), x's memory format:
+        return grad_x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format), \
+            None, None, None, None
 
 
 def gather_patches(x: Tensor, index: Tensor, geo: ConvGeometry, mask: Tensor | None = None,
                    covered: bool = True) -> tuple[Tensor, Tensor]:
-    """The patches of every tile ``(nt, N*M, K)``, ``K`` in ``(C, kh, kw)`` order, and each
-    slot's destination row ``(nt*N*M,)`` in a ``(N*np + 1, cout)`` output buffer (row
-    ``N*np``: an empty slot, whose patch is zero); differentiable in ``x``.
+    """The patches of every tile ``(nt, N*M, K)``, ``K`` in ``(C, kh, kw)`` order, and the slot
+    of every output pixel ``(N*np,)`` (a row of the tiles' stacked ``(nt*N*M, cout)`` outputs;
+    ``nt*N*M`` for a pixel that no slot computes); differentiable in ``x``.
 
     ``x`` (N, C, H, W) is already padded by all but the zero padding ``geo.padding``;
     ``index`` (B, nt, M) is a gather index (:mod:`rapa.schemes`), ``mask`` (np, kh*kw) zeroes
