@@ -68,7 +68,7 @@ def add_analog_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="rpu-baseline", help="analog preset (rpu-baseline, ideal, aihwkit:CLASS)")
     parser.add_argument("--batch", type=int, default=10, help="minibatch size (the paper: 10)")
     parser.add_argument("--size", type=int, default=32, help="input side (32: CIFAR, 28: digits)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps per net (fastest counts)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed steps per net, each on a fresh batch (fastest counts, default 10)")
     parser.add_argument("--device", default="cpu", help="cpu (the simulator of this aihwkit build)")
     add_threads(parser, default="1")  # the simulator's OpenMP regions are slower with more on a busy machine
     parser.add_argument("--json", type=Path, help="also write the measurement to this file")
