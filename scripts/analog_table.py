@@ -16,13 +16,30 @@ from pathlib import Path
 NETS = (("none", "untiled"), ("random", "random (16,4,1)"))
 
 
+def _curve(folder: Path) -> list[float]:
+    """Test error in % after every epoch so far (empty: no epoch finished)."""
+    metrics = folder / "metrics.csv"
+    if not metrics.is_file():
+        return []
+    with open(metrics) as f:
+        return [100 * float(r["test_error"]) for r in csv.DictReader(f) if r["test_error"] not in ("", "nan")]
+
+
 def _run(folder: Path) -> tuple[list[float], dict] | None:
+    """A finished run's curve and summary; None while it runs."""
     summary = folder / "summary.json"
     if not summary.is_file():
         return None
-    with open(folder / "metrics.csv") as f:
-        curve = [100 * float(r["test_error"]) for r in csv.DictReader(f) if r["test_error"] not in ("", "nan")]
-    return curve, json.loads(summary.read_text())
+    return _curve(folder), json.loads(summary.read_text())
+
+
+def _epochs(folder: Path) -> str:
+    """'k of E epochs' of a run that has not finished."""
+    try:
+        total = json.loads((folder / "config.json").read_text())["epochs"]
+    except (OSError, ValueError, KeyError):
+        total = "?"
+    return f"{len(_curve(folder))} of {total} epochs"
 
 
 def _interval(run: tuple[list[float], dict]) -> str:
@@ -65,11 +82,14 @@ def table(out: Path) -> str:
              "| RPU final [95% CI] (9-vote) | RPU - FP (pp) [95% CI] | RPU img/s |",
              "|---|---|---|---|---|---|---|"]
     for key, label in NETS:
-        fp, rpu = _run(out / f"fmnist-{key}-fp"), _run(out / f"fmnist-{key}-rpu-baseline")
+        folders = out / f"fmnist-{key}-fp", out / f"fmnist-{key}-rpu-baseline"
+        fp, rpu = _run(folders[0]), _run(folders[1])
         cells = [label]
-        for run in (fp, rpu):
-            if run is None:
-                cells += ["-", "-"]
+        for run, folder in zip((fp, rpu), folders):
+            if run is None:  # running (or not started): the curve so far
+                curve = _curve(folder)
+                cells += [", ".join(f"{e:.1f}" for e in curve) or "-",
+                          f"running ({_epochs(folder)})" if folder.is_dir() else "-"]
                 continue
             curve, s = run
             cells += [", ".join(f"{e:.1f}" for e in curve),

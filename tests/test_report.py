@@ -135,3 +135,46 @@ def test_report_command_runs_without_analysis(sweep, capsys):
     assert "Table 1" in capsys.readouterr().out
     assert (sweep / "r" / "report.md").is_file() and (sweep / "r" / "table2.csv").is_file()
     assert main(["report", str(sweep / "nope")]) == 2
+
+
+# ------------------------------------------------------------- scripts/analog_table.py
+
+
+def _analog_table_module():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "analog_table.py"
+    spec = importlib.util.spec_from_file_location("analog_table", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fake_analog_run(folder: Path, errors: list[float], epochs: int, final: float | None = None) -> None:
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"epochs": epochs}))
+    with open(folder / "metrics.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["epoch", "lr", "train_loss", "train_error", "test_error", "seconds"])
+        for i, e in enumerate(errors, 1):
+            w.writerow([i, 0.01, 0.5, 0.1, e, 10.0])
+    if final is not None:
+        (folder / "summary.json").write_text(json.dumps({
+            "final_test_error": final, "vote_test_error": final - 0.01, "test_images": 10000,
+            "images_per_s": 70.0}))
+
+
+def test_analog_table_gives_the_gap_and_shows_unfinished_runs(tmp_path):
+    """Finished pairs get their gap (RPU - FP in pp, with a normal-approximation interval
+    computed here by hand); a run still going shows its curve and how far it is."""
+    table = _analog_table_module()
+    _fake_analog_run(tmp_path / "fmnist-none-fp", [0.12, 0.09], 2, 0.09)
+    _fake_analog_run(tmp_path / "fmnist-none-rpu-baseline", [0.18, 0.14], 2, 0.14)
+    _fake_analog_run(tmp_path / "fmnist-random-fp", [0.2], 8)
+    text = table.table(tmp_path)
+    half = 1.96 * ((0.09 * 0.91 + 0.14 * 0.86) / 10000) ** 0.5 * 100
+    assert f"+5.00 [{5 - half:+.1f}, {5 + half:+.1f}]" in text
+    assert "12.0, 9.0" in text and "18.0, 14.0" in text
+    random_row = next(line for line in text.splitlines() if line.startswith("| random"))
+    assert "20.0" in random_row and "running (1 of 8 epochs)" in random_row
+    assert table.ranking(tmp_path) == "ranking: not every run has finished"
