@@ -183,7 +183,7 @@ class _GatherPatches(torch.autograd.Function):
         # the slot of every output pixel (num_slots: a pixel no slot computes, perforated)
         inv = torch.full((n * np_ + 1,), num_slots, dtype=torch.int64, device=x.device)
         inv[torch.add(idx, img, alpha=np_).masked_fill_(idx == np_, n * np_) if has_empty
-            else torch.add(idx, img, alpha=np_)] = torch.arange(num_slots, device=x.device)
+            else torch.add(idx, img, alpha=np_)] = scratch.arange(num_slots, x.device)
         inv = inv[: n * np_]  # (N*np,)
         ctx.save_for_backward(p, inv, mask)
         ctx.meta = (x.shape, x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
