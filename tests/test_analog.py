@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import io
+import json
 import math
 import subprocess
 import sys
@@ -489,3 +490,38 @@ def test_convert_to_analog_takes_converted_modern_nets():
     yd = net(x)
     torch.manual_seed(2)  # the same random assignments
     torch.testing.assert_close(analog(x), yd, atol=1e-4, rtol=1e-4)
+
+
+_BLAS_PROBE = """
+import json, os, sys, torch
+torch.set_num_threads(int(sys.argv[1]))
+import rapa.analog.layers  # loads aihwkit's simulator, as every analog module does
+from threadpoolctl import threadpool_info
+sim = [i["num_threads"] for i in threadpool_info()
+       if i["internal_api"] == "openblas" and "numpy" not in i["filepath"] and "scipy" not in i["filepath"]]
+print(json.dumps({"sim": sim, "left": "OPENBLAS_NUM_THREADS" in os.environ}))
+"""
+
+
+@pytest.mark.analog
+def test_simulator_blas_follows_torch_threads():
+    """aihwkit's OpenBLAS sizes its pool when it loads (every core by default) and ignores
+    torch.set_num_threads: rapa loads it with torch's count and leaves no variable behind;
+    OPENBLAS_NUM_THREADS set by the user wins."""
+    _aihwkit()
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+
+    def probe(threads: int, **extra: str) -> dict:
+        out = subprocess.run([sys.executable, "-c", _BLAS_PROBE, str(threads)], env={**env, **extra},
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    for threads in (1, 2):
+        got = probe(threads)
+        if not got["sim"]:
+            pytest.skip("aihwkit's simulator is not linked to a separate OpenBLAS here")
+        assert got == {"sim": [threads], "left": False}
+    assert probe(1, OPENBLAS_NUM_THREADS="2") == {"sim": [2], "left": True}

@@ -10,11 +10,20 @@ What :func:`manual_seed` makes repeatable, and what not (aihwkit 1.2.0, CPU tile
   noise of the C++ simulator (``RPUSimple``'s generator is seeded from the clock, and
   aihwkit exposes no binding to seed it). Two ``rpu-baseline`` runs from the same seed
   therefore differ; ``ideal`` runs do not (they draw no simulator random numbers).
+
+Threads: aihwkit's compiled simulator calls OpenBLAS, whose thread pool is sized when the
+library loads (every core, by default) and ignores ``torch.set_num_threads``. Its second
+thread burns 70-80% more CPU for an analog training step with no gain in speed for the RAPA
+net, so "one thread" runs used about two cores each. :func:`require_aihwkit` therefore loads
+the simulator with as many BLAS threads as torch uses at that moment (``OPENBLAS_NUM_THREADS``
+set by the user wins); :func:`simulator_threads` changes the number later.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from types import ModuleType
 
 import torch
@@ -24,12 +33,38 @@ from rapa.errors import RapaError
 INSTALL_HINT = 'analog training needs aihwkit: pip install "rapa[analog]"'
 
 
+SIMULATOR = "aihwkit.simulator.rpu_base"
+"""aihwkit's compiled simulator (the module that loads OpenBLAS)."""
+
+
 def require_aihwkit() -> ModuleType:
-    """Import and return :mod:`aihwkit`; :class:`RapaError` with the install line if missing."""
+    """Import and return :mod:`aihwkit` with its compiled simulator, the simulator's BLAS
+    sized to torch's thread count (see the module docstring); :class:`RapaError` with the
+    install line if missing."""
     try:
+        if SIMULATOR not in sys.modules:
+            user_set = "OPENBLAS_NUM_THREADS" in os.environ
+            if not user_set:  # read once, when OpenBLAS loads; not left for other libraries or subprocesses
+                os.environ["OPENBLAS_NUM_THREADS"] = str(torch.get_num_threads())
+            try:
+                importlib.import_module(SIMULATOR)
+            finally:
+                if not user_set:
+                    os.environ.pop("OPENBLAS_NUM_THREADS", None)
         return importlib.import_module("aihwkit")
     except ImportError as exc:  # not installed, or its compiled simulator failed to load
         raise RapaError(INSTALL_HINT) from exc
+
+
+def simulator_threads(threads: int) -> None:
+    """Use ``threads`` BLAS threads in aihwkit's simulator from now on (through threadpoolctl;
+    it sets every BLAS library loaded in this process, numpy's too)."""
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads={threads!r} must be a positive integer")
+    require_aihwkit()
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=threads, user_api="blas")
 
 
 def aihwkit_available() -> bool:

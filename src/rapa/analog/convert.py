@@ -22,11 +22,13 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from rapa.analog.backend import check_device, draw_construction_seed, require_aihwkit
+
+require_aihwkit()  # loads aihwkit's simulator with its BLAS threads sized (rapa.analog.backend)
 from aihwkit.nn import AnalogConv2d, AnalogLinear
 from aihwkit.nn.modules.base import AnalogLayerBase
 from aihwkit.optim import AnalogSGD
 
-from rapa.analog.backend import check_device, draw_construction_seed
 from rapa.analog.layers import AnalogTiledConv2d
 from rapa.analog.presets import AnalogPreset, get_preset
 from rapa.analog.state import use_plain_state_dict

@@ -22,11 +22,13 @@ from typing import Sequence, cast
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from rapa.analog.backend import draw_construction_seed, require_aihwkit
+
+require_aihwkit()  # loads aihwkit's simulator with its BLAS threads sized (rapa.analog.backend)
 from aihwkit.nn import AnalogLinear
 from torch import Tensor
 
 from rapa import schemes
-from rapa.analog.backend import draw_construction_seed
 from rapa.analog.presets import AnalogPreset, get_preset
 from rapa.functional import _size2, pad_input
 from rapa.ops.geometry import ConvGeometry

@@ -40,6 +40,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from rapa.analog.backend import require_aihwkit
+
+require_aihwkit()  # loads aihwkit's simulator with its BLAS threads sized (rapa.analog.backend)
 from aihwkit.simulator.parameters.enums import BoundManagementType, NoiseManagementType
 from aihwkit.simulator.tiles.analog import AnalogTile
 

@@ -24,6 +24,9 @@ from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
+from rapa.analog.backend import require_aihwkit
+
+require_aihwkit()  # loads aihwkit's simulator with its BLAS threads sized (rapa.analog.backend)
 from aihwkit.simulator.tiles.module import TileModule
 from torch import Tensor
 

@@ -10,9 +10,10 @@ analog matrix-vector products and updates (one per patch), split over more array
 simulation should cost about the same (the target is within 1.1x); on analog hardware the
 arrays of a layer would run in parallel, which a simulation on one CPU does not show.
 
-By default ``rapa bench analog`` runs single-threaded (``--threads 1``): the simulator's many
-small OpenMP regions are several times slower with two threads on a busy machine, for both
-nets alike, and the measurement gets noisy; ``--threads 0`` keeps torch's default.
+By default ``rapa bench analog`` runs single-threaded (``--threads 1``, torch's threads and the
+simulator's OpenBLAS alike): the simulator's many small parallel regions are several times
+slower with two threads on a busy machine and the measurement gets noisy; ``--threads 0``
+keeps the defaults.
 """
 
 from __future__ import annotations
@@ -79,7 +80,10 @@ def build_nets(preset: str, size: int = 32, in_channels: int = 3, seed: int = 0)
 def run_analog_bench(preset: str = "rpu-baseline", batch: int = 10, size: int = 32,
                      repeats: int = 10, device: str = "cpu", threads: int = 1) -> AnalogBench:
     """Time one training step of both nets (fastest of ``repeats``, interleaved), with
-    ``threads`` torch/OpenMP threads (0: leave the setting as it is)."""
+    ``threads`` torch/OpenMP threads and as many BLAS threads in the simulator (0: leave
+    both as they are)."""
+
+    from threadpoolctl import threadpool_limits
 
     require_aihwkit()
     dev = resolve_device(device)
@@ -88,6 +92,9 @@ def run_analog_bench(preset: str = "rpu-baseline", batch: int = 10, size: int = 
     before = torch.get_num_threads()
     if threads > 0:
         torch.set_num_threads(threads)
+    # the simulator's OpenBLAS ignores torch's setting: without this, "1 thread" gave the
+    # untiled net's large products a second BLAS thread (10% faster, 70% more CPU)
+    blas = threadpool_limits(limits=threads if threads > 0 else None, user_api="blas")
     try:
         (untiled, opt_u), (rapa, opt_r) = build_nets(preset, size)
         # a fresh batch (random images, random labels) for every step, the same sequence for
@@ -109,6 +116,7 @@ def run_analog_bench(preset: str = "rpu-baseline", batch: int = 10, size: int = 
                                   "rapa": lambda: step("rapa", rapa, opt_r)}, dev, repeats=repeats, warmup=1)
         used = torch.get_num_threads()
     finally:
+        blas.restore_original_limits()
         torch.set_num_threads(before)
     return AnalogBench(preset, batch, size, used, times["untiled"], times["rapa"],
                        times["rapa"] / times["untiled"])
