@@ -103,6 +103,18 @@ def table(out: Path) -> str:
     return "\n".join(lines)
 
 
+def epoch_gaps(out: Path) -> str:
+    """RPU - FP test error after each epoch that both runs of a net have finished (pp): the
+    comparison that a run still going already allows, as both follow the same schedule."""
+    lines = []
+    for key, label in NETS:
+        fp, rpu = _curve(out / f"fmnist-{key}-fp"), _curve(out / f"fmnist-{key}-rpu-baseline")
+        if fp and rpu:
+            gaps = ", ".join(f"{r - f:+.1f}" for f, r in zip(fp, rpu))
+            lines.append(f"RPU - FP after each epoch, {label}: {gaps} pp")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     if len(sys.argv) != 2 or not Path(sys.argv[1]).is_dir():
         print("usage: python scripts/analog_table.py RUNS_FOLDER", file=sys.stderr)
@@ -110,3 +122,7 @@ if __name__ == "__main__":
     print(table(Path(sys.argv[1])))
     print()
     print(ranking(Path(sys.argv[1])))
+    gaps = epoch_gaps(Path(sys.argv[1]))
+    if gaps:
+        print()
+        print(gaps)

@@ -178,3 +178,4 @@ def test_analog_table_gives_the_gap_and_shows_unfinished_runs(tmp_path):
     random_row = next(line for line in text.splitlines() if line.startswith("| random"))
     assert "20.0" in random_row and "running (1 of 8 epochs)" in random_row
     assert table.ranking(tmp_path) == "ranking: not every run has finished"
+    assert table.epoch_gaps(tmp_path) == "RPU - FP after each epoch, untiled: +6.0, +5.0 pp"
