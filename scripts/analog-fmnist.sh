@@ -11,7 +11,8 @@
 #   bash scripts/analog-fmnist.sh long  [OUT]   8 epochs on all 60,000 / 10,000, the last two at
 #                                               lr/10 (default OUT runs/analog-long; about 2 hours
 #                                               per analog run on one core)
-# A third argument picks the nets: none (untiled), random (16,4,1) or both (the default).
+# A third argument picks the nets: none (untiled), random (16,4,1) or both (the default);
+# SEED=N (default 0) sets --seed for all four runs.
 # The analog runs go side by side in the background while the FP runs (short) go one after the
 # other beside them. Rerunning the command resumes unfinished runs (rapa train --resume) and
 # skips finished ones. Then:
@@ -32,7 +33,11 @@ esac
 . .venv/bin/activate
 mkdir -p "$out"
 read -r lr_none lr_tiled < <(python -c "from rapa.config import ANALOG_LR_UNTILED as u, ANALOG_LR_TILED as t; print(u, t)")
-common="--dataset fashion-mnist $budget --warmup-epochs 0 --seed 0 --threads 1 --quiet"
+seed=${SEED:-0}
+case "$seed" in
+  ''|*[!0-9]*) echo "analog-fmnist.sh: SEED must be a non-negative integer, got '$seed'" >&2; exit 2 ;;
+esac
+common="--dataset fashion-mnist $budget --warmup-epochs 0 --seed $seed --threads 1 --quiet"
 run() {  # backend (fp | preset) net (none | random)
   local dir="$out/fmnist-$2-$1" extra=""
   if [ "$1" = fp ]; then
