@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fashion-MNIST on simulated analog arrays (rpu-baseline) against floating point at the same
-# recipe: untiled and random (16,4,1), seed 0, one thread per run, no warm-up, the last epoch at
+# recipe: untiled and random (16,4,1), seed 0 (SEED=N), one thread per run, no warm-up, the last epoch at
 # lr/10 (the paper's step decay scaled to the budget). The analog runs
 # take the analog recipe's defaults (--init he, lr 0.01 untiled / 0.025 tiled: `rapa train
 # --help`); their FP twins are given the same init and rates explicitly.
