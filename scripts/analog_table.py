@@ -1,6 +1,8 @@
 """The README's analog table from the run directories of ``scripts/analog-fmnist.sh``.
 
     python scripts/analog_table.py runs/analog        # Markdown on stdout
+    python scripts/analog_table.py runs/a runs/b ...  # each folder's table, then the runs side
+                                                      # by side (e.g. seeds: SEED=N analog-fmnist.sh)
 
 Reads each run's ``metrics.csv`` and ``summary.json`` (fractions) and prints errors in %,
 with 95% intervals, and whether untiled and random rank the same way in FP and RPU.
@@ -115,14 +117,50 @@ def epoch_gaps(out: Path) -> str:
     return "\n".join(lines)
 
 
+T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
+"""Student's t, two-sided 95%, by degrees of freedom (runs - 1)."""
+
+
+def across(folders: list[Path]) -> str:
+    """Per net, the final errors of every folder's FP and RPU runs and the gap RPU - FP:
+    mean, standard deviation and the 95% t-interval of the mean gap over the folders whose
+    pair has finished."""
+    lines = ["| net | runs | FP final (%) | RPU final (%) | RPU - FP (pp) | mean gap [95% CI] (sd) |",
+             "|---|---|---|---|---|---|"]
+    for key, label in NETS:
+        pairs = [(_run(f / f"fmnist-{key}-fp"), _run(f / f"fmnist-{key}-rpu-baseline")) for f in folders]
+        done = [(fp[1]["final_test_error"], rpu[1]["final_test_error"]) for fp, rpu in pairs if fp and rpu]
+        if not done:
+            continue
+        gaps = [100 * (b - a) for a, b in done]
+        mean = sum(gaps) / len(gaps)
+        if len(gaps) > 1:
+            sd = (sum((g - mean) ** 2 for g in gaps) / (len(gaps) - 1)) ** 0.5
+            half = T975.get(len(gaps) - 1, 1.96) * sd / len(gaps) ** 0.5
+            summary = f"{mean:+.2f} [{mean - half:+.1f}, {mean + half:+.1f}] ({sd:.2f})"
+        else:
+            summary = f"{mean:+.2f} (one run)"
+        lines.append(f"| {label} | {len(done)} | " + ", ".join(f"{100 * a:.2f}" for a, _ in done) + " | "
+                     + ", ".join(f"{100 * b:.2f}" for _, b in done) + " | "
+                     + ", ".join(f"{g:+.2f}" for g in gaps) + f" | {summary} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2 or not Path(sys.argv[1]).is_dir():
-        print("usage: python scripts/analog_table.py RUNS_FOLDER", file=sys.stderr)
+    paths = [Path(a) for a in sys.argv[1:]]
+    if not paths or not all(p.is_dir() for p in paths):
+        print("usage: python scripts/analog_table.py RUNS_FOLDER [RUNS_FOLDER ...]", file=sys.stderr)
         sys.exit(2)
-    print(table(Path(sys.argv[1])))
-    print()
-    print(ranking(Path(sys.argv[1])))
-    gaps = epoch_gaps(Path(sys.argv[1]))
-    if gaps:
+    for path in paths:
+        if len(paths) > 1:
+            print(f"{path}:\n")
+        print(table(path))
         print()
-        print(gaps)
+        print(ranking(path))
+        gaps = epoch_gaps(path)
+        if gaps:
+            print()
+            print(gaps)
+        print()
+    if len(paths) > 1:
+        print(across(paths))

@@ -179,3 +179,21 @@ def test_analog_table_gives_the_gap_and_shows_unfinished_runs(tmp_path):
     assert "20.0" in random_row and "running (1 of 8 epochs)" in random_row
     assert table.ranking(tmp_path) == "ranking: not every run has finished"
     assert table.epoch_gaps(tmp_path) == "RPU - FP after each epoch, untiled: +6.0, +5.0 pp"
+
+
+def test_analog_table_across_runs_gives_the_mean_gap_and_its_t_interval(tmp_path):
+    """Three replicate folders (e.g. seeds): the gaps, their mean and sd, and the 95%
+    t-interval of the mean (t = 4.30 for 2 degrees of freedom), checked by hand."""
+    table = _analog_table_module()
+    folders = []
+    for i, (fp, rpu) in enumerate(((0.10, 0.13), (0.11, 0.15), (0.09, 0.14))):
+        folder = tmp_path / f"s{i}"
+        _fake_analog_run(folder / "fmnist-none-fp", [fp], 1, fp)
+        _fake_analog_run(folder / "fmnist-none-rpu-baseline", [rpu], 1, rpu)
+        folders.append(folder)
+    text = table.across(folders)
+    gaps = [3.0, 4.0, 5.0]  # mean 4, sd 1, half-width 4.30 / sqrt(3)
+    half = 4.30 / 3 ** 0.5
+    assert "| untiled | 3 | 10.00, 11.00, 9.00 | 13.00, 15.00, 14.00 | +3.00, +4.00, +5.00 |" in text
+    assert f"+4.00 [{4 - half:+.1f}, {4 + half:+.1f}] (1.00)" in text and sum(gaps) / 3 == 4.0
+    assert "random" not in text  # no finished random pair
