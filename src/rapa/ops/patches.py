@@ -11,6 +11,8 @@ padded ``(N, Hp, C, Wp)`` copy of the input, with a col2im backward.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -73,20 +75,28 @@ class PatchPlan:
         self.dest = dest  # (L,)
 
 
+def _pad_scratch(role: str, xv: Tensor, padding: tuple[int, int], wdim: int) -> Tensor:
+    """Zero-padded copy in scratch ``role`` of ``xv``, a permuted view of an (N, C, H, W) input
+    with H at dim 1 and W at dim ``wdim``: H and W grow by ``2 * padding``."""
+    ph, pw = padding
+    h, w = xv.shape[1], xv.shape[wdim]
+    shape = list(xv.shape)
+    shape[1], shape[wdim] = h + 2 * ph, w + 2 * pw
+    xp = scratch.get(role, math.prod(shape), xv).view(shape)
+    if ph:
+        xp.narrow(1, 0, ph).zero_()
+        xp.narrow(1, ph + h, ph).zero_()
+    rows = xp.narrow(1, ph, h)
+    if pw:
+        rows.narrow(wdim, 0, pw).zero_()
+        rows.narrow(wdim, pw + w, pw).zero_()
+    rows.narrow(wdim, pw, w).copy_(xv)
+    return xp
+
+
 def pad_nhwc(x: Tensor, padding: tuple[int, int]) -> Tensor:
     """Zero-padded channels-last copy of ``x`` (N, C, H, W) in scratch: ``(N, Hp, Wp, C)``."""
-    n, c, h, w = x.shape
-    ph, pw = padding
-    hp, wp = h + 2 * ph, w + 2 * pw
-    xp = scratch.get("xp", n * hp * wp * c, x).view(n, hp, wp, c)  # (N, Hp, Wp, C)
-    if ph:
-        xp[:, :ph].zero_()
-        xp[:, ph + h:].zero_()
-    if pw:
-        xp[:, ph:ph + h, :pw].zero_()
-        xp[:, ph:ph + h, pw + w:].zero_()
-    xp[:, ph:ph + h, pw:pw + w] = x.permute(0, 2, 3, 1)
-    return xp
+    return _pad_scratch("xp", x.permute(0, 2, 3, 1), padding, 2)
 
 
 def gather_source(xp: Tensor, kw: int, stride: tuple[int, int], dilation: tuple[int, int],
@@ -133,18 +143,7 @@ def slot_order(index: Tensor, n: int) -> tuple[Tensor, Tensor]:
 def pad_nhcw(x: Tensor, padding: tuple[int, int]) -> Tensor:
     """Zero-padded ``(N, Hp, C, Wp)`` copy of ``x`` (N, C, H, W) in scratch: every patch of a
     pixel is then one strided block ``(C, kh, kw)`` in ``nn.Conv2d``'s weight order."""
-    n, c, h, w = x.shape
-    ph, pw = padding
-    hp, wp = h + 2 * ph, w + 2 * pw
-    xp = scratch.get("xp_nhcw", n * hp * c * wp, x).view(n, hp, c, wp)  # (N, Hp, C, Wp)
-    if ph:
-        xp[:, :ph].zero_()
-        xp[:, ph + h:].zero_()
-    if pw:
-        xp[:, ph:ph + h, :, :pw].zero_()
-        xp[:, ph:ph + h, :, pw + w:].zero_()
-    xp[:, ph:ph + h, :, pw:pw + w] = x.permute(0, 2, 1, 3)
-    return xp
+    return _pad_scratch("xp_nhcw", x.permute(0, 2, 1, 3), padding, 3)
 
 
 class _GatherPatches(torch.autograd.Function):
@@ -181,9 +180,11 @@ class _GatherPatches(torch.autograd.Function):
         if has_empty:  # empty slots send a zero patch
             cols = cols.masked_fill((idx == np_).view(-1, 1, 1), 0)
         # the slot of every output pixel (num_slots: a pixel no slot computes, perforated)
+        dest = torch.add(idx, img, alpha=np_)  # (L,) output pixel of every slot
+        if has_empty:  # empty slots write to an extra row, dropped below
+            dest.masked_fill_(idx == np_, n * np_)
         inv = torch.full((n * np_ + 1,), num_slots, dtype=torch.int64, device=x.device)
-        inv[torch.add(idx, img, alpha=np_).masked_fill_(idx == np_, n * np_) if has_empty
-            else torch.add(idx, img, alpha=np_)] = scratch.arange(num_slots, x.device)
+        inv[dest] = scratch.arange(num_slots, x.device)
         inv = inv[: n * np_]  # (N*np,)
         ctx.save_for_backward(p, inv, mask)
         ctx.meta = (x.shape, x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
