@@ -2,8 +2,9 @@
 # Fashion-MNIST on simulated analog arrays (rpu-baseline) against floating point at the same
 # recipe: untiled and random (16,4,1), seed 0 (SEED=N), one thread per run, no warm-up, the last epoch at
 # lr/10 (the paper's step decay scaled to the budget). The analog runs
-# take the analog recipe's defaults (--init he, lr 0.01 untiled / 0.025 tiled: `rapa train
-# --help`); their FP twins are given the same init and rates explicitly.
+# take the analog recipe's defaults (--init he, lr 0.01 for both nets: `rapa train --help`);
+# their FP twins are given the same init and rates explicitly. LR=X gives both twins of every
+# net the rate X instead (a rate study).
 #   bash scripts/analog-fmnist.sh short [OUT]   3 epochs on the first 10,000 training images,
 #                                               2,000 test images (default OUT runs/analog)
 #   bash scripts/analog-fmnist.sh full  [OUT]   5 epochs on all 60,000 / 10,000 (default OUT
@@ -12,7 +13,8 @@
 #                                               lr/10 (default OUT runs/analog-long; about 2 hours
 #                                               per analog run on one core)
 # A third argument picks the nets: none (untiled), random (16,4,1) or both (the default);
-# SEED=N (default 0) sets --seed for all four runs.
+# SEED=N (default 0) sets --seed for all four runs; LR=X (default: the analog recipe's) sets
+# --lr for all four.
 # The analog runs go side by side in the background while the FP runs (short) go one after the
 # other beside them. Rerunning the command resumes unfinished runs (rapa train --resume) and
 # skips finished ones. Then:
@@ -37,13 +39,19 @@ seed=${SEED:-0}
 case "$seed" in
   ''|*[!0-9]*) echo "analog-fmnist.sh: SEED must be a non-negative integer, got '$seed'" >&2; exit 2 ;;
 esac
+if [ -n "${LR:-}" ]; then
+  if ! python -c "import sys; x = float(sys.argv[1]); sys.exit(not (0 < x < float('inf')))" "$LR" 2>/dev/null; then
+    echo "analog-fmnist.sh: LR must be a positive number, got '$LR'" >&2; exit 2
+  fi
+  lr_none=$LR; lr_tiled=$LR
+fi
 common="--dataset fashion-mnist $budget --warmup-epochs 0 --seed $seed --threads 1 --quiet"
 run() {  # backend (fp | preset) net (none | random)
   local dir="$out/fmnist-$2-$1" extra=""
   if [ "$1" = fp ]; then
     extra="--init he --lr $([ "$2" = none ] && echo "$lr_none" || echo "$lr_tiled")"
   else
-    extra="--analog $1"
+    extra="--analog $1${LR:+ --lr $LR}"
   fi
   if [ -f "$dir/summary.json" ]; then echo "$dir: finished"; return 0; fi
   if [ -f "$dir/checkpoint.pt" ]; then rapa train --resume "$dir" --threads 1 --quiet; return; fi
