@@ -34,6 +34,9 @@ LR_UNTILED = 0.005
 """The paper's learning rate without tiling (§2.2)."""
 LR_TILED = 0.025
 """The paper's learning rate with tiling (§2.2)."""
+TRAIN_INITS: tuple[str, ...] = ("caffe", "he", "lsuv")
+"""Values of :attr:`TrainConfig.init` (``lsuv`` is data-dependent: the trainer applies it)."""
+
 ANALOG_LR_UNTILED = 0.01
 """Default learning rate of an untiled net on analog arrays (``analog`` set; README)."""
 ANALOG_LR_TILED = 0.01
@@ -108,8 +111,10 @@ class TrainConfig:
     paper's device), idealized, ideal or aihwkit:CLASS; None: digital. Its recipe defaults ``init``
     to he and ``lr`` to the analog learning rates."""
     init: str | None = None
-    """Initialisation (``rapa.models.INITS``): caffe (the paper's, std 1e-4/0.01, SPEC §2) or he
-    (``sqrt(2/fan_in)``); None: caffe, or he with ``analog`` (the analog recipe)."""
+    """Initialisation: caffe (the paper's, std 1e-4/0.01, SPEC §2), he (``sqrt(2/fan_in)``) or
+    lsuv (he, then every layer rescaled to unit output variance on the first
+    :data:`rapa.lsuv.LSUV_IMAGES` training images, :func:`rapa.lsuv.lsuv_`); None: caffe, or he
+    with ``analog`` (the analog recipe)."""
     version: int = CONFIG_VERSION
     """Format version of this config (of a run's config.json; not a setting: ``rapa train`` has
     no option for it)."""
@@ -226,8 +231,8 @@ class TrainConfig:
             from rapa.analog.presets import get_preset
 
             get_preset(self.analog)  # RapaError naming an unknown preset (aihwkit classes: at conversion)
-        if self.init is not None and self.init not in ("caffe", "he"):
-            raise RapaError(f"unknown init {self.init!r}; choose caffe or he")
+        if self.init is not None and self.init not in TRAIN_INITS:
+            raise RapaError(f"unknown init {self.init!r}; choose one of {', '.join(TRAIN_INITS)}")
         if self.version != CONFIG_VERSION:
             raise RapaError(f"config version {self.version!r} is not supported (this rapa reads {CONFIG_VERSION})")
         if not isinstance(self.device, str):

@@ -29,6 +29,7 @@ from rapa.checkpoint import load_checkpoint, save_checkpoint
 from rapa.config import TrainConfig, output_pixels, resolve_device
 from rapa.data import BatchLoader, DatasetInfo, ImageData, dataset_info, load_dataset, make_loader
 from rapa.errors import RapaError
+from rapa.lsuv import LSUV_IMAGES, lsuv_
 from rapa.models import ConvNet
 from rapa.ops.native import describe as describe_native
 from rapa.progress import shown, track
@@ -81,17 +82,24 @@ def best_moving_average(test_errors: Sequence[float], train_errors: Sequence[flo
     return best
 
 
-def make_model_and_optimizer(config: TrainConfig, info: DatasetInfo,
-                             device: torch.device | str) -> tuple[nn.Module, torch.optim.Optimizer]:
+def make_model_and_optimizer(config: TrainConfig, info: DatasetInfo, device: torch.device | str,
+                             train_data: ImageData | None = None) -> tuple[nn.Module, torch.optim.Optimizer]:
     """The ConvNet of ``config`` on ``device`` and its plain SGD optimizer (rate of epoch 0).
 
     Weight decay is :meth:`TrainConfig.resolved_weight_decay` (torch's, 1e-4 by default).
-    With ``config.analog`` the model and optimizer are handed to
+    With init ``lsuv`` the He-initialised net is rescaled on the first
+    :data:`rapa.lsuv.LSUV_IMAGES` images of ``train_data`` (:func:`rapa.lsuv.lsuv_`; without
+    ``train_data``, as when a checkpoint's weights are loaded next, it stays He's).
+    With ``config.analog`` the model and optimizer are then handed to
     :func:`rapa.analog.prepare`, which returns their analog versions.
     """
+    init = config.resolved_init()
     model = ConvNet(num_classes=info.num_classes, in_channels=info.in_channels, channels=tuple(config.channels),
                     tiles=config.tiles, scheme=config.scheme, pooling=config.pooling, image_size=info.size,
-                    device=device, init=config.resolved_init())
+                    device=device, init="he" if init == "lsuv" else init)
+    if init == "lsuv" and train_data is not None:
+        images, _ = next(iter(make_loader(train_data, min(LSUV_IMAGES, len(train_data)), device=device)))
+        lsuv_(model, images)  # (n, C, H, W) normalised as in training, not augmented
     optimizer = torch.optim.SGD(model.parameters(), lr=lr_at(config, 0), momentum=config.momentum,
                                 weight_decay=config.resolved_weight_decay())
     if config.analog is not None:
@@ -185,7 +193,7 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, progre
     out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(config.seed)
-    model, optimizer = make_model_and_optimizer(config, info, device)
+    model, optimizer = make_model_and_optimizer(config, info, device, train_data)
     data_gen = torch.Generator().manual_seed(config.seed + _DATA_SEED_OFFSET)
     loader = make_loader(train_data, config.batch_size, shuffle=True, augment=config.augment,
                          mirror=config.mirror, device=device, generator=data_gen)

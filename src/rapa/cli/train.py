@@ -62,7 +62,7 @@ _SPECIAL: dict[str, dict[str, Any]] = {
                                           "analog time"},
     "channels": {"type": int_triple, "extra": "e.g. 32,32,64"},
     "analog": {"metavar": "PRESET"},
-    "init": {"metavar": "{caffe,he}"},  # checked by TrainConfig.validate
+    "init": {"metavar": "{caffe,he,lsuv}"},  # checked by TrainConfig.validate
 }
 
 
