@@ -203,6 +203,44 @@ def test_ideal_convnet_equals_digital_convnet():
     torch.testing.assert_close(analog(x, indices), model(x, indices), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.analog
+def test_digital_layers_stay_floating_point_and_learn_by_sgd():
+    _aihwkit()
+    from aihwkit.nn import AnalogLinear
+    from rapa.analog import AnalogTiledConv2d, convert_to_analog, prepare
+    from rapa.config import TrainConfig
+    from rapa.models import ConvNet
+
+    torch.manual_seed(0)
+    model = ConvNet(in_channels=1, channels=(4, 4, 8), tiles=(4, 2, 1), image_size=8, init="he")
+    analog, opt = prepare(model, TrainConfig(dataset="digits", analog="rpu-baseline", digital_layers=("fc",),
+                                             lr=0.1))
+    assert type(analog.fc) is nn.Linear and not isinstance(analog.fc, AnalogLinear)
+    assert all(isinstance(c, AnalogTiledConv2d) for c in (analog.conv1, analog.conv2, analog.conv3))
+    torch.testing.assert_close(analog.fc.weight, model.fc.weight)  # the digital net's FC, unchanged
+    # one step: the digital FC takes exactly SGD's step from its own gradient (weight decay
+    # lr * 1e-4 * w included), computed here by hand
+    x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 10, (6,))
+    w0 = analog.fc.weight.detach().clone()
+    opt.zero_grad()
+    F.cross_entropy(analog(x), y).backward()
+    g = analog.fc.weight.grad.detach().clone()
+    opt.step()
+    wd = TrainConfig(dataset="digits").resolved_weight_decay()
+    torch.testing.assert_close(analog.fc.weight.detach(), w0 - 0.1 * (g + wd * w0))
+    with pytest.raises(ValueError, match="'fc2'"):
+        convert_to_analog(model, "ideal", digital=["fc2"])
+
+
+def test_digital_layers_are_checked_by_the_config():
+    from rapa.config import TrainConfig
+
+    with pytest.raises(RapaError, match="needs analog"):
+        TrainConfig(dataset="digits", digital_layers=("fc",)).validate()
+    with pytest.raises(RapaError, match="'fc9'.*conv1, conv2, conv3, fc"):
+        TrainConfig(dataset="digits", analog="ideal", digital_layers=("fc9",)).validate()
+
+
 # --------------------------------------------------------------------------------- training
 
 

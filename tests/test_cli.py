@@ -231,7 +231,8 @@ FIELD_OPTIONS = {
     "eval_batch_size": (["--eval-batch-size", "64"], 64),
     "eval_every": (["--eval-every", "2"], 2),
     "analog": (["--analog", "ideal"], "ideal"),
-    "init": (["--init", "he"], "he"),
+    "init": (["--init", "lsuv"], "lsuv"),
+    "digital_layers": (["--digital-layers", "fc, conv1"], ("fc", "conv1")),
 }
 
 

@@ -110,6 +110,10 @@ class TrainConfig:
     """Train on simulated analog arrays (needs ``rapa[analog]``) with this preset: rpu-baseline (the
     paper's device), idealized, ideal or aihwkit:CLASS; None: digital. Its recipe defaults ``init``
     to he and ``lr`` to the analog learning rates."""
+    digital_layers: tuple[str, ...] = ()
+    """With ``analog``: layers kept in floating point, among conv1, conv2, conv3 and fc (e.g. fc,
+    as analog studies often keep the last layer digital); the others on arrays. Empty (the
+    default): every layer analog."""
     init: str | None = None
     """Initialisation: caffe (the paper's, std 1e-4/0.01, SPEC §2), he (``sqrt(2/fan_in)``) or
     lsuv (he, then every layer rescaled to unit output variance on the first
@@ -125,6 +129,8 @@ class TrainConfig:
             self.tiles = tuple(self.tiles)
         if isinstance(self.channels, list):
             self.channels = tuple(self.channels)
+        if isinstance(self.digital_layers, list):
+            self.digital_layers = tuple(self.digital_layers)
 
     # ----------------------------------------------------------------- derived values
 
@@ -231,6 +237,13 @@ class TrainConfig:
             from rapa.analog.presets import get_preset
 
             get_preset(self.analog)  # RapaError naming an unknown preset (aihwkit classes: at conversion)
+        from rapa.models import LAYER_NAMES
+
+        if not isinstance(self.digital_layers, tuple) or any(n not in LAYER_NAMES for n in self.digital_layers):
+            raise RapaError(f"digital_layers={self.digital_layers!r}: give layer names among {', '.join(LAYER_NAMES)}")
+        if self.digital_layers and self.analog is None:
+            raise RapaError(f"digital_layers={','.join(self.digital_layers)} needs analog (a preset): "
+                            "without it every layer is digital already")
         if self.init is not None and self.init not in TRAIN_INITS:
             raise RapaError(f"unknown init {self.init!r}; choose one of {', '.join(TRAIN_INITS)}")
         if self.version != CONFIG_VERSION:

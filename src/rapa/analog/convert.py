@@ -18,7 +18,7 @@ arrays' weights by (pulsed) analog updates and the remaining digital parameters 
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -46,9 +46,12 @@ def _generators(model: nn.Module) -> list[torch.Generator]:
     return list(found.values())
 
 
-def _convert_children(module: nn.Module, preset: AnalogPreset, generator: torch.Generator | None) -> None:
+def _convert_children(module: nn.Module, preset: AnalogPreset, generator: torch.Generator | None,
+                      keep: frozenset[str] = frozenset(), prefix: str = "") -> None:
     for name, child in module.named_children():
         if isinstance(child, (AnalogLayerBase, AnalogTiledConv2d)):  # already analog
+            continue
+        if prefix + name in keep:  # stays digital, and so does everything in it
             continue
         if isinstance(child, nn.Conv2d) and (child.groups != 1 or child.padding_mode != "zeros"
                                              or isinstance(child.padding, str)):
@@ -61,15 +64,20 @@ def _convert_children(module: nn.Module, preset: AnalogPreset, generator: torch.
         elif isinstance(child, nn.Linear):
             new = AnalogLinear.from_digital(child, preset.rpu_config(draw_construction_seed(generator)))
         else:
-            _convert_children(child, preset, generator)
+            _convert_children(child, preset, generator, keep, f"{prefix}{name}.")
             continue
         new.train(child.training)
         setattr(module, name, new)
 
 
 def convert_to_analog(model: nn.Module, preset: str | AnalogPreset = "rpu-baseline",
-                      inplace: bool = False, generator: torch.Generator | None = None) -> nn.Module:
+                      inplace: bool = False, generator: torch.Generator | None = None,
+                      digital: Sequence[str] = ()) -> nn.Module:
     """``model`` with its conv and linear layers on simulated analog arrays.
+
+    ``digital``: names of submodules (as in ``named_modules()``, e.g. ``"fc"``) that stay in
+    floating point, with everything inside them; ``ValueError`` names any that the model
+    does not have.
 
     ``preset``: see :func:`rapa.analog.get_preset`. Each array's device-to-device variations
     are seeded from ``generator`` (torch's global one if ``None``, so
@@ -79,6 +87,10 @@ def convert_to_analog(model: nn.Module, preset: str | AnalogPreset = "rpu-baseli
     result's ``state_dict()`` holds tensors only (see :mod:`rapa.analog.state`).
     """
     preset = get_preset(preset)
+    keep = frozenset(digital)
+    unknown = sorted(keep - {name for name, _ in model.named_modules() if name})
+    if unknown:
+        raise ValueError(f"digital={unknown}: the model has no such submodules")
     if not inplace:
         memo: dict[int, Any] = {id(g): g for g in _generators(model)}
         model = copy.deepcopy(model, memo)
@@ -87,7 +99,7 @@ def convert_to_analog(model: nn.Module, preset: str | AnalogPreset = "rpu-baseli
         holder.add_module("layer", model)
         _convert_children(holder, preset, generator)
         return use_plain_state_dict(holder.get_submodule("layer"))
-    _convert_children(model, preset, generator)
+    _convert_children(model, preset, generator, keep)
     return use_plain_state_dict(model)
 
 
@@ -122,5 +134,5 @@ def prepare(model: nn.Module, config: Any) -> tuple[nn.Module, AnalogSGD]:
     param = next(model.parameters(), None)
     if param is not None:
         check_device(param.device)
-    analog_model = convert_to_analog(model, preset)
+    analog_model = convert_to_analog(model, preset, digital=tuple(getattr(config, "digital_layers", ()) or ()))
     return analog_model, analog_optimizer(analog_model, lr, momentum, weight_decay)

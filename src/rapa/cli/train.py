@@ -24,6 +24,7 @@ from typing import Any
 from rapa.cli.common import add_threads, apply_threads, list_type, output_folder
 from rapa.config import TrainConfig, field_docs, output_pixels
 from rapa.errors import RapaError
+from rapa.models import LAYER_NAMES
 from rapa.rundir import RESUMABLE_FIELDS, RESUME_OVERRIDES, read_summary
 
 # with --resume only these config options may be given: the fields a resumed run may change
@@ -63,6 +64,8 @@ _SPECIAL: dict[str, dict[str, Any]] = {
     "channels": {"type": int_triple, "extra": "e.g. 32,32,64"},
     "analog": {"metavar": "PRESET"},
     "init": {"metavar": "{caffe,he,lsuv}"},  # checked by TrainConfig.validate
+    "digital_layers": {"type": list_type(str, option="--digital-layers", choices=LAYER_NAMES),
+                       "metavar": "NAMES"},
 }
 
 
@@ -123,7 +126,7 @@ def _kind(annotation: Any) -> tuple[str, bool]:
     text = str(annotation).replace(" ", "")
     optional = "|None" in text or text.startswith("Optional[")
     base = text.replace("|None", "").removeprefix("Optional[").rstrip("]") if optional else text
-    if base.startswith("tuple[int"):
+    if base.startswith(("tuple[int", "tuple[str")):
         return "tuple", optional
     if base not in ("int", "float", "str", "bool"):
         raise TypeError(f"TrainConfig field of type {annotation!r} has no command-line parser; add one to _SPECIAL")
@@ -152,7 +155,7 @@ def option_help(doc: str, default: Any = None, extra: str = "", shown: bool = Tr
         text = text[0].lower() + text[1:]
     if extra:
         text += f"; {extra}"
-    if shown and default is not None:
+    if shown and default is not None and default != ():
         value = ",".join(map(str, default)) if isinstance(default, tuple) else \
             format(default, "g") if isinstance(default, float) else str(default)
         text += f" (default {value})"

@@ -121,6 +121,8 @@ def run_name(config: TrainConfig) -> str:
     for k in ("weight_decay", "wd_factor"):  # the unused one of the two: names of legacy runs stay as they were
         if key.get(k) is None:
             key.pop(k, None)
+    if not key.get("digital_layers"):  # added after the battery ran: its default leaves names as they were
+        key.pop("digital_layers", None)
     key["lr"] = c.resolved_lr()
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
     return "-".join(parts + [digest])
