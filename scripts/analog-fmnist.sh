@@ -14,7 +14,7 @@
 #                                               per analog run on one core)
 # A third argument picks the nets: none (untiled), random (16,4,1) or both (the default);
 # SEED=N (default 0) sets --seed for all four runs; LR=X (default: the analog recipe's) sets
-# --lr for all four.
+# --lr for all four; INIT=NAME (default: the analog recipe's, he) sets --init for all four.
 # The analog runs go side by side in the background while the FP runs (short) go one after the
 # other beside them. Rerunning the command resumes unfinished runs (rapa train --resume) and
 # skips finished ones. Then:
@@ -45,13 +45,18 @@ if [ -n "${LR:-}" ]; then
   fi
   lr_none=$LR; lr_tiled=$LR
 fi
+init=${INIT:-he}
+case "$init" in
+  caffe|he|lsuv) ;;
+  *) echo "analog-fmnist.sh: INIT must be caffe, he or lsuv, got '$init'" >&2; exit 2 ;;
+esac
 common="--dataset fashion-mnist $budget --warmup-epochs 0 --seed $seed --threads 1 --quiet"
 run() {  # backend (fp | preset) net (none | random)
   local dir="$out/fmnist-$2-$1" extra=""
   if [ "$1" = fp ]; then
-    extra="--init he --lr $([ "$2" = none ] && echo "$lr_none" || echo "$lr_tiled")"
+    extra="--init $init --lr $([ "$2" = none ] && echo "$lr_none" || echo "$lr_tiled")"
   else
-    extra="--analog $1${LR:+ --lr $LR}"
+    extra="--analog $1 --init $init${LR:+ --lr $LR}"
   fi
   if [ -f "$dir/summary.json" ]; then echo "$dir: finished"; return 0; fi
   if [ -f "$dir/checkpoint.pt" ]; then rapa train --resume "$dir" --threads 1 --quiet; return; fi
