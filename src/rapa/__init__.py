@@ -21,7 +21,7 @@ _EXPORTS: dict[str, str] = {
     "functional": "rapa.functional", "schemes": "rapa.schemes", "SCHEMES": "rapa.schemes",
     "convert": "rapa.convert", "balanced_tiles": "rapa.convert",
     "conversion_summary": "rapa.summary",
-    "WithinChannelLRN": "rapa.lrn", "within_channel_lrn": "rapa.lrn",
+    "WithinChannelLRN": "rapa.lrn", "within_channel_lrn": "rapa.lrn", "lsuv_": "rapa.lsuv",
     "ENLARGED_CHANNELS": "rapa.models", "ConvNet": "rapa.models", "build_model": "rapa.models",
     "MixedPool2d": "rapa.pooling", "StochasticPool2d": "rapa.pooling", "make_pool": "rapa.pooling",
     "TiledConv2d": "rapa.tiled_conv",
@@ -32,7 +32,7 @@ __all__ = [
     "TiledConv2d", "convert", "balanced_tiles", "conversion_summary", "functional", "schemes", "SCHEMES",
     "ConvNet", "build_model", "ENLARGED_CHANNELS",
     "StochasticPool2d", "MixedPool2d", "make_pool", "WithinChannelLRN", "within_channel_lrn",
-    "majority_vote", "adaptive_vote", "vote_predictions", "__version__",
+    "majority_vote", "adaptive_vote", "vote_predictions", "lsuv_", "__version__",
 ]
 
 
