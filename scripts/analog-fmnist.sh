@@ -2,7 +2,7 @@
 # Fashion-MNIST on simulated analog arrays (rpu-baseline) against floating point at the same
 # recipe: untiled and random (16,4,1), seed 0 (SEED=N), one thread per run, no warm-up, the last epoch at
 # lr/10 (the paper's step decay scaled to the budget). The analog runs
-# take the analog recipe's defaults (--init he, lr 0.01 for both nets: `rapa train --help`);
+# take the analog recipe's defaults (--init lsuv, lr 0.01 for both nets: `rapa train --help`);
 # their FP twins are given the same init and rates explicitly. LR=X gives both twins of every
 # net the rate X instead (a rate study).
 #   bash scripts/analog-fmnist.sh short [OUT]   3 epochs on the first 10,000 training images,
@@ -14,7 +14,7 @@
 #                                               per analog run on one core)
 # A third argument picks the nets: none (untiled), random (16,4,1) or both (the default);
 # SEED=N (default 0) sets --seed for all four runs; LR=X (default: the analog recipe's) sets
-# --lr for all four; INIT=NAME (default: the analog recipe's, he) sets --init for all four.
+# --lr for all four; INIT=NAME (default: the analog recipe's, lsuv) sets --init for all four.
 # The analog runs go side by side in the background while the FP runs (short) go one after the
 # other beside them. Rerunning the command resumes unfinished runs (rapa train --resume) and
 # skips finished ones. Then:
@@ -34,7 +34,7 @@ case "${3:-both}" in
 esac
 . .venv/bin/activate
 mkdir -p "$out"
-read -r lr_none lr_tiled < <(python -c "from rapa.config import ANALOG_LR_UNTILED as u, ANALOG_LR_TILED as t; print(u, t)")
+read -r lr_none lr_tiled analog_init < <(python -c "from rapa.config import ANALOG_LR_UNTILED as u, ANALOG_LR_TILED as t, ANALOG_INIT as i; print(u, t, i)")
 seed=${SEED:-0}
 case "$seed" in
   ''|*[!0-9]*) echo "analog-fmnist.sh: SEED must be a non-negative integer, got '$seed'" >&2; exit 2 ;;
@@ -45,7 +45,7 @@ if [ -n "${LR:-}" ]; then
   fi
   lr_none=$LR; lr_tiled=$LR
 fi
-init=${INIT:-he}
+init=${INIT:-$analog_init}
 case "$init" in
   caffe|he|lsuv) ;;
   *) echo "analog-fmnist.sh: INIT must be caffe, he or lsuv, got '$init'" >&2; exit 2 ;;
