@@ -87,7 +87,7 @@ def convert_to_analog(model: nn.Module, preset: str | AnalogPreset = "rpu-baseli
     result's ``state_dict()`` holds tensors only (see :mod:`rapa.analog.state`).
     """
     preset = get_preset(preset)
-    keep = frozenset(digital)
+    keep = frozenset([digital] if isinstance(digital, str) else digital)
     unknown = sorted(keep - {name for name, _ in model.named_modules() if name})
     if unknown:
         raise ValueError(f"digital={unknown}: the model has no such submodules")
