@@ -43,7 +43,7 @@ ANALOG_LR_TILED = 0.01
 """Default learning rate of a tiled net on analog arrays (``analog`` set; README)."""
 ANALOG_INIT = "lsuv"
 """Default initialisation on analog arrays (``analog`` set): He, then LSUV-rescaled (README:
-at the short Fashion-MNIST budget it halves the tiled net's RPU - FP gap against He alone)."""
+at the short Fashion-MNIST budget, seeds 0-2, it halves the tiled net's mean RPU - FP gap against He alone)."""
 META_KEYS: tuple[str, ...] = ("torch_version", "rapa_version")
 """Keys a run's config.json carries besides the fields (ignored by ``from_dict``)."""
 
