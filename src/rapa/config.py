@@ -189,7 +189,7 @@ class TrainConfig:
         (``check_device=False``: a saved run's device need not exist on this machine)."""
         from rapa import schemes
         from rapa.data import KINDS, canonical_name, dataset_info
-        from rapa.models import check_tiles_fit
+        from rapa.models import LAYER_NAMES, check_tiles_fit
         from rapa.pooling import POOL_KINDS
 
         try:
@@ -241,8 +241,6 @@ class TrainConfig:
             from rapa.analog.presets import get_preset
 
             get_preset(self.analog)  # RapaError naming an unknown preset (aihwkit classes: at conversion)
-        from rapa.models import LAYER_NAMES
-
         if not isinstance(self.digital_layers, tuple) or any(n not in LAYER_NAMES for n in self.digital_layers):
             raise RapaError(f"digital_layers={self.digital_layers!r}: give layer names among {', '.join(LAYER_NAMES)}")
         if self.digital_layers and self.analog is None:

@@ -22,6 +22,7 @@ as in training.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -81,7 +82,7 @@ def lsuv_(model: nn.Module, images: Tensor, layers: Sequence[str] | None = None,
                 finally:
                     handle.remove()
                 std = float(seen[0].float().std()) if seen else 0.0
-                if not seen or not std > 0 or not torch.isfinite(torch.tensor(std)):
+                if not 0 < std < math.inf:  # constant, not reached, or not finite: leave it
                     break
                 if abs(std / target_std - 1.0) <= tol:
                     break

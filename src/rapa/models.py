@@ -31,10 +31,11 @@ PAPER_TILES: tuple[int, int, int] = (16, 4, 1)  # balanced for np = (1024, 256, 
 CONV_INIT_STD: tuple[float, float, float] = (1e-4, 0.01, 0.01)  # Caffe's Gaussian fillers
 FC_INIT_STD: float = 0.01
 INITS: tuple[str, ...] = ("caffe", "he")
+"""Initialisations: ``caffe`` (SPEC §2, the paper's) and ``he`` (He et al. 2015: Gaussian
+std ``sqrt(2 / fan_in)`` for every conv and the FC layer; the analog recipe's ``lsuv`` starts
+from it, :mod:`rapa.lsuv`)."""
 LAYER_NAMES: tuple[str, ...] = ("conv1", "conv2", "conv3", "fc")
 """The weight layers of :class:`ConvNet`, in forward order."""
-"""Initialisations: ``caffe`` (SPEC §2, the paper's) and ``he`` (He et al. 2015: Gaussian
-std ``sqrt(2 / fan_in)`` for every conv and the FC layer; what the analog recipe uses)."""
 _KERNEL, _CONV_PAD = 5, 2
 _POOL_K, _POOL_S, _POOL_P = 3, 2, 1
 
