@@ -429,6 +429,30 @@ def test_bench_analog_prints_the_ratio(capsys):
     assert "ratio RAPA / untiled" in out and "AnalogConv2d" in out
 
 
+@pytest.mark.analog
+def test_bench_analog_nets_start_as_rapa_train_analog_starts_them():
+    """The benchmark times the nets `rapa train --analog` trains: LSUV-scaled (conv1's output
+    has unit std on the images, computed here with F.conv2d from the arrays' weights) and
+    the analog recipe's learning rates."""
+    _aihwkit()
+    from rapa.bench.analog import build_nets
+    from rapa.config import ANALOG_LR_TILED, ANALOG_LR_UNTILED
+
+    images = torch.rand(20, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    (untiled, opt_u), (rapa, opt_r) = build_nets("ideal", size=8, images=images)
+    assert [g["lr"] for g in opt_u.param_groups] == [ANALOG_LR_UNTILED] * len(opt_u.param_groups)
+    assert [g["lr"] for g in opt_r.param_groups] == [ANALOG_LR_TILED] * len(opt_r.param_groups)
+    conv = untiled.conv1.conv  # aihwkit's AnalogConv2d
+    weight, bias = conv.get_weights()
+    y = F.conv2d(images, weight.view(conv.out_channels, 3, 5, 5), bias, padding=conv.padding)
+    assert abs(y.std().item() - 1.0) < 0.05
+    # without images the nets keep He's scale: conv1's output is not normalised
+    (plain, _), _ = build_nets("ideal", size=8)
+    w0, b0 = plain.conv1.conv.get_weights()
+    y0 = F.conv2d(images, w0.view(conv.out_channels, 3, 5, 5), b0, padding=conv.padding)
+    assert abs(y0.std().item() - 1.0) > 0.05
+
+
 def test_digital_twin_of_an_analog_convnet_has_its_weights():
     _aihwkit()
     from rapa.analog import prepare

@@ -4,7 +4,8 @@ Both nets are the paper's ConvNet on simulated analog arrays with the same prese
 untiled one with aihwkit's own ``AnalogConv2d`` layers (one array per layer), the RAPA one
 with ``random`` tiles ``(16, 4, 1)``, every replica its own array
 (:class:`rapa.analog.AnalogTiledConv2d`); the FC layer is an ``AnalogLinear`` in both.
-One training step (forward, backward, ``AnalogSGD`` pulsed update) is timed for each,
+One training step (forward, backward, ``AnalogSGD`` pulsed update at the analog recipe's
+learning rate, :data:`rapa.config.ANALOG_LR_UNTILED` / ``ANALOG_LR_TILED``) is timed for each,
 interleaved, and the ratio RAPA / untiled printed. The RAPA net does the same number of
 analog matrix-vector products and updates (one per patch), split over more arrays, so the
 simulation should cost about the same (the target is within 1.1x); on analog hardware the
@@ -27,6 +28,8 @@ from torch import Tensor
 
 from rapa.analog import analog_optimizer, convert_to_analog, require_aihwkit
 from rapa.bench.common import resolve_device, time_interleaved
+from rapa.config import ANALOG_INIT, ANALOG_LR_TILED, ANALOG_LR_UNTILED
+from rapa.lsuv import lsuv_
 from rapa.errors import RapaError
 from rapa.models import ConvNet
 
@@ -58,11 +61,20 @@ class _AihwkitConv(nn.Module):
         return self.conv(x)
 
 
-def build_nets(preset: str, size: int = 32, in_channels: int = 3, seed: int = 0):
-    """``(untiled analog net, RAPA analog net)``, both ``(model, AnalogSGD)`` pairs."""
+def build_nets(preset: str, size: int = 32, in_channels: int = 3, seed: int = 0,
+               images: Tensor | None = None):
+    """``(untiled analog net, RAPA analog net)``, both ``(model, AnalogSGD)`` pairs, initialised
+    as ``rapa train --analog`` does (:data:`rapa.config.ANALOG_INIT`: He, then LSUV on
+    ``images`` when given) at the analog recipe's learning rates."""
 
     torch.manual_seed(seed)
-    untiled = ConvNet(in_channels=in_channels, tiles=None, scheme="none", image_size=size)
+    init = "he" if ANALOG_INIT == "lsuv" else ANALOG_INIT
+    nets = [ConvNet(in_channels=in_channels, tiles=tiles, scheme=scheme, image_size=size, init=init)
+            for tiles, scheme in ((None, "none"), ((16, 4, 1), "random"))]
+    if ANALOG_INIT == "lsuv" and images is not None:
+        for net in nets:
+            lsuv_(net, images)  # (n, C, size, size)
+    untiled, rapa = nets
     for name in ("conv1", "conv2", "conv3"):  # plain nn.Conv2d layers: aihwkit's own AnalogConv2d, same weights
         layer = getattr(untiled, name)
         conv = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding)
@@ -71,10 +83,11 @@ def build_nets(preset: str, size: int = 32, in_channels: int = 3, seed: int = 0)
             if layer.bias is not None:
                 conv.bias.copy_(layer.bias.reshape(conv.bias.shape))
         setattr(untiled, name, _AihwkitConv(conv))
-    untiled = convert_to_analog(untiled, preset)
-    rapa = convert_to_analog(ConvNet(in_channels=in_channels, tiles=(16, 4, 1), scheme="random",
-                                     image_size=size), preset)
-    return [(m, analog_optimizer(m, lr=0.025)) for m in (untiled, rapa)]
+    untiled, rapa = convert_to_analog(untiled, preset), convert_to_analog(rapa, preset)
+    # each net at the rate `rapa train --analog` gives it: the pulse counts, and so the cost of
+    # an update, scale with the rate
+    return [(untiled, analog_optimizer(untiled, lr=ANALOG_LR_UNTILED)),
+            (rapa, analog_optimizer(rapa, lr=ANALOG_LR_TILED))]
 
 
 def run_analog_bench(preset: str = "rpu-baseline", batch: int = 10, size: int = 32,
@@ -96,13 +109,13 @@ def run_analog_bench(preset: str = "rpu-baseline", batch: int = 10, size: int = 
     # untiled net's large products a second BLAS thread (10% faster, 70% more CPU)
     blas = threadpool_limits(limits=threads if threads > 0 else None, user_api="blas")
     try:
-        (untiled, opt_u), (rapa, opt_r) = build_nets(preset, size)
         # a fresh batch (random images, random labels) for every step, the same sequence for
         # both nets: trained on one batch over and over, a net memorises it, its gradients
         # shrink and its pulsed updates get cheaper step by step (the ratio drifted 0.9-1.2x)
         gen = torch.Generator().manual_seed(0)
         batches = [(torch.rand(batch, 3, size, size, generator=gen),
                     torch.randint(0, 10, (batch,), generator=gen)) for _ in range(repeats + 1)]
+        (untiled, opt_u), (rapa, opt_r) = build_nets(preset, size, images=torch.cat([x for x, _ in batches]))
         steps = {"untiled": 0, "rapa": 0}
 
         def step(name: str, model: nn.Module, opt) -> None:
