@@ -2,7 +2,7 @@
 # Fashion-MNIST on simulated analog arrays (rpu-baseline) against floating point at the same
 # recipe: untiled and random (16,4,1), seed 0 (SEED=N), one thread per run, no warm-up, the last epoch at
 # lr/10 (the paper's step decay scaled to the budget). The analog runs
-# take the analog recipe's defaults (--init lsuv, lr 0.01 for both nets: `rapa train --help`);
+# take the analog recipe's defaults (--init lsuv, lr 0.01 untiled, 0.02 tiled: `rapa train --help`);
 # their FP twins are given the same init and rates explicitly. LR=X gives both twins of every
 # net the rate X instead (a rate study).
 #   bash scripts/analog-fmnist.sh short [OUT]   3 epochs on the first 10,000 training images,
