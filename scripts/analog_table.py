@@ -64,6 +64,10 @@ def _gap(fp: dict, rpu: dict) -> str:
 
 def ranking(out: Path) -> str:
     """Whether untiled vs random rank the same way in FP and RPU (final single pass)."""
+    absent = [label for key, label in NETS if not any((out / f"fmnist-{key}-{kind}").is_dir()
+                                                      for kind in ("fp", "rpu-baseline"))]
+    if absent:
+        return f"ranking: needs both nets ({', '.join(absent)}: no runs in this folder)"
     runs = {(key, kind): _run(out / f"fmnist-{key}-{kind}") for key, _ in NETS for kind in ("fp", "rpu-baseline")}
     if any(r is None for r in runs.values()):
         return "ranking: not every run has finished"
@@ -85,6 +89,8 @@ def table(out: Path) -> str:
              "|---|---|---|---|---|---|---|"]
     for key, label in NETS:
         folders = out / f"fmnist-{key}-fp", out / f"fmnist-{key}-rpu-baseline"
+        if not any(f.is_dir() for f in folders):  # this net was not run here (e.g. `... short OUT random`)
+            continue
         fp, rpu = _run(folders[0]), _run(folders[1])
         cells = [label]
         for run, folder in zip((fp, rpu), folders):

@@ -181,6 +181,17 @@ def test_analog_table_gives_the_gap_and_shows_unfinished_runs(tmp_path):
     assert table.epoch_gaps(tmp_path) == "RPU - FP after each epoch, untiled: +6.0, +5.0 pp"
 
 
+def test_analog_table_of_a_folder_with_one_net_says_so(tmp_path):
+    """A folder of `analog-fmnist.sh ... random` has no untiled runs: no untiled row, and
+    the ranking names what is missing instead of waiting for runs that never come."""
+    table = _analog_table_module()
+    _fake_analog_run(tmp_path / "fmnist-random-fp", [0.2], 1, 0.2)
+    _fake_analog_run(tmp_path / "fmnist-random-rpu-baseline", [0.25], 1, 0.25)
+    rows = [line for line in table.table(tmp_path).splitlines() if line.startswith("| ") and "---" not in line]
+    assert [r.split(" | ")[0] for r in rows] == ["| net", "| random (16,4,1)"]
+    assert table.ranking(tmp_path) == "ranking: needs both nets (untiled: no runs in this folder)"
+
+
 def test_analog_table_across_runs_gives_the_mean_gap_and_its_t_interval(tmp_path):
     """Three replicate folders (e.g. seeds): the gaps, their mean and sd, and the 95%
     t-interval of the mean (t = 4.30 for 2 degrees of freedom), checked by hand."""
