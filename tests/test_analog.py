@@ -589,3 +589,30 @@ def test_simulator_blas_follows_torch_threads():
             pytest.skip("aihwkit's simulator is not linked to a separate OpenBLAS here")
         assert got == {"sim": [threads], "left": False}
     assert probe(1, OPENBLAS_NUM_THREADS="2") == {"sim": [2], "left": True}
+
+
+@pytest.mark.analog
+def test_tile_lr_power_sets_each_array_its_rate():
+    """With tile_lr_power p, AnalogSGD hands each replica array of a layer with nk replicas the
+    rate lr * nk**p at its update, the untiled arrays lr; the groups' rates are restored by the
+    trainer's schedule (lr_scale)."""
+    _aihwkit()
+    from rapa.config import TrainConfig
+    from rapa.data import dataset_info
+    from rapa.train import make_model_and_optimizer
+
+    torch.manual_seed(0)
+    config = TrainConfig(dataset="digits", scheme="random", tiles=(4, 2, 1), channels=(4, 4, 8),
+                         analog="rpu-baseline", lr=0.01, tile_lr_power=1.0, init="he").resolved()
+    model, opt = make_model_and_optimizer(config, dataset_info("digits"), "cpu")
+    x, y = torch.randn(3, 1, 28, 28), torch.randint(0, 10, (3,))
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    rates = {"conv1": 0.04, "conv2": 0.02, "conv3": 0.01, "fc": 0.01}
+    seen = 0
+    for name, layer in model.named_children():
+        for array in layer.analog_arrays() if hasattr(layer, "analog_arrays") else [layer]:
+            for tile in getattr(array, "analog_tiles", lambda: [])():
+                assert tile.get_learning_rate() == pytest.approx(rates[name]), name
+                seen += 1
+    assert seen == 4 + 2 + 1 + 1

@@ -112,6 +112,7 @@ def test_missing_run_dir_is_one_line_without_traceback_exit_2():
     (["train", "--eval-batch-size", "0"], "eval_batch_size must be an integer >= 1, got 0"),
     (["train", "--init", "xavier"], "unknown init 'xavier'"),
     (["train", "--wd-factor", "0.1"], "both set; give weight_decay only"),
+    (["train", "--tile-lr-power", "5"], "tile_lr_power=5.0 is out of range: give a number from 0 to 2"),
 ])
 def test_user_errors_are_one_line_with_exit_code_2(args, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a run that did start would land here
@@ -233,6 +234,7 @@ FIELD_OPTIONS = {
     "analog": (["--analog", "ideal"], "ideal"),
     "init": (["--init", "lsuv"], "lsuv"),
     "digital_layers": (["--digital-layers", "fc, conv1"], ("fc", "conv1")),
+    "tile_lr_power": (["--tile-lr-power", "0.5"], 0.5),
 }
 
 

@@ -372,3 +372,35 @@ def test_legacy_configs_keep_their_weight_decay(tmp_path):
         TrainConfig(wd_factor=1e-4, weight_decay=1e-4).validate()
     with pytest.raises(RapaError, match="weight_decay"):
         TrainConfig(weight_decay=-1.0).validate()
+
+
+@pytest.mark.parametrize("power", [0.5, 1.0])
+def test_tile_lr_power_scales_each_tiled_layers_step_by_nk_to_the_power(power):
+    """w1 = w0 - lr * nk**p * (g + wd * w0) in a layer with nk replicas; lr in the untiled ones."""
+    config = TrainConfig(dataset="digits", scheme="random", tiles=(16, 4, 1), lr=0.05, warmup_epochs=0,
+                         tile_lr_power=power)
+    before, after, grads = _one_step(config)
+    rates = {"conv1": 0.05 * 16 ** power, "conv2": 0.05 * 4 ** power, "conv3": 0.05, "fc": 0.05}
+    assert {n.split(".")[0] for n in before} == set(rates)
+    for n in before:
+        expected = before[n] - rates[n.split(".")[0]] * (grads[n] + 1e-4 * before[n])
+        torch.testing.assert_close(after[n], expected, rtol=0, atol=1e-6)
+
+
+def test_tile_lr_power_follows_the_schedule_and_survives_a_resume(tmp_path):
+    """Each epoch's rate (warm-up, step decay) times the layer's factor, also after a resume."""
+    config = TrainConfig(**TINY, scheme="random", tiles=(4, 4, 1), lr=0.1, epochs=2, warmup_epochs=1,
+                         lr_step=1, tile_lr_power=1.0)
+    train(dataclasses.replace(config, epochs=1), tmp_path / "run", progress=False)
+    train(config, tmp_path / "run", resume=True, progress=False)
+    groups = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["optimizer"]["param_groups"]
+    epoch2 = lr_at(config.resolved(), 1)
+    assert sorted(g["lr"] for g in groups) == pytest.approx(sorted([epoch2, epoch2 * 4]))
+    assert [r["lr"] for r in csv.DictReader(open(tmp_path / "run" / "metrics.csv"))] == [
+        str(lr_at(config.resolved(), 0)), str(epoch2)]
+
+
+@pytest.mark.parametrize("bad", [-0.5, 3, "sqrt", float("nan")])
+def test_tile_lr_power_out_of_range_is_refused(bad):
+    with pytest.raises(RapaError, match=f"tile_lr_power={bad!r} is out of range"):
+        TrainConfig(dataset="digits", tile_lr_power=bad).validate()

@@ -119,6 +119,12 @@ class TrainConfig:
     """With ``analog``: layers kept in floating point, among conv1, conv2, conv3 and fc (e.g. fc,
     as analog studies often keep the last layer digital); the others on arrays. Empty (the
     default): every layer analog."""
+    tile_lr_power: float = 0.0
+    """Per-layer rate: every conv layer with nk > 1 kernel replicas learns at ``lr * nk**p`` (the
+    paper, §2.2: "the number of updates is effectively reduced per array tile, which can be in
+    part compensated by increasing the learning rate"); 0 (the default): one rate for the whole
+    net; 0.5: conv1 of (16,4,1) at 4x, conv2 at 2x; 1: each replica steps as far per image as the
+    untiled kernel. Untiled layers and the FC layer keep ``lr``."""
     init: str | None = None
     """Initialisation: caffe (the paper's, std 1e-4/0.01, SPEC §2), he (``sqrt(2/fan_in)``) or
     lsuv (he, then every layer rescaled to unit output variance on the first
@@ -248,6 +254,9 @@ class TrainConfig:
         if self.digital_layers and self.analog is None:
             raise RapaError(f"digital_layers={','.join(self.digital_layers)} needs analog (a preset): "
                             "without it every layer is digital already")
+        if not _is_number(self.tile_lr_power) or not 0 <= self.tile_lr_power <= 2:
+            raise RapaError(f"tile_lr_power={self.tile_lr_power!r} is out of range: give a number from 0 to 2 "
+                            "(0: one rate; 0.5: sqrt(nk) times the rate; 1: nk times)")
         if self.init is not None and self.init not in TRAIN_INITS:
             raise RapaError(f"unknown init {self.init!r}; choose one of {', '.join(TRAIN_INITS)}")
         if self.version != CONFIG_VERSION:

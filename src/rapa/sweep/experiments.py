@@ -121,8 +121,9 @@ def run_name(config: TrainConfig) -> str:
     for k in ("weight_decay", "wd_factor"):  # the unused one of the two: names of legacy runs stay as they were
         if key.get(k) is None:
             key.pop(k, None)
-    if not key.get("digital_layers"):  # added after the battery ran: its default leaves names as they were
-        key.pop("digital_layers", None)
+    for k in ("digital_layers", "tile_lr_power"):  # added after the battery ran: defaults leave names as they were
+        if not key.get(k):
+            key.pop(k, None)
     key["lr"] = c.resolved_lr()
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
     return "-".join(parts + [digest])
