@@ -35,7 +35,8 @@ from rapa.ops.native import describe as describe_native
 from rapa.progress import shown, track
 from rapa.rundir import METRIC_FIELDS, TRAIN_FILES as RUN_FILES, read_config
 from rapa.runtime import analog_speedup
-from rapa.tiled_conv import TiledConv2d, TiledConvBase
+from rapa.tile_rates import scale_tile_rates
+from rapa.tiled_conv import TiledConv2d
 from rapa.voting import adaptive_vote, majority_vote
 
 __all__ = ["METRIC_FIELDS", "RUN_FILES", "analog_speedup", "best_moving_average", "evaluate", "load_run",
@@ -104,35 +105,9 @@ def make_model_and_optimizer(config: TrainConfig, info: DatasetInfo, device: tor
                                 weight_decay=config.resolved_weight_decay())
     if config.analog is not None:
         analog.require_aihwkit()  # one line naming the extra to install when it is missing
-        model, optimizer = analog.prepare(model, config)
-    scale_tile_rates(optimizer, model, config.tile_lr_power)
+        return analog.prepare(model, config)  # the arrays' optimizer, with the same per-layer rates
+    scale_tile_rates(optimizer, model, config.resolved_tile_lr_power())
     return model, optimizer
-
-
-def scale_tile_rates(optimizer: torch.optim.Optimizer, model: nn.Module, power: float) -> None:
-    """Give every parameter of a tiled conv layer (``nk > 1`` kernel replicas) the rate ``lr * nk**power``.
-
-    The optimizer's groups are split by factor; each group keeps its factor as ``lr_scale``
-    (the trainer sets ``group["lr"] = lr * group["lr_scale"]`` each epoch) and its rate is
-    scaled now. Works for torch's SGD and aihwkit's AnalogSGD (one group per array) alike.
-    ``power == 0`` leaves the optimizer as it is.
-    """
-    if power == 0:
-        return
-    factor: dict[int, float] = {}
-    for m in model.modules():
-        if isinstance(m, TiledConvBase) and m.num_kernels > 1:
-            for p in m.parameters():
-                factor[id(p)] = float(m.num_kernels) ** power
-    groups = []
-    for g in optimizer.param_groups:
-        for f in sorted({factor.get(id(p), 1.0) for p in g["params"]}):
-            scale = g.get("lr_scale", 1.0) * f
-            groups.append(dict(g, params=[p for p in g["params"] if factor.get(id(p), 1.0) == f],
-                               lr=g["lr"] * f, lr_scale=scale))
-    optimizer.param_groups.clear()
-    for g in groups:
-        optimizer.add_param_group(g)
 
 
 def _random_in_eval(model: nn.Module) -> bool:

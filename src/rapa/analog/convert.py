@@ -33,6 +33,7 @@ from rapa.analog.layers import AnalogTiledConv2d
 from rapa.analog.presets import AnalogPreset, get_preset
 from rapa.analog.state import use_plain_state_dict
 from rapa.errors import RapaError
+from rapa.tile_rates import scale_tile_rates
 from rapa.tiled_conv import TiledConv2d
 
 
@@ -118,7 +119,8 @@ def prepare(model: nn.Module, config: Any) -> tuple[nn.Module, AnalogSGD]:
     """The analog version of ``model`` (a :class:`rapa.models.ConvNet`) and its optimiser,
     for a :class:`rapa.config.TrainConfig` with ``analog`` set to a preset name.
 
-    The learning rate is ``config.resolved_lr()`` (or ``config.lr``), the digital
+    The learning rate is ``config.resolved_lr()`` (or ``config.lr``), a tiled layer's arrays
+    at ``nk**config.resolved_tile_lr_power()`` times it (:func:`rapa.tile_rates.scale_tile_rates`), the digital
     parameters' weight decay ``config.resolved_weight_decay()``, momentum ``config.momentum``.
     Raises :class:`RapaError` if ``config.analog`` is not set or names no preset, or if
     the model lives on CUDA and aihwkit was built without CUDA.
@@ -135,4 +137,7 @@ def prepare(model: nn.Module, config: Any) -> tuple[nn.Module, AnalogSGD]:
     if param is not None:
         check_device(param.device)
     analog_model = convert_to_analog(model, preset, digital=tuple(getattr(config, "digital_layers", ()) or ()))
-    return analog_model, analog_optimizer(analog_model, lr, momentum, weight_decay)
+    optimizer = analog_optimizer(analog_model, lr, momentum, weight_decay)
+    power = getattr(config, "resolved_tile_lr_power", None)
+    scale_tile_rates(optimizer, analog_model, float(power() if callable(power) else 0.0))
+    return analog_model, optimizer

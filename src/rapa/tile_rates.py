@@ -1,0 +1,49 @@
+"""Per-layer learning rates for tiled layers (``TrainConfig.tile_lr_power``).
+
+Each replica of a layer with ``nk`` kernel matrices sees about ``1/nk`` of the layer's patches,
+so it gets that fraction of the updates; the paper compensates "in part" with a higher rate
+(§2.2). :func:`scale_tile_rates` gives every parameter of such a layer the rate ``lr * nk**p``
+in any torch optimizer (plain SGD, aihwkit's AnalogSGD), keeping the factor in the parameter
+group so that a schedule that sets ``group["lr"] = lr * group["lr_scale"]`` keeps it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from rapa.tiled_conv import TiledConvBase
+
+__all__ = ["scale_tile_rates", "tile_rate_factors"]
+
+
+def tile_rate_factors(model: nn.Module, power: float) -> dict[int, float]:
+    """``id(param) -> nk**power`` for every parameter of a tiled conv layer with ``nk > 1`` replicas."""
+    factor: dict[int, float] = {}
+    for m in model.modules():
+        if isinstance(m, TiledConvBase) and m.num_kernels > 1:
+            for p in m.parameters():
+                factor[id(p)] = float(m.num_kernels) ** power
+    return factor
+
+
+def scale_tile_rates(optimizer: torch.optim.Optimizer, model: nn.Module, power: float) -> None:
+    """Give every parameter of a tiled conv layer (``nk > 1`` kernel replicas) the rate ``lr * nk**power``.
+
+    The optimizer's groups are split by factor; each group keeps its factor as ``lr_scale``
+    (the trainer sets ``group["lr"] = lr * group["lr_scale"]`` each epoch) and its rate is
+    scaled now. Works for torch's SGD and aihwkit's AnalogSGD (one group per array) alike.
+    ``power == 0`` leaves the optimizer as it is.
+    """
+    if power == 0:
+        return
+    factor = tile_rate_factors(model, power)
+    groups = []
+    for g in optimizer.param_groups:
+        for f in sorted({factor.get(id(p), 1.0) for p in g["params"]}):
+            scale = g.get("lr_scale", 1.0) * f
+            groups.append(dict(g, params=[p for p in g["params"] if factor.get(id(p), 1.0) == f],
+                               lr=g["lr"] * f, lr_scale=scale))
+    optimizer.param_groups.clear()
+    for g in groups:
+        optimizer.add_param_group(g)
