@@ -125,8 +125,7 @@ class TrainConfig:
     tile_lr_power: float | None = None
     """Per-layer rate: every conv layer with nk > 1 kernel replicas learns at ``lr * nk**p`` (the
     paper, §2.2: "the number of updates is effectively reduced per array tile, which can be in
-    part compensated by increasing the learning rate"); 0 (the default): one rate for the whole
-    net; 0.5: conv1 of (16,4,1) at 4x, conv2 at 2x; 1: each replica steps as far per image as the
+    part compensated by increasing the learning rate"); 0: one rate for the whole net; 0.5: conv1 of (16,4,1) at 4x, conv2 at 2x; 1: each replica steps as far per image as the
     untiled kernel. Untiled layers and the FC layer keep ``lr``. None: 0, or
     :data:`ANALOG_TILE_LR_POWER` (0.5) with ``analog`` (the analog recipe)."""
     init: str | None = None
