@@ -2,10 +2,9 @@
 # Fashion-MNIST on simulated analog arrays (rpu-baseline) against floating point at the same
 # recipe: untiled and random (16,4,1), seed 0 (SEED=N), one thread per run, no warm-up, the last epoch at
 # lr/10 (the paper's step decay scaled to the budget). The analog runs
-# take the analog recipe's defaults (--init lsuv, lr 0.01, a tiled layer's replicas at sqrt(nk)
-# times it: `rapa train --help`); their FP twins are given the same init and rates explicitly.
-# LR=X gives both twins of every net the rate X instead, POWER=P the tiled layers' --tile-lr-power P
-# (a rate study).
+# take the analog recipe's defaults (--init lsuv, lr 0.01 untiled, 0.02 tiled: `rapa train --help`);
+# their FP twins are given the same init and rates explicitly. LR=X gives both twins of every
+# net the rate X instead, POWER=P both twins --tile-lr-power P (a rate study).
 #   bash scripts/analog-fmnist.sh short [OUT]   3 epochs on the first 10,000 training images,
 #                                               2,000 test images (default OUT runs/analog)
 #   bash scripts/analog-fmnist.sh full  [OUT]   5 epochs on all 60,000 / 10,000 (default OUT
@@ -15,7 +14,7 @@
 #                                               per analog run on one core)
 # A third argument picks the nets: none (untiled), random (16,4,1) or both (the default);
 # SEED=N (default 0) sets --seed for all four runs; LR=X (default: the analog recipe's) sets
-# --lr for all four; POWER=P (default: the analog recipe's, 0.5) sets --tile-lr-power for all four;
+# --lr for all four; POWER=P (default 0: one rate per net) sets --tile-lr-power for all four;
 # INIT=NAME (default: the analog recipe's, lsuv) sets --init for all four.
 # The analog runs go side by side in the background while the FP runs (short) go one after the
 # other beside them. Rerunning the command resumes unfinished runs (rapa train --resume) and
@@ -36,7 +35,7 @@ case "${3:-both}" in
 esac
 . .venv/bin/activate
 mkdir -p "$out"
-read -r lr power analog_init < <(python -c "from rapa.config import ANALOG_LR as l, ANALOG_TILE_LR_POWER as p, ANALOG_INIT as i; print(l, p, i)")
+read -r lr_none lr_tiled analog_init < <(python -c "from rapa.config import ANALOG_LR_UNTILED as u, ANALOG_LR_TILED as t, ANALOG_INIT as i; print(u, t, i)")
 seed=${SEED:-0}
 case "$seed" in
   ''|*[!0-9]*) echo "analog-fmnist.sh: SEED must be a non-negative integer, got '$seed'" >&2; exit 2 ;;
@@ -45,13 +44,12 @@ if [ -n "${LR:-}" ]; then
   if ! python -c "import sys; x = float(sys.argv[1]); sys.exit(not (0 < x < float('inf')))" "$LR" 2>/dev/null; then
     echo "analog-fmnist.sh: LR must be a positive number, got '$LR'" >&2; exit 2
   fi
-  lr=$LR
+  lr_none=$LR; lr_tiled=$LR
 fi
 if [ -n "${POWER:-}" ]; then
   if ! python -c "import sys; x = float(sys.argv[1]); sys.exit(not (0 <= x <= 2))" "$POWER" 2>/dev/null; then
     echo "analog-fmnist.sh: POWER must be a number from 0 to 2, got '$POWER'" >&2; exit 2
   fi
-  power=$POWER
 fi
 init=${INIT:-$analog_init}
 case "$init" in
@@ -62,7 +60,7 @@ common="--dataset fashion-mnist $budget --warmup-epochs 0 --seed $seed --threads
 run() {  # backend (fp | preset) net (none | random)
   local dir="$out/fmnist-$2-$1" extra=""
   if [ "$1" = fp ]; then
-    extra="--init $init --lr $lr --tile-lr-power $power"
+    extra="--init $init --lr $([ "$2" = none ] && echo "$lr_none" || echo "$lr_tiled")${POWER:+ --tile-lr-power $POWER}"
   else
     extra="--analog $1 --init $init${LR:+ --lr $LR}${POWER:+ --tile-lr-power $POWER}"
   fi

@@ -7,6 +7,7 @@ paper's numbers for the ``rpu-baseline`` preset, chance level for learning.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import io
 import json
@@ -178,11 +179,12 @@ def test_every_replica_and_the_fc_layer_is_its_own_array():
     # own devices: the device-to-device variations differ between replicas of a layer
     bounds = [t.get_hidden_parameters()["max_bound"] for t in tiles[:16]]
     assert not torch.equal(bounds[0], bounds[1])
-    from rapa.config import ANALOG_LR, ANALOG_TILE_LR_POWER
+    from rapa.config import ANALOG_LR_TILED
 
-    assert (ANALOG_LR, ANALOG_TILE_LR_POWER) == (0.01, 0.5)  # the analog recipe's (README)
-    rates = sorted({round(g["lr"], 12) for g in optimizer.param_groups})
-    assert rates == [0.01, 0.02, 0.04]  # conv3 and fc; conv2 (4 replicas); conv1 (16)
+    assert {g["lr"] for g in optimizer.param_groups} == {ANALOG_LR_TILED}  # the analog recipe's, every layer
+    assert ANALOG_LR_TILED == pytest.approx(0.02)
+    _, scaled = prepare(model, dataclasses.replace(config, tile_lr_power=0.5))  # per-layer rates on request
+    assert sorted({round(g["lr"], 12) for g in scaled.param_groups}) == [0.02, 0.04, 0.08]
 
 
 @pytest.mark.analog
@@ -437,15 +439,12 @@ def test_bench_analog_nets_start_as_rapa_train_analog_starts_them():
     the analog recipe's learning rates."""
     _aihwkit()
     from rapa.bench.analog import build_nets
-    from rapa.config import ANALOG_LR
+    from rapa.config import ANALOG_LR_TILED, ANALOG_LR_UNTILED
 
     images = torch.rand(20, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     (untiled, opt_u), (rapa, opt_r) = build_nets("ideal", size=8, images=images)
-    assert [g["lr"] for g in opt_u.param_groups] == [ANALOG_LR] * len(opt_u.param_groups)
-    nk = {id(p): m.num_kernels for m in rapa.modules() if hasattr(m, "analog_arrays") for p in m.parameters()}
-    for g in opt_r.param_groups:  # each replica array at sqrt(nk) times the rate, as `rapa train --analog`
-        assert g["lr"] == pytest.approx(ANALOG_LR * nk.get(id(g["params"][0]), 1) ** 0.5)
-    assert sorted({round(g["lr"], 12) for g in opt_r.param_groups}) == [0.01, 0.02, 0.04]
+    assert [g["lr"] for g in opt_u.param_groups] == [ANALOG_LR_UNTILED] * len(opt_u.param_groups)
+    assert [g["lr"] for g in opt_r.param_groups] == [ANALOG_LR_TILED] * len(opt_r.param_groups)
     conv = untiled.conv1.conv  # aihwkit's AnalogConv2d
     weight, bias = conv.get_weights()
     y = F.conv2d(images, weight.view(conv.out_channels, 3, 5, 5), bias, padding=conv.padding)

@@ -406,10 +406,7 @@ def test_tile_lr_power_out_of_range_is_refused(bad):
         TrainConfig(dataset="digits", tile_lr_power=bad).validate()
 
 
-def test_tile_lr_power_defaults_to_the_analog_recipe_and_legacy_runs_keep_one_rate():
-    assert TrainConfig(dataset="digits").resolved().tile_lr_power == 0.0
-    analog = TrainConfig(dataset="digits", analog="ideal", tiles=(16, 4, 1))
-    assert analog.resolved().tile_lr_power == 0.5 and analog.resolved().lr == 0.01
-    assert TrainConfig(dataset="digits", analog="ideal", tile_lr_power=0.0).resolved().tile_lr_power == 0.0
-    saved = {k: v for k, v in analog.resolved().to_dict().items() if k != "tile_lr_power"}  # written before it existed
-    assert TrainConfig.from_dict(saved).resolved_tile_lr_power() == 0.0
+def test_tile_lr_power_is_off_by_default_and_legacy_runs_keep_one_rate():
+    assert TrainConfig(dataset="digits", analog="ideal", tiles=(16, 4, 1)).resolved().tile_lr_power == 0.0
+    saved = {k: v for k, v in TrainConfig(dataset="digits").resolved().to_dict().items() if k != "tile_lr_power"}
+    assert TrainConfig.from_dict(saved).tile_lr_power == 0.0  # a config.json written before it existed

@@ -37,15 +37,13 @@ LR_TILED = 0.025
 TRAIN_INITS: tuple[str, ...] = ("caffe", "he", "lsuv")
 """Values of :attr:`TrainConfig.init` (``lsuv`` is data-dependent: the trainer applies it)."""
 
-ANALOG_LR = 0.01
-"""Default learning rate on analog arrays (``analog`` set; README), tiled net or not; the
-replicas of a tiled layer step faster by :data:`ANALOG_TILE_LR_POWER`."""
-ANALOG_TILE_LR_POWER = 0.5
-"""Default :attr:`TrainConfig.tile_lr_power` on analog arrays: a layer with nk replicas learns at
-``sqrt(nk)`` times the rate (conv1 of (16,4,1) at 0.04, conv2 at 0.02, conv3 and FC at 0.01).
-The paper compensates a replica's fewer updates with a higher rate (§2.2); one higher rate for
-the whole net (0.02) left the tiled RPU net 8.2 pp behind its FP twin on the full
-Fashion-MNIST, its FC array at its bounds (README)."""
+ANALOG_LR_UNTILED = 0.01
+"""Default learning rate of an untiled net on analog arrays (``analog`` set; README)."""
+ANALOG_LR_TILED = 0.02
+"""Default learning rate of a tiled net on analog arrays (``analog`` set; README): twice the
+untiled rate, as the paper trains tiled nets at a higher rate (§2.2: each replica gets a
+fraction of the updates); at 0.01 the tiled RPU net lagged its FP twin by up to 8.5 pp.
+(A per-layer rate, :attr:`TrainConfig.tile_lr_power`, is an option, not the default: README.)"""
 ANALOG_INIT = "lsuv"
 """Default initialisation on analog arrays (``analog`` set): He, then LSUV-rescaled (README:
 at the short Fashion-MNIST budget, seeds 0-2, it halves the tiled net's mean RPU - FP gap against He alone)."""
@@ -122,12 +120,12 @@ class TrainConfig:
     """With ``analog``: layers kept in floating point, among conv1, conv2, conv3 and fc (e.g. fc,
     as analog studies often keep the last layer digital); the others on arrays. Empty (the
     default): every layer analog."""
-    tile_lr_power: float | None = None
+    tile_lr_power: float = 0.0
     """Per-layer rate: every conv layer with nk > 1 kernel replicas learns at ``lr * nk**p`` (the
     paper, §2.2: "the number of updates is effectively reduced per array tile, which can be in
-    part compensated by increasing the learning rate"); 0: one rate for the whole net; 0.5: conv1 of (16,4,1) at 4x, conv2 at 2x; 1: each replica steps as far per image as the
-    untiled kernel. Untiled layers and the FC layer keep ``lr``. None: 0, or
-    :data:`ANALOG_TILE_LR_POWER` (0.5) with ``analog`` (the analog recipe)."""
+    part compensated by increasing the learning rate"); 0 (the default): one rate for the whole
+    net; 0.5: conv1 of (16,4,1) at 4x, conv2 at 2x; 1: each replica steps as far per image as the
+    untiled kernel. Untiled layers and the FC layer keep ``lr``."""
     init: str | None = None
     """Initialisation: caffe (the paper's, std 1e-4/0.01, SPEC §2), he (``sqrt(2/fan_in)``) or
     lsuv (he, then every layer rescaled to unit output variance on the first
@@ -154,20 +152,13 @@ class TrainConfig:
         return self.scheme != "none" and self.tiles is not None and any(t != 1 for t in self.tiles)
 
     def resolved_lr(self) -> float:
-        """``lr``, or the default: with ``analog`` the analog recipe's (:data:`ANALOG_LR`), else
-        the paper's for a tiled / untiled net (0.025 / 0.005)."""
+        """``lr``, or the default for a tiled / untiled net: the paper's (0.025 / 0.005), or
+        with ``analog`` the analog recipe's (:data:`ANALOG_LR_TILED` / :data:`ANALOG_LR_UNTILED`)."""
         if self.lr is not None:
             return float(self.lr)
         if self.analog is not None:
-            return ANALOG_LR
+            return ANALOG_LR_TILED if self.tiled else ANALOG_LR_UNTILED
         return LR_TILED if self.tiled else LR_UNTILED
-
-    def resolved_tile_lr_power(self) -> float:
-        """``tile_lr_power``, or the default: :data:`ANALOG_TILE_LR_POWER` with ``analog`` (the
-        analog recipe), else 0 (one rate for the whole net)."""
-        if self.tile_lr_power is not None:
-            return float(self.tile_lr_power)
-        return ANALOG_TILE_LR_POWER if self.analog is not None else 0.0
 
     def resolved_init(self) -> str:
         """``init``, or the default: :data:`ANALOG_INIT` (lsuv) with ``analog`` (the analog
@@ -196,7 +187,6 @@ class TrainConfig:
             tiles=None if untiled or self.tiles is None else tuple(self.tiles),
             channels=tuple(self.channels),
             lr=self.resolved_lr(),
-            tile_lr_power=self.resolved_tile_lr_power(),
             init=self.resolved_init(),
             device=str(resolve_device(self.device)),
         )
@@ -265,8 +255,7 @@ class TrainConfig:
         if self.digital_layers and self.analog is None:
             raise RapaError(f"digital_layers={','.join(self.digital_layers)} needs analog (a preset): "
                             "without it every layer is digital already")
-        if self.tile_lr_power is not None and (not _is_number(self.tile_lr_power)
-                                               or not 0 <= self.tile_lr_power <= 2):
+        if not _is_number(self.tile_lr_power) or not 0 <= self.tile_lr_power <= 2:
             raise RapaError(f"tile_lr_power={self.tile_lr_power!r} is out of range: give a number from 0 to 2 "
                             "(0: one rate; 0.5: sqrt(nk) times the rate; 1: nk times)")
         if self.init is not None and self.init not in TRAIN_INITS:

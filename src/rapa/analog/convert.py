@@ -120,7 +120,7 @@ def prepare(model: nn.Module, config: Any) -> tuple[nn.Module, AnalogSGD]:
     for a :class:`rapa.config.TrainConfig` with ``analog`` set to a preset name.
 
     The learning rate is ``config.resolved_lr()`` (or ``config.lr``), a tiled layer's arrays
-    at ``nk**config.resolved_tile_lr_power()`` times it (:func:`rapa.tile_rates.scale_tile_rates`), the digital
+    at ``nk**config.tile_lr_power`` times it (:func:`rapa.tile_rates.scale_tile_rates`), the digital
     parameters' weight decay ``config.resolved_weight_decay()``, momentum ``config.momentum``.
     Raises :class:`RapaError` if ``config.analog`` is not set or names no preset, or if
     the model lives on CUDA and aihwkit was built without CUDA.
@@ -138,6 +138,5 @@ def prepare(model: nn.Module, config: Any) -> tuple[nn.Module, AnalogSGD]:
         check_device(param.device)
     analog_model = convert_to_analog(model, preset, digital=tuple(getattr(config, "digital_layers", ()) or ()))
     optimizer = analog_optimizer(analog_model, lr, momentum, weight_decay)
-    power = getattr(config, "resolved_tile_lr_power", None)
-    scale_tile_rates(optimizer, analog_model, float(power() if callable(power) else 0.0))
+    scale_tile_rates(optimizer, analog_model, float(getattr(config, "tile_lr_power", 0.0) or 0.0))
     return analog_model, optimizer

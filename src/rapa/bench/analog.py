@@ -5,8 +5,7 @@ untiled one with aihwkit's own ``AnalogConv2d`` layers (one array per layer), th
 with ``random`` tiles ``(16, 4, 1)``, every replica its own array
 (:class:`rapa.analog.AnalogTiledConv2d`); the FC layer is an ``AnalogLinear`` in both.
 One training step (forward, backward, ``AnalogSGD`` pulsed update at the analog recipe's
-learning rate, :data:`rapa.config.ANALOG_LR`, the RAPA net's replicas at ``sqrt(nk)`` times it,
-:data:`rapa.config.ANALOG_TILE_LR_POWER`) is timed for each,
+learning rate, :data:`rapa.config.ANALOG_LR_UNTILED` / ``ANALOG_LR_TILED``) is timed for each,
 interleaved, and the ratio RAPA / untiled printed. The RAPA net does the same number of
 analog matrix-vector products and updates (one per patch), split over more arrays, so the
 simulation should cost about the same (the target is within 1.1x); on analog hardware the
@@ -29,11 +28,10 @@ from torch import Tensor
 
 from rapa.analog import analog_optimizer, convert_to_analog, require_aihwkit
 from rapa.bench.common import resolve_device, time_interleaved
-from rapa.config import ANALOG_INIT, ANALOG_LR, ANALOG_TILE_LR_POWER
+from rapa.config import ANALOG_INIT, ANALOG_LR_TILED, ANALOG_LR_UNTILED
 from rapa.lsuv import lsuv_
 from rapa.errors import RapaError
 from rapa.models import ConvNet
-from rapa.tile_rates import scale_tile_rates
 
 TARGET_RATIO = 1.1  # issue "the simulated analog arrays learn": at or below 1.1x
 
@@ -88,9 +86,8 @@ def build_nets(preset: str, size: int = 32, in_channels: int = 3, seed: int = 0,
     untiled, rapa = convert_to_analog(untiled, preset), convert_to_analog(rapa, preset)
     # each net at the rate `rapa train --analog` gives it: the pulse counts, and so the cost of
     # an update, scale with the rate
-    rapa_opt = analog_optimizer(rapa, lr=ANALOG_LR)
-    scale_tile_rates(rapa_opt, rapa, ANALOG_TILE_LR_POWER)
-    return [(untiled, analog_optimizer(untiled, lr=ANALOG_LR)), (rapa, rapa_opt)]
+    return [(untiled, analog_optimizer(untiled, lr=ANALOG_LR_UNTILED)),
+            (rapa, analog_optimizer(rapa, lr=ANALOG_LR_TILED))]
 
 
 def run_analog_bench(preset: str = "rpu-baseline", batch: int = 10, size: int = 32,

@@ -125,8 +125,6 @@ def run_name(config: TrainConfig) -> str:
         if not key.get(k):
             key.pop(k, None)
     key["lr"] = c.resolved_lr()
-    if c.resolved_tile_lr_power():
-        key["tile_lr_power"] = c.resolved_tile_lr_power()
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
     return "-".join(parts + [digest])
 
