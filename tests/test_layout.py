@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("rapa.ops", "rapa.schemes"),
     ("rapa.functional", "rapa.tiled_conv", "rapa.pooling", "rapa.lrn", "rapa.native"),
     ("rapa.models", "rapa.nets", "rapa.convert", "rapa.lsuv", "rapa.runtime", "rapa.summary", "rapa.theory",
-     "rapa.voting"),
+     "rapa.tile_rates", "rapa.voting"),
     ("rapa.data",),
     ("rapa.analog",),
     ("rapa.config", "rapa.rundir", "rapa.checkpoint"),
