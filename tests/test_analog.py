@@ -597,8 +597,7 @@ def test_simulator_blas_follows_torch_threads():
 @pytest.mark.analog
 def test_tile_lr_power_sets_each_array_its_rate():
     """With tile_lr_power p, AnalogSGD hands each replica array of a layer with nk replicas the
-    rate lr * nk**p at its update, the untiled arrays lr; the groups' rates are restored by the
-    trainer's schedule (lr_scale)."""
+    rate lr * nk**p at its update, the untiled arrays (conv3, FC) lr."""
     _aihwkit()
     from rapa.config import TrainConfig
     from rapa.data import dataset_info

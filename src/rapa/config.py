@@ -300,8 +300,6 @@ class TrainConfig:
             data = {**data, "weight_decay": None}
         if "init" not in data:  # a run made before init existed: Caffe's
             data = {**data, "init": "caffe"}
-        if "tile_lr_power" not in data:  # a run made before tile_lr_power existed: one rate
-            data = {**data, "tile_lr_power": 0.0}
         unknown = sorted(set(data) - names - set(META_KEYS))
         if unknown:
             raise RapaError(f"unknown config key(s) {unknown}")

@@ -63,7 +63,7 @@ _SPECIAL: dict[str, dict[str, Any]] = {
                                           "analog time"},
     "channels": {"type": int_triple, "extra": "e.g. 32,32,64"},
     "analog": {"metavar": "PRESET"},
-    "init": {"metavar": "{caffe,he,lsuv}"},
+    "init": {"metavar": "{caffe,he,lsuv}"},  # checked by TrainConfig.validate
     "tile_lr_power": {"metavar": "P"},  # checked by TrainConfig.validate
     "digital_layers": {"type": list_type(str, option="--digital-layers", choices=LAYER_NAMES),
                        "metavar": "NAMES"},
