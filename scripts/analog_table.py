@@ -5,7 +5,8 @@
                                                       # by side (e.g. seeds: SEED=N analog-fmnist.sh)
 
 Reads each run's ``metrics.csv`` and ``summary.json`` (fractions) and prints errors in %,
-with 95% intervals, and whether untiled and random rank the same way in FP and RPU.
+with 95% intervals, and whether untiled and random rank the same way in FP and RPU; where
+an RPU run has ``arrays.json``, what its arrays did in each epoch.
 """
 
 from __future__ import annotations
@@ -123,6 +124,29 @@ def epoch_gaps(out: Path) -> str:
     return "\n".join(lines)
 
 
+def arrays(out: Path) -> str:
+    """From each RPU run's ``arrays.json`` (runs made since it exists): per layer and epoch,
+    the % of pulsed updates cut short by the pulse train's length and the % of weights at
+    their device's bound after the epoch."""
+    lines = []
+    for key, label in NETS:
+        path = out / f"fmnist-{key}-rpu-baseline" / "arrays.json"
+        if not path.is_file():
+            continue
+        records = json.loads(path.read_text()).get("epochs", [])
+        if not records:
+            continue
+        lines += [f"{label}, per epoch: updates cut short (%) / weights at a bound (%)", "",
+                  "| layer | " + " | ".join(f"epoch {r['epoch']}" for r in records) + " |",
+                  "|---|" + "---|" * len(records)]
+        for layer in records[0]["layers"]:
+            cells = [f"{100 * r.get('updates', {}).get(layer, {}).get('saturated', float('nan')):.2f} / "
+                     f"{100 * r['layers'][layer]['at_bound']:.2f}" for r in records]
+            lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
 T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
 """Student's t, two-sided 95%, by degrees of freedom (runs - 1)."""
 
@@ -167,6 +191,10 @@ if __name__ == "__main__":
         if gaps:
             print()
             print(gaps)
+        state = arrays(path)
+        if state:
+            print()
+            print(state)
         print()
     if len(paths) > 1:
         print(across(paths))

@@ -208,3 +208,18 @@ def test_analog_table_across_runs_gives_the_mean_gap_and_its_t_interval(tmp_path
     assert "| untiled | 3 | 10.00, 11.00, 9.00 | 13.00, 15.00, 14.00 | +3.00, +4.00, +5.00 |" in text
     assert f"+4.00 [{4 - half:+.1f}, {4 + half:+.1f}] (1.00)" in text and sum(gaps) / 3 == 4.0
     assert "random" not in text  # no finished random pair
+
+
+def test_analog_table_shows_what_the_arrays_did_per_epoch(tmp_path):
+    """An RPU run's arrays.json (one record per epoch) becomes one row per layer: % of updates
+    cut short / % of weights at a bound, each epoch; runs without the file add nothing."""
+    table = _analog_table_module()
+    _fake_analog_run(tmp_path / "fmnist-none-rpu-baseline", [0.2, 0.15], 2, 0.15)
+    assert table.arrays(tmp_path) == ""
+    records = [{"epoch": e, "layers": {"conv1": {"at_bound": 0.001 * e}, "fc": {"at_bound": 0.01 * e}},
+                "updates": {"conv1": {"saturated": 0.0}, "fc": {"saturated": 0.125 * e}}} for e in (1, 2)]
+    (tmp_path / "fmnist-none-rpu-baseline" / "arrays.json").write_text(json.dumps({"epochs": records}))
+    lines = table.arrays(tmp_path).splitlines()
+    assert lines[0].startswith("untiled, per epoch")
+    assert "| conv1 | 0.00 / 0.10 | 0.00 / 0.20 |" in lines
+    assert "| fc | 12.50 / 1.00 | 25.00 / 2.00 |" in lines

@@ -15,7 +15,7 @@ from rapa.config import TrainConfig
 from rapa.errors import OutputError, RapaError
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "rapa"
-RUN_DIR_NAMES = {"config.json", "metrics.csv", "checkpoint.pt", "summary.json", "reduce.json", "attack.json",
+RUN_DIR_NAMES = {"config.json", "metrics.csv", "checkpoint.pt", "summary.json", "arrays.json", "reduce.json", "attack.json",
                  "similarity.json", "voting.json", "attack.png", "filters.png", "sweep-errors.log"}
 ELSEWHERE = {("modern.py", "summary.json")}
 """Files of the same name that are no run directory's: the aggregate of ``python -m rapa.modern``."""

@@ -8,6 +8,9 @@ A run directory (``rapa train --out DIR``) holds what training writes (:data:`TR
   :func:`append_metrics`, :func:`read_metrics`);
 * ``checkpoint.pt``: model, optimizer, epoch, RNG states, history (:mod:`rapa.checkpoint`);
 * ``summary.json``: written once the run has finished (:func:`write_summary`, :func:`read_summary`);
+* ``arrays.json`` (analog runs only): after each epoch, what the analog arrays did in it
+  (:func:`rapa.analog.diagnostics.epoch_record`: weights at a device bound, output scales,
+  pulsed updates cut short by the pulse train's length), one record per epoch;
 
 and the results the analyses add next to them (:data:`RESULT_FILES`, written by
 :func:`write_result` for :mod:`rapa.analysis`, read by :func:`read_result`): ``reduce.json``
@@ -44,7 +47,7 @@ from typing import IO, Any, Callable, Mapping, Sequence
 from rapa.config import TrainConfig
 from rapa.errors import OutputError, RapaError
 
-__all__ = ["CHECKPOINT_FILE", "CONFIG_FILE", "ERRORS_LOG", "METRICS_FILE", "METRIC_FIELDS", "RESULT_FILES",
+__all__ = ["ARRAYS_FILE", "CHECKPOINT_FILE", "CONFIG_FILE", "ERRORS_LOG", "METRICS_FILE", "METRIC_FIELDS", "RESULT_FILES",
            "RESULT_PLOTS", "RESUMABLE_FIELDS", "RESUME_OVERRIDES", "SMALL_FILES", "SUMMARY_FILE", "TRAIN_FILES",
            "append_metrics", "atomic_write", "atomic_write_bytes", "atomic_write_text", "check_resume",
            "export_small_files", "file_keys", "holds_run", "is_finished", "json_safe", "metric_rows", "prepare",
@@ -63,14 +66,16 @@ SUMMARY_FILE = "summary.json"
 """The finished run's summary (errors as fractions)."""
 ERRORS_LOG = "sweep-errors.log"
 """The tracebacks of a sweep's failed attempts at this run."""
-TRAIN_FILES = (CONFIG_FILE, METRICS_FILE, CHECKPOINT_FILE, SUMMARY_FILE)
+ARRAYS_FILE = "arrays.json"
+"""Analog runs: one record per epoch of the arrays' state and their pulsed updates."""
+TRAIN_FILES = (CONFIG_FILE, METRICS_FILE, CHECKPOINT_FILE, SUMMARY_FILE, ARRAYS_FILE)
 """The files training writes (deleted by ``--overwrite``, carried back from a Ray node)."""
 RESULT_FILES = {"reduction": "reduce.json", "robustness": "attack.json", "similarity": "similarity.json",
                 "voting": "voting.json"}
 """The result file of each analysis (:mod:`rapa.analysis`), by the analysis' name."""
 RESULT_PLOTS = {"robustness": "attack.png", "similarity": "filters.png"}
 """The figure some analyses draw next to their result file."""
-SMALL_FILES = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, RESULT_FILES["voting"], RESULT_FILES["similarity"],
+SMALL_FILES = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, ARRAYS_FILE, RESULT_FILES["voting"], RESULT_FILES["similarity"],
                RESULT_FILES["reduction"], RESULT_FILES["robustness"])
 """The files a results tree keeps of a run (everything but the checkpoint and the plots)."""
 METRIC_FIELDS = ("epoch", "lr", "train_loss", "train_error", "test_error", "seconds")

@@ -13,6 +13,7 @@ an uninterrupted run.
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -213,6 +214,7 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, progre
         train_seconds, seen, wall_before = ckpt["train_seconds"], ckpt["images_seen"], ckpt["wall_seconds"]
     rundir.write_config(out, config, {"torch_version": torch.__version__, "rapa_version": __version__})
     rundir.write_metrics(out, history)
+    arrays = _ArraysLog(out, model, optimizer, start_epoch) if config.analog is not None else None
     say = _printer(progress)
     if ckpt is not None:
         say(f"resuming {out} after epoch {start_epoch}")
@@ -240,6 +242,8 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, progre
             "images_seen": seen, "wall_seconds": wall_before + time.perf_counter() - t_start,
         }, out / rundir.CHECKPOINT_FILE)
         rundir.append_metrics(out, row)
+        if arrays is not None:
+            arrays.write(epoch + 1)
         say(_epoch_line(row, config.epochs))
         if on_epoch is not None:
             on_epoch(row)
@@ -254,6 +258,26 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, progre
                    trivial_test_error=1.0 - counts.max().item() / max(len(test_data), 1))
     rundir.write_summary(out, summary)
     return summary
+
+
+class _ArraysLog:
+    """``arrays.json`` of an analog run: an :class:`rapa.analog.diagnostics.UpdateMonitor` on
+    the optimizer and, after each epoch, one :func:`~rapa.analog.diagnostics.epoch_record`
+    (a resumed run keeps the records up to its checkpoint's epoch)."""
+
+    def __init__(self, out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, start_epoch: int) -> None:
+        from rapa.analog.diagnostics import UpdateMonitor
+
+        self.path, self.model = out / rundir.ARRAYS_FILE, model
+        self.monitor = UpdateMonitor(optimizer, model)
+        old = (rundir.read_json(self.path) or {}).get("epochs", [])
+        self.records = [r for r in old if isinstance(r, dict) and r.get("epoch", 0) <= start_epoch]
+
+    def write(self, epoch: int) -> None:
+        from rapa.analog.diagnostics import epoch_record
+
+        self.records.append(epoch_record(self.model, self.monitor, epoch))
+        rundir.atomic_write_text(self.path, json.dumps({"epochs": self.records}, indent=1) + "\n")
 
 
 def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader: BatchLoader, epoch: int,
