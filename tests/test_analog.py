@@ -430,6 +430,27 @@ def test_bench_analog_prints_the_ratio(capsys):
     assert main(["bench", "analog", "--size", "8", "--repeats", "1", "--preset", "ideal"]) == 0
     out = capsys.readouterr().out
     assert "ratio RAPA / untiled" in out and "AnalogConv2d" in out
+    assert "pulses asked" not in out  # exact arrays: no pulses to count
+
+
+@pytest.mark.analog
+def test_bench_analog_says_how_many_pulses_each_net_asks_for(capsys, tmp_path):
+    """Pulsed arrays: the pulses per update of both nets, layer by layer, counted on two more
+    steps of batch 10 (so 20 FC updates, one per image; conv1 one per output pixel)."""
+    _aihwkit()
+    import json
+
+    from rapa.cli import main
+
+    path = tmp_path / "b.json"
+    assert main(["bench", "analog", "--size", "8", "--repeats", "1", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "pulses asked per update, untiled -> RAPA" in out and "fc " in out
+    pulses = json.loads(path.read_text())["pulses"]
+    for net in ("untiled", "rapa"):
+        assert set(pulses[net]) == {"conv1", "conv2", "conv3", "fc"}
+        assert pulses[net]["fc"]["rows"] == 20
+        assert pulses[net]["conv1"]["rows"] == 20 * 8 * 8
 
 
 @pytest.mark.analog

@@ -19,7 +19,7 @@ keeps the defaults.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -47,6 +47,11 @@ class AnalogBench:
     untiled_s: float
     rapa_s: float
     ratio: float
+    pulses: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    """Per net (``untiled``, ``rapa``) and layer, the pulsed updates of the timed steps
+    (:class:`rapa.analog.diagnostics.UpdateMonitor`: ``mean_pulses`` asked for per rank-one
+    update, ``saturated`` fraction over the pulse train): aihwkit's update time grows with the
+    train length, so they say where a ratio above 1 comes from."""
 
 
 class _AihwkitConv(nn.Module):
@@ -128,11 +133,27 @@ def run_analog_bench(preset: str = "rpu-baseline", batch: int = 10, size: int = 
         times = time_interleaved({"untiled": lambda: step("untiled", untiled, opt_u),
                                   "rapa": lambda: step("rapa", rapa, opt_r)}, dev, repeats=repeats, warmup=1)
         used = torch.get_num_threads()
+        pulses = _count_pulses({"untiled": (untiled, opt_u), "rapa": (rapa, opt_r)}, step)
     finally:
         blas.restore_original_limits()
         torch.set_num_threads(before)
     return AnalogBench(preset, batch, size, used, times["untiled"], times["rapa"],
-                       times["rapa"] / times["untiled"])
+                       times["rapa"] / times["untiled"], pulses)
+
+
+def _count_pulses(nets: dict, step, steps: int = 2) -> dict[str, dict[str, dict[str, float]]]:
+    """``steps`` more (untimed) steps of each net under an
+    :class:`~rapa.analog.diagnostics.UpdateMonitor`: per net and layer, its pulsed updates."""
+    from rapa.analog.diagnostics import UpdateMonitor
+
+    out = {}
+    for name, (model, opt) in nets.items():
+        monitor = UpdateMonitor(opt, model)
+        for _ in range(steps):
+            step(name, model, opt)
+        monitor.close()
+        out[name] = {layer.removesuffix(".conv"): v for layer, v in monitor.summary().items()}  # conv1.conv: aihwkit's
+    return out
 
 
 def format_analog_bench(b: AnalogBench) -> str:
@@ -144,4 +165,18 @@ def format_analog_bench(b: AnalogBench) -> str:
         f"  untiled net, aihwkit AnalogConv2d : {b.untiled_s * 1e3:9.1f} ms",
         f"  RAPA net, tiles (16,4,1), random  : {b.rapa_s * 1e3:9.1f} ms",
         f"  ratio RAPA / untiled              : {b.ratio:9.2f}x ({verdict} the {TARGET_RATIO}x target)",
+        *_pulse_lines(b),
     ])
+
+
+def _pulse_lines(b: AnalogBench) -> list[str]:
+    """Pulses asked for per update, layer by layer, untiled -> RAPA (empty for exact presets)."""
+    u, r = b.pulses.get("untiled", {}), b.pulses.get("rapa", {})
+    layers = [layer for layer in u if layer in r]
+    if not layers:
+        return []
+    cells = [f"{layer} {u[layer]['mean_pulses']:.2f} -> {r[layer]['mean_pulses']:.2f}"
+             + (f" ({100 * u[layer]['saturated']:.1f}% -> {100 * r[layer]['saturated']:.1f}% over the train)"
+                if u[layer]["saturated"] or r[layer]["saturated"] else "") for layer in layers]
+    return ["  pulses asked per update, untiled -> RAPA (the update's time grows with them):",
+            "    " + ", ".join(cells)]
