@@ -34,7 +34,7 @@ from rapa.analog.backend import require_aihwkit
 
 require_aihwkit()  # loads aihwkit's simulator with its BLAS threads sized (rapa.analog.backend)
 from aihwkit.optim.context import AnalogContext
-from aihwkit.simulator.tiles.module import TileModule
+from rapa.analog.state import _tiles
 
 __all__ = ["ArrayStats", "UpdateMonitor", "array_stats", "epoch_record", "format_stats", "layer_stats"]
 
@@ -59,13 +59,9 @@ class ArrayStats:
 
 
 def _arrays(model: nn.Module) -> list[tuple[str, Any]]:
-    """``(module name, aihwkit tile)`` for every analog tile in ``model`` (module order)."""
-    out = []
-    for name, module in model.named_modules():
-        if isinstance(module, TileModule):
-            owner = name.rsplit(".analog_module", 1)[0] if name.endswith("analog_module") else name
-            out.append((owner, module))
-    return out
+    """``(name, aihwkit tile)`` for every analog tile in ``model`` (module order), named by the
+    layer holding it (``conv1.arrays.3``, not its ``.analog_module``)."""
+    return [(re.sub(r"(^|\.)analog_module$", "", name), tile) for name, tile in _tiles(model)]
 
 
 def _layer_of(name: str) -> str:
