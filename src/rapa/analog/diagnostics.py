@@ -115,6 +115,13 @@ def layer_stats(stats: list[ArrayStats]) -> dict[str, dict[str, float]]:
     return out
 
 
+def _abs_max(t: torch.Tensor) -> torch.Tensor:
+    """``max |t|`` over the last dim, flattened to one value per row. Two plain reductions:
+    aihwkit's ``AnalogConv2d`` keeps its inputs as a transposed view, on which ``abs()`` (a
+    full copy) or ``vector_norm(inf)`` cost 10-20x more (0.2 vs 3.6 ms for conv2's, batch 10)."""
+    return torch.maximum(t.amax(-1), -t.amin(-1)).flatten()
+
+
 class UpdateMonitor:
     """Counts, per array, the rank-one updates that ask for more pulses than the train holds.
 
@@ -152,11 +159,10 @@ class UpdateMonitor:
                 scales = tile.get_mapping_scales()
                 counts = self._counts[self._names.get(id(tile), f"array{id(tile)}")]
                 for x, d in zip(param.analog_input, param.analog_grad_output):
-                    x = x.detach().reshape(-1, x.shape[-1])  # (rows, in)
-                    d = d.detach().reshape(-1, d.shape[-1])  # (rows, out)
+                    d = d.detach()
                     if scales is not None:  # aihwkit's pre_update: d / alpha before the pulses
-                        d = d / scales.to(d).view(1, -1)
-                    pulses = lr * x.abs().amax(1) * d.abs().amax(1) / dw_min  # (rows,)
+                        d = d / scales.to(d).view(-1)  # d is small (cout columns); x is not copied
+                    pulses = lr * _abs_max(x.detach()) * _abs_max(d) / dw_min  # (rows,)
                     counts[0] += pulses.numel()
                     counts[1] += (pulses > bl).sum()  # tensors: no sync with a GPU until summary()
                     counts[2] += pulses.sum()
