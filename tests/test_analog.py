@@ -419,6 +419,52 @@ def test_manual_seed_fixes_the_device_variations():
     assert math.isclose(b0.mean().item(), 0.6, rel_tol=0.1)  # w_max = 0.6 on average
 
 
+@pytest.mark.analog
+def test_eval_read_exact_is_the_net_of_the_arrays_weights(tmp_path, capsys, one_thread):
+    """``rapa eval --read exact``: the errors of the paper's net computed by hand from the
+    weights aihwkit reads off each array (``get_weights``), with F.conv2d and F.linear."""
+    _aihwkit()
+    from rapa.cli import main
+    from rapa.config import TrainConfig
+    from rapa.data import load_dataset, make_loader
+    from rapa.train import load_run, train
+
+    run = tmp_path / "run"
+    train(TrainConfig(dataset="digits", analog="rpu-baseline", scheme="none", tiles=None, epochs=1,
+                      limit_train=60, limit_test=200, channels=(4, 4, 4), device="cpu", votes=1, lr=0.05,
+                      warmup_epochs=0), run, progress=False)
+    assert main(["eval", str(run), "--read", "exact", "--device", "cpu", "--json"]) == 0
+    exact = json.loads(capsys.readouterr().out)
+    assert main(["eval", str(run), "--device", "cpu", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["read"] == "analog"
+
+    model, _, _ = load_run(run)
+    x, y = next(iter(make_loader(load_dataset("digits", "test", limit=200), 200)))
+
+    def conv(layer, h):
+        (array,) = layer.analog_arrays()
+        w, b = array.get_weights()  # (cout, cin*kh*kw), (cout,): aihwkit's own read-out
+        return F.conv2d(h, w.view(layer.out_channels, layer.in_channels, *layer.kernel_size), b, padding=2)
+
+    with torch.no_grad():
+        h = model.norm1(model.pool1(F.relu(conv(model.conv1, x))))
+        h = model.norm2(model.pool2(F.relu(conv(model.conv2, h))))
+        h = model.pool3(F.relu(conv(model.conv3, h))).flatten(1)
+        logits = F.linear(h, *model.fc.get_weights())
+    expected = (logits.argmax(1) != y).float().mean().item()
+    assert exact["read"] == "exact" and exact["single_error"] == pytest.approx(expected)
+    assert exact["test_images"] == 200
+
+    assert main(["eval", str(run), "--read", "exact", "--device", "cpu"]) == 0
+    assert "rpu-baseline arrays read exactly" in capsys.readouterr().out
+    digital = tmp_path / "digital"
+    train(TrainConfig(dataset="digits", scheme="none", tiles=None, epochs=1, limit_train=20, limit_test=10,
+                      channels=(4, 4, 4), device="cpu", votes=1), digital, progress=False)
+    assert main(["eval", str(digital), "--read", "exact"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "trained in floating point" in err
+
+
 # -------------------------------------------------------------------------------- benchmark
 
 
