@@ -12,6 +12,7 @@ import importlib
 import io
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -417,6 +418,59 @@ def test_manual_seed_fixes_the_device_variations():
     assert torch.equal(b0, bounds(0))
     assert not torch.equal(b0, bounds(1))
     assert math.isclose(b0.mean().item(), 0.6, rel_tol=0.1)  # w_max = 0.6 on average
+
+
+@pytest.mark.analog
+def test_analog_options_set_every_arrays_fields_and_survive_a_reload(tmp_path, one_thread):
+    """``--analog-options desired_bl=100,out_noise=0``: aihwkit's own config of every array
+    (conv replicas and FC) carries the values, in a fresh run and in one loaded back."""
+    _aihwkit()
+    from aihwkit.simulator.tiles.module import TileModule
+
+    from rapa.cli import main
+    from rapa.train import load_run
+
+    def fields(model):
+        tiles = [m for m in model.modules() if isinstance(m, TileModule)]
+        assert len(tiles) == 4 + 4 + 1 + 1  # tiles (4, 4, 1) and the FC layer
+        return {(int(t.rpu_config.update.desired_bl), float(t.rpu_config.forward.out_noise),
+                 float(t.rpu_config.backward.out_noise)) for t in tiles}
+
+    common = ["train", "--dataset", "digits", "--epochs", "1", "--limit-train", "20", "--limit-test", "10",
+              "--channels", "4,4,4", "--tiles", "4,4,1", "--votes", "1", "--device", "cpu", "--quiet",
+              "--analog", "rpu-baseline"]
+    assert main([*common, "--analog-options", "desired_bl=100,out_noise=0", "--out", str(tmp_path / "bl")]) == 0
+    assert main([*common, "--out", str(tmp_path / "base")]) == 0
+    config = json.loads((tmp_path / "bl" / "config.json").read_text())
+    assert config["analog_options"] == ["desired_bl=100", "out_noise=0"]
+    model, cfg, _ = load_run(tmp_path / "bl")
+    assert cfg.analog_options == ("desired_bl=100", "out_noise=0")
+    assert fields(model) == {(100, 0.0, 0.0)}
+    base, _, _ = load_run(tmp_path / "base")
+    assert fields(base) == {(31, 0.06, 0.06)}  # rpu-baseline as it is (test_rpu_baseline_has_the_papers_numbers)
+
+
+def test_analog_options_are_checked_against_the_preset():
+    from rapa.analog.presets import preset_options
+
+    assert preset_options("rpu-baseline", ("desired_bl=100", "out_noise=0.03", "digital_bias=true",
+                                           "up_down=-0.01")) == {
+        "desired_bl": 100, "out_noise": 0.03, "digital_bias": True, "up_down": -0.01}
+    assert preset_options("aihwkit:IdealizedPreset", ("weight_range=0.3",)) == {"weight_range": 0.3}
+    for name, item, message in [
+        ("rpu-baseline", "desired_bl", "give FIELD=VALUE"),
+        ("rpu-baseline", "bl=3", "has no field 'bl'; its fields are desired_bl,"),
+        ("rpu-baseline", "desired_bl=0", "desired_bl takes an integer >= 1"),
+        ("rpu-baseline", "out_noise=-1", "out_noise takes a finite number >= 0"),
+        ("rpu-baseline", "w_max=inf", "w_max takes a finite number >= 0"),
+        ("ideal", "digital_bias=yes", "digital_bias takes true or false"),
+        ("aihwkit:IdealizedPreset", "class_name=GokmenVlasovPreset", "has no field 'class_name'"),
+        ("nonsense", "desired_bl=3", "analog preset 'nonsense' is unknown"),
+    ]:
+        with pytest.raises(RapaError, match=re.escape(message)):
+            preset_options(name, (item,))
+    with pytest.raises(RapaError, match="desired_bl is given twice"):
+        preset_options("rpu-baseline", ("desired_bl=3", "desired_bl=4"))
 
 
 @pytest.mark.analog

@@ -113,6 +113,8 @@ def test_missing_run_dir_is_one_line_without_traceback_exit_2():
     (["train", "--init", "xavier"], "unknown init 'xavier'"),
     (["train", "--wd-factor", "0.1"], "both set; give weight_decay only"),
     (["train", "--tile-lr-power", "5"], "tile_lr_power=5.0 is out of range: give a number from 0 to 2"),
+    (["train", "--analog-options", "desired_bl=100"], "analog_options=desired_bl=100 needs analog"),
+    (["train", "--analog", "rpu-baseline", "--analog-options", "bl=100"], "preset 'rpu-baseline' has no field 'bl'"),
 ])
 def test_user_errors_are_one_line_with_exit_code_2(args, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a run that did start would land here
@@ -235,6 +237,7 @@ FIELD_OPTIONS = {
     "init": (["--init", "lsuv"], "lsuv"),
     "digital_layers": (["--digital-layers", "fc, conv1"], ("fc", "conv1")),
     "tile_lr_power": (["--tile-lr-power", "0.5"], 0.5),
+    "analog_options": (["--analog-options", "desired_bl=100, out_noise=0"], ("desired_bl=100", "out_noise=0")),
 }
 
 

@@ -120,6 +120,11 @@ class TrainConfig:
     """With ``analog``: layers kept in floating point, among conv1, conv2, conv3 and fc (e.g. fc,
     as analog studies often keep the last layer digital); the others on arrays. Empty (the
     default): every layer analog."""
+    analog_options: tuple[str, ...] = ()
+    """With ``analog``: fields of the preset set to other values, as ``FIELD=VALUE`` (e.g.
+    desired_bl=100 for pulse trains of up to 100 pulses, out_noise=0 for noiseless reads; the
+    fields are listed in rapa.analog.presets); saved in config.json, so resumed and reloaded
+    runs rebuild the same arrays. Empty (the default): the preset as it is."""
     tile_lr_power: float = 0.0
     """Per-layer rate: every conv layer with nk > 1 kernel replicas learns at ``lr * nk**p`` (the
     paper, §2.2: "the number of updates is effectively reduced per array tile, which can be in
@@ -143,6 +148,8 @@ class TrainConfig:
             self.channels = tuple(self.channels)
         if isinstance(self.digital_layers, list):
             self.digital_layers = tuple(self.digital_layers)
+        if isinstance(self.analog_options, list):
+            self.analog_options = tuple(self.analog_options)
 
     # ----------------------------------------------------------------- derived values
 
@@ -252,6 +259,17 @@ class TrainConfig:
             get_preset(self.analog)  # RapaError naming an unknown preset (aihwkit classes: at conversion)
         if not isinstance(self.digital_layers, tuple) or any(n not in LAYER_NAMES for n in self.digital_layers):
             raise RapaError(f"digital_layers={self.digital_layers!r}: give layer names among {', '.join(LAYER_NAMES)}")
+        if not isinstance(self.analog_options, tuple) or any(not isinstance(o, str) for o in self.analog_options):
+            raise RapaError(f"analog_options={self.analog_options!r}: give FIELD=VALUE strings")
+        if self.analog_options and self.analog is None:
+            raise RapaError(f"analog_options={','.join(self.analog_options)} needs analog (a preset to change)")
+        if self.analog_options:
+            from rapa.analog.presets import get_preset, preset_options
+
+            try:
+                get_preset(self.analog, **preset_options(self.analog, self.analog_options))
+            except (TypeError, ValueError) as exc:
+                raise RapaError(f"analog_options={','.join(self.analog_options)}: {exc}") from None
         if self.digital_layers and self.analog is None:
             raise RapaError(f"digital_layers={','.join(self.digital_layers)} needs analog (a preset): "
                             "without it every layer is digital already")

@@ -19,7 +19,7 @@ from typing import Any
 
 from rapa.analog.backend import INSTALL_HINT, aihwkit_available, manual_seed, require_aihwkit
 from rapa.analog.presets import (PRESETS, AihwkitPreset, AnalogPreset, IdealizedPreset, IdealPreset,
-                                 RPUBaselinePreset, get_preset)
+                                 RPUBaselinePreset, get_preset, preset_options)
 
 # names that need aihwkit, and the submodule defining each
 _LAZY = {
@@ -42,6 +42,7 @@ __all__ = [
     "RPUBaselinePreset",
     "aihwkit_available",
     "get_preset",
+    "preset_options",
     "manual_seed",
     "require_aihwkit",
     *_LAZY,

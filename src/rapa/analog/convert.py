@@ -30,7 +30,7 @@ from aihwkit.nn.modules.base import AnalogLayerBase
 from aihwkit.optim import AnalogSGD
 
 from rapa.analog.layers import AnalogTiledConv2d
-from rapa.analog.presets import AnalogPreset, get_preset
+from rapa.analog.presets import AnalogPreset, get_preset, preset_options
 from rapa.analog.state import use_plain_state_dict
 from rapa.errors import RapaError
 from rapa.tile_rates import scale_tile_rates
@@ -119,7 +119,8 @@ def prepare(model: nn.Module, config: Any) -> tuple[nn.Module, AnalogSGD]:
     """The analog version of ``model`` (a :class:`rapa.models.ConvNet`) and its optimiser,
     for a :class:`rapa.config.TrainConfig` with ``analog`` set to a preset name.
 
-    The learning rate is ``config.resolved_lr()`` (or ``config.lr``), a tiled layer's arrays
+    The preset's fields are overridden by ``config.analog_options`` (``FIELD=VALUE`` strings,
+    :func:`rapa.analog.presets.preset_options`). The learning rate is ``config.resolved_lr()`` (or ``config.lr``), a tiled layer's arrays
     at ``nk**config.tile_lr_power`` times it (:func:`rapa.tile_rates.scale_tile_rates`), the digital
     parameters' weight decay ``config.resolved_weight_decay()``, momentum ``config.momentum``.
     Raises :class:`RapaError` if ``config.analog`` is not set or names no preset, or if
@@ -128,7 +129,7 @@ def prepare(model: nn.Module, config: Any) -> tuple[nn.Module, AnalogSGD]:
     name = getattr(config, "analog", None)
     if not name:
         raise RapaError("config.analog is not set: name an analog preset, e.g. rpu-baseline")
-    preset = get_preset(name)
+    preset = get_preset(name, **preset_options(name, tuple(getattr(config, "analog_options", ()) or ())))
     lr = float(config.resolved_lr() if hasattr(config, "resolved_lr") else config.lr)
     weight_decay = float(config.resolved_weight_decay() if hasattr(config, "resolved_weight_decay")
                          else getattr(config, "weight_decay", 0.0) or 0.0)

@@ -21,8 +21,9 @@ This module does not import aihwkit until :meth:`AnalogPreset.rpu_config` is cal
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 from rapa.errors import RapaError
 
@@ -212,6 +213,54 @@ PRESETS: dict[str, type[AnalogPreset]] = {
 """Named presets; ``aihwkit:NAME`` strings are accepted by :func:`get_preset` too."""
 
 
+_SIGNED = ("up_down",)
+"""Float fields of the presets that may be negative (every other one is a size, a rate or a range)."""
+
+
+def preset_options(name: str, options: Sequence[str]) -> dict[str, Any]:
+    """``("desired_bl=100", "out_noise=0.03")`` -> ``{"desired_bl": 100, "out_noise": 0.03}``:
+    fields of the preset ``name`` (:func:`get_preset`) as ``FIELD=VALUE`` strings, each value
+    parsed by its field's type (an int >= 1, a float >= 0 (``up_down`` may be negative), or a
+    bool as true/false). RapaError, one line naming
+    the option and what to give, for a malformed item, an unknown or repeated field, a value
+    of the wrong type, or ``class_name`` (part of the name ``aihwkit:CLASS``)."""
+    cls = AihwkitPreset if name.startswith("aihwkit:") else PRESETS.get(name)
+    if cls is None:
+        get_preset(name)  # RapaError naming the unknown preset
+    kinds = {f.name: f.type for f in fields(cls) if f.name != "class_name"}  # type: ignore[arg-type]
+    out: dict[str, Any] = {}
+    for item in options:
+        key, sep, text = str(item).partition("=")
+        key, text = key.strip(), text.strip()
+        if not sep or not key or not text:
+            raise RapaError(f"analog option {item!r}: give FIELD=VALUE, e.g. desired_bl=100")
+        if key not in kinds:
+            raise RapaError(f"analog option {item!r}: preset {name!r} has no field {key!r}; its fields are "
+                            f"{', '.join(sorted(kinds))}")
+        if key in out:
+            raise RapaError(f"analog option {item!r}: {key} is given twice")
+        kind = str(kinds[key])
+        try:
+            if kind == "bool":
+                if text.lower() not in ("true", "false"):
+                    raise ValueError
+                value: Any = text.lower() == "true"
+            elif kind == "int":
+                value = int(text)
+                if value < 1:
+                    raise ValueError
+            else:
+                value = float(text)
+                if not math.isfinite(value) or (value < 0 and key not in _SIGNED):
+                    raise ValueError
+        except ValueError:
+            what = {"bool": "true or false", "int": "an integer >= 1"}.get(
+                kind, "a finite number" if key in _SIGNED else "a finite number >= 0")
+            raise RapaError(f"analog option {item!r}: {key} takes {what}") from None
+        out[key] = value
+    return out
+
+
 def get_preset(name: str | AnalogPreset, **overrides: Any) -> AnalogPreset:
     """The preset called ``name`` (``ideal``, ``rpu-baseline``, ``idealized`` or ``aihwkit:CLASS``).
 
@@ -223,6 +272,9 @@ def get_preset(name: str | AnalogPreset, **overrides: Any) -> AnalogPreset:
     if not isinstance(name, str):
         raise RapaError(f"analog preset {name!r} must be a name")
     if name.startswith("aihwkit:"):
+        unknown = sorted(set(overrides) - {"weight_range"})  # class_name is the name's part
+        if unknown:
+            raise ValueError(f"preset {name!r} has no field(s) {unknown}; it has ['weight_range']")
         return AihwkitPreset(class_name=name.split(":", 1)[1], **overrides)
     cls = PRESETS.get(name)
     if cls is None:

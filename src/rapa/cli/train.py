@@ -67,6 +67,8 @@ _SPECIAL: dict[str, dict[str, Any]] = {
     "tile_lr_power": {"metavar": "P"},  # checked by TrainConfig.validate
     "digital_layers": {"type": list_type(str, option="--digital-layers", choices=LAYER_NAMES),
                        "metavar": "NAMES"},
+    "analog_options": {"type": list_type(str, option="--analog-options"), "metavar": "FIELD=VALUE,...",
+                       "extra": "e.g. desired_bl=100,out_noise=0"},
 }
 
 
