@@ -15,7 +15,9 @@
 # A third argument picks the nets: none (untiled), random (16,4,1) or both (the default);
 # SEED=N (default 0) sets --seed for all four runs; LR=X (default: the analog recipe's) sets
 # --lr for all four; POWER=P (default 0: one rate per net) sets --tile-lr-power for all four;
-# INIT=NAME (default: the analog recipe's, lsuv) sets --init for all four.
+# INIT=NAME (default: the analog recipe's, lsuv) sets --init for all four; OPTIONS=FIELD=VALUE,...
+# (default none) gives the analog runs --analog-options (fields of the preset, e.g.
+# OPTIONS=desired_bl=100; the FP twins are unchanged).
 # The analog runs go side by side in the background while the FP runs (short) go one after the
 # other beside them. Rerunning the command resumes unfinished runs (rapa train --resume) and
 # skips finished ones. Then:
@@ -34,6 +36,17 @@ case "${3:-both}" in
   *) echo "analog-fmnist.sh: nets must be none, random or both, got '$3'" >&2; exit 2 ;;
 esac
 . .venv/bin/activate
+if [ -n "${OPTIONS:-}" ]; then
+  python - "$OPTIONS" <<'PY' || exit 2
+import sys
+from rapa.analog.presets import preset_options
+from rapa.errors import RapaError
+try:
+    preset_options("rpu-baseline", [o for o in sys.argv[1].split(",") if o.strip()])
+except RapaError as exc:
+    sys.exit(f"analog-fmnist.sh: OPTIONS: {exc}")
+PY
+fi
 mkdir -p "$out"
 read -r lr_none lr_tiled analog_init < <(python -c "from rapa.config import ANALOG_LR_UNTILED as u, ANALOG_LR_TILED as t, ANALOG_INIT as i; print(u, t, i)")
 seed=${SEED:-0}
@@ -62,7 +75,7 @@ run() {  # backend (fp | preset) net (none | random)
   if [ "$1" = fp ]; then
     extra="--init $init --lr $([ "$2" = none ] && echo "$lr_none" || echo "$lr_tiled")${POWER:+ --tile-lr-power $POWER}"
   else
-    extra="--analog $1 --init $init${LR:+ --lr $LR}${POWER:+ --tile-lr-power $POWER}"
+    extra="--analog $1 --init $init${LR:+ --lr $LR}${POWER:+ --tile-lr-power $POWER}${OPTIONS:+ --analog-options $OPTIONS}"
   fi
   if [ -f "$dir/summary.json" ]; then echo "$dir: finished"; return 0; fi
   if [ -f "$dir/checkpoint.pt" ]; then rapa train --resume "$dir" --threads 1 --quiet; return; fi
