@@ -93,7 +93,9 @@ def table(out: Path) -> str:
         if not any(f.is_dir() for f in folders):  # this net was not run here (e.g. `... short OUT random`)
             continue
         fp, rpu = _run(folders[0]), _run(folders[1])
-        cells = [label]
+        config = folders[1] / "config.json"
+        options = json.loads(config.read_text()).get("analog_options") if config.is_file() else None
+        cells = [label + (f" (RPU: {', '.join(options)})" if options else "")]
         for run, folder in zip((fp, rpu), folders):
             if run is None:  # running (or not started): the curve so far
                 curve = _curve(folder)

@@ -192,6 +192,16 @@ def test_analog_table_of_a_folder_with_one_net_says_so(tmp_path):
     assert table.ranking(tmp_path) == "ranking: needs both nets (untiled: no runs in this folder)"
 
 
+def test_analog_table_names_the_analog_options_of_a_run(tmp_path):
+    table = _analog_table_module()
+    _fake_analog_run(tmp_path / "fmnist-random-fp", [0.2], 1, 0.2)
+    _fake_analog_run(tmp_path / "fmnist-random-rpu-baseline", [0.25], 1, 0.25)
+    config = tmp_path / "fmnist-random-rpu-baseline" / "config.json"
+    config.write_text(json.dumps({"epochs": 1, "analog_options": ["desired_bl=100", "out_noise=0"]}))
+    row = next(line for line in table.table(tmp_path).splitlines() if line.startswith("| random"))
+    assert row.startswith("| random (16,4,1) (RPU: desired_bl=100, out_noise=0) | 20.0 |")
+
+
 def test_analog_table_across_runs_gives_the_mean_gap_and_its_t_interval(tmp_path):
     """Three replicate folders (e.g. seeds): the gaps, their mean and sd, and the 95%
     t-interval of the mean (t = 4.30 for 2 degrees of freedom), checked by hand."""
