@@ -120,9 +120,9 @@ def prepare(model: nn.Module, config: Any) -> tuple[nn.Module, AnalogSGD]:
     for a :class:`rapa.config.TrainConfig` with ``analog`` set to a preset name.
 
     The preset's fields are overridden by ``config.analog_options`` (``FIELD=VALUE`` strings,
-    :func:`rapa.analog.presets.preset_options`). The learning rate is ``config.resolved_lr()`` (or ``config.lr``), a tiled layer's arrays
-    at ``nk**config.tile_lr_power`` times it (:func:`rapa.tile_rates.scale_tile_rates`), the digital
-    parameters' weight decay ``config.resolved_weight_decay()``, momentum ``config.momentum``.
+    :func:`rapa.analog.presets.preset_options`). The learning rate is ``config.resolved_lr()``
+    (or ``config.lr``), a tiled layer's arrays at ``nk**config.tile_lr_power`` times it
+    (:func:`rapa.tile_rates.scale_tile_rates`), the digital parameters' weight decay ``config.resolved_weight_decay()``, momentum ``config.momentum``.
     Raises :class:`RapaError` if ``config.analog`` is not set or names no preset, or if
     the model lives on CUDA and aihwkit was built without CUDA.
     """

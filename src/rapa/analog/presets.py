@@ -221,9 +221,9 @@ def preset_options(name: str, options: Sequence[str]) -> dict[str, Any]:
     """``("desired_bl=100", "out_noise=0.03")`` -> ``{"desired_bl": 100, "out_noise": 0.03}``:
     fields of the preset ``name`` (:func:`get_preset`) as ``FIELD=VALUE`` strings, each value
     parsed by its field's type (an int >= 1, a float >= 0 (``up_down`` may be negative), or a
-    bool as true/false). RapaError, one line naming
-    the option and what to give, for a malformed item, an unknown or repeated field, a value
-    of the wrong type, or ``class_name`` (part of the name ``aihwkit:CLASS``)."""
+    bool as true/false). RapaError, one line naming the option and what to give, for a
+    malformed item, an unknown or repeated field, a value of the wrong type or range, or
+    ``class_name`` (part of the name ``aihwkit:CLASS``)."""
     cls = AihwkitPreset if name.startswith("aihwkit:") else PRESETS.get(name)
     if cls is None:
         get_preset(name)  # RapaError naming the unknown preset
