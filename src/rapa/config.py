@@ -264,12 +264,9 @@ class TrainConfig:
         if self.analog_options and self.analog is None:
             raise RapaError(f"analog_options={','.join(self.analog_options)} needs analog (a preset to change)")
         if self.analog_options:
-            from rapa.analog.presets import get_preset, preset_options
+            from rapa.analog.presets import preset_options
 
-            try:
-                get_preset(self.analog, **preset_options(self.analog, self.analog_options))
-            except (TypeError, ValueError) as exc:
-                raise RapaError(f"analog_options={','.join(self.analog_options)}: {exc}") from None
+            preset_options(self.analog, self.analog_options)  # RapaError naming a bad field or value
         if self.digital_layers and self.analog is None:
             raise RapaError(f"digital_layers={','.join(self.digital_layers)} needs analog (a preset): "
                             "without it every layer is digital already")

@@ -272,9 +272,10 @@ def get_preset(name: str | AnalogPreset, **overrides: Any) -> AnalogPreset:
     if not isinstance(name, str):
         raise RapaError(f"analog preset {name!r} must be a name")
     if name.startswith("aihwkit:"):
-        unknown = sorted(set(overrides) - {"weight_range"})  # class_name is the name's part
+        known = {f.name for f in fields(AihwkitPreset)} - {"class_name"}  # class_name is the name's part
+        unknown = sorted(set(overrides) - known)
         if unknown:
-            raise ValueError(f"preset {name!r} has no field(s) {unknown}; it has ['weight_range']")
+            raise ValueError(f"preset {name!r} has no field(s) {unknown}; it has {sorted(known)}")
         return AihwkitPreset(class_name=name.split(":", 1)[1], **overrides)
     cls = PRESETS.get(name)
     if cls is None:
