@@ -17,7 +17,8 @@
 # --lr for all four; POWER=P (default 0: one rate per net) sets --tile-lr-power for all four;
 # INIT=NAME (default: the analog recipe's, lsuv) sets --init for all four; OPTIONS=FIELD=VALUE,...
 # (default none) gives the analog runs --analog-options (fields of the preset, e.g.
-# OPTIONS=desired_bl=100; the FP twins are unchanged).
+# OPTIONS=desired_bl=100, or of one layer's arrays, OPTIONS=conv1.dw_min=0.0001; the FP twins
+# are unchanged).
 # The analog runs go side by side in the background while the FP runs (short) go one after the
 # other beside them. Rerunning the command resumes unfinished runs (rapa train --resume) and
 # skips finished ones. Then:
@@ -39,10 +40,10 @@ esac
 if [ -n "${OPTIONS:-}" ]; then
   python - "$OPTIONS" <<'PY' || exit 2
 import sys
-from rapa.analog.presets import preset_options
+from rapa.config import TrainConfig
 from rapa.errors import RapaError
 try:
-    preset_options("rpu-baseline", [o for o in sys.argv[1].split(",") if o.strip()])
+    TrainConfig(analog="rpu-baseline", analog_options=tuple(o for o in sys.argv[1].split(",") if o.strip())).validate()
 except RapaError as exc:
     sys.exit(f"analog-fmnist.sh: OPTIONS: {exc}")
 PY

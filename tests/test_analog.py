@@ -234,6 +234,13 @@ def test_digital_layers_stay_floating_point_and_learn_by_sgd():
     torch.testing.assert_close(analog.fc.weight.detach(), w0 - 0.1 * (g + wd * w0))
     with pytest.raises(ValueError, match="'fc2'"):
         convert_to_analog(model, "ideal", digital=["fc2"])
+    with pytest.raises(ValueError, match=r"layer_presets=\['conv9'\]"):
+        convert_to_analog(model, "ideal", layer_presets={"conv9": "rpu-baseline"})
+    with pytest.raises(ValueError, match="'fc'.*stay digital"):
+        convert_to_analog(model, "ideal", digital=["fc"], layer_presets={"fc": "rpu-baseline"})
+    mixed = convert_to_analog(model, "ideal", digital=["conv3"], layer_presets={"fc": "rpu-baseline"})
+    assert type(mixed.conv3) is type(model.conv3)
+    assert mixed.conv1.preset.name == "ideal" and "FloatingPoint" not in type(mixed.fc.analog_module.rpu_config).__name__
 
 
 def test_digital_layers_are_checked_by_the_config():
@@ -243,6 +250,11 @@ def test_digital_layers_are_checked_by_the_config():
         TrainConfig(dataset="digits", digital_layers=("fc",)).validate()
     with pytest.raises(RapaError, match="'fc9'.*conv1, conv2, conv3, fc"):
         TrainConfig(dataset="digits", analog="ideal", digital_layers=("fc9",)).validate()
+    with pytest.raises(RapaError, match="'conv9.dw_min=1': the net has no layer 'conv9'"):
+        TrainConfig(dataset="digits", analog="rpu-baseline", analog_options=("conv9.dw_min=1",)).validate()
+    with pytest.raises(RapaError, match="'fc.dw_min=1': layer fc is digital"):
+        TrainConfig(dataset="digits", analog="rpu-baseline", digital_layers=("fc",),
+                    analog_options=("fc.dw_min=1",)).validate()
 
 
 # --------------------------------------------------------------------------------- training
@@ -431,23 +443,29 @@ def test_analog_options_set_every_arrays_fields_and_survive_a_reload(tmp_path, o
     from rapa.train import load_run
 
     def fields(model):
-        tiles = [m for m in model.modules() if isinstance(m, TileModule)]
-        assert len(tiles) == 4 + 4 + 1 + 1  # tiles (4, 4, 1) and the FC layer
-        return {(int(t.rpu_config.update.desired_bl), float(t.rpu_config.forward.out_noise),
-                 float(t.rpu_config.backward.out_noise)) for t in tiles}
+        found = {}
+        for layer in ("conv1", "conv2", "conv3", "fc"):
+            tiles = [m for m in model.get_submodule(layer).modules() if isinstance(m, TileModule)]
+            assert len(tiles) == {"conv1": 4, "conv2": 4}.get(layer, 1)  # tiles (4, 4, 1) and the FC layer
+            found[layer] = {(int(t.rpu_config.update.desired_bl), float(t.rpu_config.forward.out_noise),
+                             float(t.rpu_config.backward.out_noise)) for t in tiles}
+        return found
 
     common = ["train", "--dataset", "digits", "--epochs", "1", "--limit-train", "20", "--limit-test", "10",
               "--channels", "4,4,4", "--tiles", "4,4,1", "--votes", "1", "--device", "cpu", "--quiet",
               "--analog", "rpu-baseline"]
-    assert main([*common, "--analog-options", "desired_bl=100,out_noise=0", "--out", str(tmp_path / "bl")]) == 0
+    options = "desired_bl=100,out_noise=0,conv1.desired_bl=50,fc.out_noise=0.03"  # a layer's own value wins
+    assert main([*common, "--analog-options", options, "--out", str(tmp_path / "bl")]) == 0
     assert main([*common, "--out", str(tmp_path / "base")]) == 0
     config = json.loads((tmp_path / "bl" / "config.json").read_text())
-    assert config["analog_options"] == ["desired_bl=100", "out_noise=0"]
+    assert config["analog_options"] == options.split(",")
     model, cfg, _ = load_run(tmp_path / "bl")
-    assert cfg.analog_options == ("desired_bl=100", "out_noise=0")
-    assert fields(model) == {(100, 0.0, 0.0)}
+    assert cfg.analog_options == tuple(options.split(","))
+    assert fields(model) == {"conv1": {(50, 0.0, 0.0)}, "conv2": {(100, 0.0, 0.0)}, "conv3": {(100, 0.0, 0.0)},
+                             "fc": {(100, 0.03, 0.03)}}
     base, _, _ = load_run(tmp_path / "base")
-    assert fields(base) == {(31, 0.06, 0.06)}  # rpu-baseline as it is (test_rpu_baseline_has_the_papers_numbers)
+    # rpu-baseline as it is (test_rpu_baseline_has_the_papers_numbers)
+    assert fields(base) == {layer: {(31, 0.06, 0.06)} for layer in ("conv1", "conv2", "conv3", "fc")}
 
 
 def test_analog_options_are_checked_against_the_preset():
@@ -471,6 +489,27 @@ def test_analog_options_are_checked_against_the_preset():
             preset_options(name, (item,))
     with pytest.raises(RapaError, match="desired_bl is given twice"):
         preset_options("rpu-baseline", ("desired_bl=3", "desired_bl=4"))
+
+
+def test_layer_options_group_the_fields_by_layer():
+    from rapa.analog.presets import layer_options, presets_by_layer
+
+    assert layer_options("rpu-baseline", ("desired_bl=50", "conv1.desired_bl=100", "conv1.dw_min=1e-4",
+                                          "fc.out_noise=0")) == {
+        "": {"desired_bl": 50}, "conv1": {"desired_bl": 100, "dw_min": 1e-4}, "fc": {"out_noise": 0.0}}
+    common, own = presets_by_layer("rpu-baseline", ("desired_bl=50", "out_noise=0", "conv1.desired_bl=100"))
+    assert (common.desired_bl, common.out_noise) == (50, 0.0)
+    assert set(own) == {"conv1"}
+    assert (own["conv1"].desired_bl, own["conv1"].out_noise, own["conv1"].dw_min) == (100, 0.0, 0.00025)
+    for item, message in [
+        ("conv1.bl=3", "analog option 'conv1.bl=3': preset 'rpu-baseline' has no field 'bl'"),
+        ("conv1.dw_min=-1", "analog option 'conv1.dw_min=-1': dw_min takes a finite number >= 0"),
+        (".dw_min=3", "give LAYER.FIELD=VALUE"),
+    ]:
+        with pytest.raises(RapaError, match=re.escape(message)):
+            layer_options("rpu-baseline", (item,))
+    with pytest.raises(RapaError, match="conv1.desired_bl=4': desired_bl is given twice"):
+        layer_options("rpu-baseline", ("conv1.desired_bl=3", "desired_bl=5", "conv1.desired_bl=4"))
 
 
 @pytest.mark.analog

@@ -115,6 +115,9 @@ def test_missing_run_dir_is_one_line_without_traceback_exit_2():
     (["train", "--tile-lr-power", "5"], "tile_lr_power=5.0 is out of range: give a number from 0 to 2"),
     (["train", "--analog-options", "desired_bl=100"], "analog_options=desired_bl=100 needs analog"),
     (["train", "--analog", "rpu-baseline", "--analog-options", "bl=100"], "preset 'rpu-baseline' has no field 'bl'"),
+    (["train", "--analog", "rpu-baseline", "--analog-options", "conv4.dw_min=0.0001"], "the net has no layer 'conv4'"),
+    (["train", "--analog", "rpu-baseline", "--digital-layers", "fc", "--analog-options", "fc.out_noise=0"],
+     "layer fc is digital"),
 ])
 def test_user_errors_are_one_line_with_exit_code_2(args, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a run that did start would land here

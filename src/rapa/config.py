@@ -121,10 +121,12 @@ class TrainConfig:
     as analog studies often keep the last layer digital); the others on arrays. Empty (the
     default): every layer analog."""
     analog_options: tuple[str, ...] = ()
-    """With ``analog``: fields of the preset set to other values, as ``FIELD=VALUE`` (e.g.
-    desired_bl=100 for pulse trains of up to 100 pulses, out_noise=0 for noiseless reads; the
-    fields are listed in rapa.analog.presets); saved in config.json, so resumed and reloaded
-    runs rebuild the same arrays. Empty (the default): the preset as it is."""
+    """With ``analog``: fields of the preset set to other values, as ``FIELD=VALUE`` for every
+    array (e.g. desired_bl=100 for pulse trains of up to 100 pulses, out_noise=0 for noiseless
+    reads; the fields are listed in rapa.analog.presets) or ``LAYER.FIELD=VALUE`` for one
+    layer's arrays (e.g. conv1.dw_min=0.0001; it wins over a common value); saved in
+    config.json, so resumed and reloaded runs rebuild the same arrays. Empty (the default): the
+    preset as it is."""
     tile_lr_power: float = 0.0
     """Per-layer rate: every conv layer with nk > 1 kernel replicas learns at ``lr * nk**p`` (the
     paper, §2.2: "the number of updates is effectively reduced per array tile, which can be in
@@ -264,9 +266,16 @@ class TrainConfig:
         if self.analog_options and self.analog is None:
             raise RapaError(f"analog_options={','.join(self.analog_options)} needs analog (a preset to change)")
         if self.analog_options:
-            from rapa.analog.presets import preset_options
+            from rapa.analog.presets import layer_options
 
-            preset_options(self.analog, self.analog_options)  # RapaError naming a bad field or value
+            for layer in layer_options(self.analog, self.analog_options):  # RapaError naming a bad field or value
+                item = next((o for o in self.analog_options if o.strip().startswith(f"{layer}.")), layer)
+                if layer and layer not in LAYER_NAMES:
+                    raise RapaError(f"analog option {item!r}: the net has no layer {layer!r}; give LAYER.FIELD=VALUE "
+                                    f"with LAYER among {', '.join(LAYER_NAMES)}")
+                if layer in self.digital_layers:
+                    raise RapaError(f"analog option {item!r}: layer {layer} is digital (digital_layers); "
+                                    f"drop its options or the layer from digital_layers")
         if self.digital_layers and self.analog is None:
             raise RapaError(f"digital_layers={','.join(self.digital_layers)} needs analog (a preset): "
                             "without it every layer is digital already")

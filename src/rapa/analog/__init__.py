@@ -19,7 +19,8 @@ from typing import Any
 
 from rapa.analog.backend import INSTALL_HINT, aihwkit_available, manual_seed, require_aihwkit
 from rapa.analog.presets import (PRESETS, AihwkitPreset, AnalogPreset, IdealizedPreset, IdealPreset,
-                                 RPUBaselinePreset, get_preset, preset_options)
+                                 RPUBaselinePreset, get_preset, layer_options, presets_by_layer,
+                                 preset_options)
 
 # names that need aihwkit, and the submodule defining each
 _LAZY = {
@@ -42,6 +43,8 @@ __all__ = [
     "RPUBaselinePreset",
     "aihwkit_available",
     "get_preset",
+    "layer_options",
+    "presets_by_layer",
     "preset_options",
     "manual_seed",
     "require_aihwkit",

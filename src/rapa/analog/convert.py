@@ -18,7 +18,7 @@ arrays' weights by (pulsed) analog updates and the remaining digital parameters 
 from __future__ import annotations
 
 import copy
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -30,7 +30,7 @@ from aihwkit.nn.modules.base import AnalogLayerBase
 from aihwkit.optim import AnalogSGD
 
 from rapa.analog.layers import AnalogTiledConv2d
-from rapa.analog.presets import AnalogPreset, get_preset, preset_options
+from rapa.analog.presets import AnalogPreset, get_preset, presets_by_layer
 from rapa.analog.state import use_plain_state_dict
 from rapa.errors import RapaError
 from rapa.tile_rates import scale_tile_rates
@@ -48,24 +48,26 @@ def _generators(model: nn.Module) -> list[torch.Generator]:
 
 
 def _convert_children(module: nn.Module, preset: AnalogPreset, generator: torch.Generator | None,
-                      keep: frozenset[str] = frozenset(), prefix: str = "") -> None:
+                      keep: frozenset[str] = frozenset(), prefix: str = "",
+                      own: Mapping[str, AnalogPreset] | None = None) -> None:
     for name, child in module.named_children():
         if isinstance(child, (AnalogLayerBase, AnalogTiledConv2d)):  # already analog
             continue
         if prefix + name in keep:  # stays digital, and so does everything in it
             continue
+        preset_here = (own or {}).get(prefix + name, preset)  # a submodule's own preset, for all in it
         if isinstance(child, nn.Conv2d) and (child.groups != 1 or child.padding_mode != "zeros"
                                              or isinstance(child.padding, str)):
             child = TiledConv2d.from_conv2d(child, 1, "none")  # aihwkit's AnalogConv2d takes none of these
         if isinstance(child, TiledConv2d):  # one array per replica and group
             seeds = [draw_construction_seed(generator) for _ in range(child.num_kernels * child.groups)]
-            new: nn.Module = AnalogTiledConv2d.from_tiled(child, preset, construction_seeds=seeds)
+            new: nn.Module = AnalogTiledConv2d.from_tiled(child, preset_here, construction_seeds=seeds)
         elif isinstance(child, nn.Conv2d):
-            new = AnalogConv2d.from_digital(child, preset.rpu_config(draw_construction_seed(generator)))
+            new = AnalogConv2d.from_digital(child, preset_here.rpu_config(draw_construction_seed(generator)))
         elif isinstance(child, nn.Linear):
-            new = AnalogLinear.from_digital(child, preset.rpu_config(draw_construction_seed(generator)))
+            new = AnalogLinear.from_digital(child, preset_here.rpu_config(draw_construction_seed(generator)))
         else:
-            _convert_children(child, preset, generator, keep, f"{prefix}{name}.")
+            _convert_children(child, preset_here, generator, keep, f"{prefix}{name}.", own)
             continue
         new.train(child.training)
         setattr(module, name, new)
@@ -73,12 +75,15 @@ def _convert_children(module: nn.Module, preset: AnalogPreset, generator: torch.
 
 def convert_to_analog(model: nn.Module, preset: str | AnalogPreset = "rpu-baseline",
                       inplace: bool = False, generator: torch.Generator | None = None,
-                      digital: Sequence[str] = ()) -> nn.Module:
+                      digital: Sequence[str] = (),
+                      layer_presets: Mapping[str, str | AnalogPreset] | None = None) -> nn.Module:
     """``model`` with its conv and linear layers on simulated analog arrays.
 
     ``digital``: names of submodules (as in ``named_modules()``, e.g. ``"fc"``) that stay in
-    floating point, with everything inside them; ``ValueError`` names any that the model
-    does not have.
+    floating point, with everything inside them; ``layer_presets``: submodule name -> the
+    preset of the arrays in it, instead of ``preset`` (e.g. ``{"conv1": ...}``, see
+    :func:`rapa.analog.presets.presets_by_layer`). ``ValueError`` names any submodule that the
+    model does not have, or one both digital and given a preset.
 
     ``preset``: see :func:`rapa.analog.get_preset`. Each array's device-to-device variations
     are seeded from ``generator`` (torch's global one if ``None``, so
@@ -89,9 +94,14 @@ def convert_to_analog(model: nn.Module, preset: str | AnalogPreset = "rpu-baseli
     """
     preset = get_preset(preset)
     keep = frozenset([digital] if isinstance(digital, str) else digital)
-    unknown = sorted(keep - {name for name, _ in model.named_modules() if name})
-    if unknown:
-        raise ValueError(f"digital={unknown}: the model has no such submodules")
+    own = {name: get_preset(p) for name, p in (layer_presets or {}).items()}
+    names = {name for name, _ in model.named_modules() if name}
+    for what, given in (("digital", keep), ("layer_presets", own)):
+        unknown = sorted(set(given) - names)
+        if unknown:
+            raise ValueError(f"{what}={unknown}: the model has no such submodules")
+    if keep & set(own):
+        raise ValueError(f"layer_presets for {sorted(keep & set(own))}: these stay digital (digital=...)")
     if not inplace:
         memo: dict[int, Any] = {id(g): g for g in _generators(model)}
         model = copy.deepcopy(model, memo)
@@ -100,7 +110,7 @@ def convert_to_analog(model: nn.Module, preset: str | AnalogPreset = "rpu-baseli
         holder.add_module("layer", model)
         _convert_children(holder, preset, generator)
         return use_plain_state_dict(holder.get_submodule("layer"))
-    _convert_children(model, preset, generator, keep)
+    _convert_children(model, preset, generator, keep, own=own)
     return use_plain_state_dict(model)
 
 
@@ -119,8 +129,9 @@ def prepare(model: nn.Module, config: Any) -> tuple[nn.Module, AnalogSGD]:
     """The analog version of ``model`` (a :class:`rapa.models.ConvNet`) and its optimiser,
     for a :class:`rapa.config.TrainConfig` with ``analog`` set to a preset name.
 
-    The preset's fields are overridden by ``config.analog_options`` (``FIELD=VALUE`` strings,
-    :func:`rapa.analog.presets.preset_options`). The learning rate is ``config.resolved_lr()``
+    The preset's fields are overridden by ``config.analog_options`` (``FIELD=VALUE`` strings
+    for every array, ``LAYER.FIELD=VALUE`` for one layer's arrays:
+    :func:`rapa.analog.presets.presets_by_layer`). The learning rate is ``config.resolved_lr()``
     (or ``config.lr``), a tiled layer's arrays at ``nk**config.tile_lr_power`` times it
     (:func:`rapa.tile_rates.scale_tile_rates`), the digital parameters' weight decay ``config.resolved_weight_decay()``, momentum ``config.momentum``.
     Raises :class:`RapaError` if ``config.analog`` is not set or names no preset, or if
@@ -129,7 +140,7 @@ def prepare(model: nn.Module, config: Any) -> tuple[nn.Module, AnalogSGD]:
     name = getattr(config, "analog", None)
     if not name:
         raise RapaError("config.analog is not set: name an analog preset, e.g. rpu-baseline")
-    preset = get_preset(name, **preset_options(name, tuple(getattr(config, "analog_options", ()) or ())))
+    preset, own = presets_by_layer(name, tuple(getattr(config, "analog_options", ()) or ()))
     lr = float(config.resolved_lr() if hasattr(config, "resolved_lr") else config.lr)
     weight_decay = float(config.resolved_weight_decay() if hasattr(config, "resolved_weight_decay")
                          else getattr(config, "weight_decay", 0.0) or 0.0)
@@ -137,7 +148,8 @@ def prepare(model: nn.Module, config: Any) -> tuple[nn.Module, AnalogSGD]:
     param = next(model.parameters(), None)
     if param is not None:
         check_device(param.device)
-    analog_model = convert_to_analog(model, preset, digital=tuple(getattr(config, "digital_layers", ()) or ()))
+    analog_model = convert_to_analog(model, preset, digital=tuple(getattr(config, "digital_layers", ()) or ()),
+                                     layer_presets=own)
     optimizer = analog_optimizer(analog_model, lr, momentum, weight_decay)
     scale_tile_rates(optimizer, analog_model, float(getattr(config, "tile_lr_power", 0.0) or 0.0))
     return analog_model, optimizer

@@ -261,6 +261,38 @@ def preset_options(name: str, options: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def layer_options(name: str, options: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``FIELD=VALUE`` and ``LAYER.FIELD=VALUE`` strings, grouped by layer: ``""`` for the fields
+    given for every array, ``"conv1"`` for those of layer conv1's arrays only (a layer's own
+    value wins over the common one). Each group is parsed by :func:`preset_options` (same
+    errors); the layer names are not checked here (the model knows its layers)."""
+    groups: dict[str, list[str]] = {}
+    for item in options:
+        key, sep, value = str(item).partition("=")
+        layer, dot, field = key.strip().rpartition(".") if sep else ("", "", "")
+        if dot and not layer:
+            raise RapaError(f"analog option {item!r}: give LAYER.FIELD=VALUE, e.g. conv1.dw_min=0.0001")
+        groups.setdefault(layer, []).append(f"{field}={value}" if layer else str(item))
+    out: dict[str, dict[str, Any]] = {}
+    for layer, items in groups.items():
+        try:
+            out[layer] = preset_options(name, items)
+        except RapaError as exc:  # name the option as the user gave it
+            raise RapaError(str(exc).replace("analog option '", f"analog option '{layer}.", 1) if layer
+                            else str(exc)) from None
+    return out
+
+
+def presets_by_layer(name: str, options: Sequence[str]) -> tuple[AnalogPreset, dict[str, AnalogPreset]]:
+    """The preset ``name`` with the common fields of ``options`` set, and one preset per layer
+    that ``options`` names (``LAYER.FIELD=VALUE``, :func:`layer_options`), with the common
+    fields and then the layer's own."""
+    groups = layer_options(name, options)
+    common = groups.pop("", {})
+    return get_preset(name, **common), {layer: get_preset(name, **{**common, **own})
+                                        for layer, own in groups.items()}
+
+
 def get_preset(name: str | AnalogPreset, **overrides: Any) -> AnalogPreset:
     """The preset called ``name`` (``ideal``, ``rpu-baseline``, ``idealized`` or ``aihwkit:CLASS``).
 

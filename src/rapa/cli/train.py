@@ -68,7 +68,8 @@ _SPECIAL: dict[str, dict[str, Any]] = {
     "digital_layers": {"type": list_type(str, option="--digital-layers", choices=LAYER_NAMES),
                        "metavar": "NAMES"},
     "analog_options": {"type": list_type(str, option="--analog-options"), "metavar": "FIELD=VALUE,...",
-                       "extra": "e.g. desired_bl=100,out_noise=0"},
+                       "extra": "e.g. desired_bl=100,out_noise=0; one layer's arrays: LAYER.FIELD=VALUE, "
+                                "e.g. conv1.dw_min=0.0001"},
 }
 
 
