@@ -94,8 +94,13 @@ def table(out: Path) -> str:
             continue
         fp, rpu = _run(folders[0]), _run(folders[1])
         config = folders[1] / "config.json"
-        options = json.loads(config.read_text()).get("analog_options") if config.is_file() else None
-        cells = [label + (f" (RPU: {', '.join(options)})" if options else "")]
+        saved = json.loads(config.read_text()) if config.is_file() else {}
+        notes = [", ".join(saved["analog_options"])] if saved.get("analog_options") else []
+        if saved.get("digital_layers"):
+            notes.append(f"digital {', '.join(saved['digital_layers'])}")
+        if saved.get("layer_lr_scale"):
+            notes.append(f"rates x {', '.join(saved['layer_lr_scale'])}")
+        cells = [label + (f" (RPU: {'; '.join(notes)})" if notes else "")]
         for run, folder in zip((fp, rpu), folders):
             if run is None:  # running (or not started): the curve so far
                 curve = _curve(folder)

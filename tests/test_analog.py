@@ -757,7 +757,8 @@ def test_simulator_blas_follows_torch_threads():
 @pytest.mark.analog
 def test_tile_lr_power_sets_each_array_its_rate():
     """With tile_lr_power p, AnalogSGD hands each replica array of a layer with nk replicas the
-    rate lr * nk**p at its update, the untiled arrays (conv3, FC) lr."""
+    rate lr * nk**p at its update, the untiled arrays (conv3, FC) lr; layer_lr_scale's factors
+    multiply the named layers' rates."""
     _aihwkit()
     from rapa.config import TrainConfig
     from rapa.data import dataset_info
@@ -765,12 +766,13 @@ def test_tile_lr_power_sets_each_array_its_rate():
 
     torch.manual_seed(0)
     config = TrainConfig(dataset="digits", scheme="random", tiles=(4, 2, 1), channels=(4, 4, 8),
-                         analog="rpu-baseline", lr=0.01, tile_lr_power=1.0, init="he").resolved()
+                         analog="rpu-baseline", lr=0.01, tile_lr_power=1.0, init="he",
+                         layer_lr_scale=("conv2=0.5", "fc=0.3")).resolved()
     model, opt = make_model_and_optimizer(config, dataset_info("digits"), "cpu")
     x, y = torch.randn(3, 1, 28, 28), torch.randint(0, 10, (3,))
     F.cross_entropy(model(x), y).backward()
     opt.step()
-    rates = {"conv1": 0.04, "conv2": 0.02, "conv3": 0.01, "fc": 0.01}
+    rates = {"conv1": 0.04, "conv2": 0.01, "conv3": 0.01, "fc": 0.003}  # layer_lr_scale on top
     seen = 0
     for name, layer in model.named_children():
         for array in layer.analog_arrays() if hasattr(layer, "analog_arrays") else [layer]:

@@ -114,6 +114,7 @@ def test_missing_run_dir_is_one_line_without_traceback_exit_2():
     (["train", "--wd-factor", "0.1"], "both set; give weight_decay only"),
     (["train", "--tile-lr-power", "5"], "tile_lr_power=5.0 is out of range: give a number from 0 to 2"),
     (["train", "--analog-options", "desired_bl=100"], "analog_options=desired_bl=100 needs analog"),
+    (["train", "--layer-lr-scale", "fc=-1"], "layer_lr_scale item 'fc=-1': the factor must be a finite number > 0"),
     (["train", "--analog", "rpu-baseline", "--analog-options", "bl=100"], "preset 'rpu-baseline' has no field 'bl'"),
     (["train", "--analog", "rpu-baseline", "--analog-options", "conv4.dw_min=0.0001"], "the net has no layer 'conv4'"),
     (["train", "--analog", "rpu-baseline", "--digital-layers", "fc", "--analog-options", "fc.out_noise=0"],
@@ -240,6 +241,7 @@ FIELD_OPTIONS = {
     "init": (["--init", "lsuv"], "lsuv"),
     "digital_layers": (["--digital-layers", "fc, conv1"], ("fc", "conv1")),
     "tile_lr_power": (["--tile-lr-power", "0.5"], 0.5),
+    "layer_lr_scale": (["--layer-lr-scale", "conv3=0.5,fc=0.5"], ("conv3=0.5", "fc=0.5")),
     "analog_options": (["--analog-options", "desired_bl=100, out_noise=0"], ("desired_bl=100", "out_noise=0")),
 }
 

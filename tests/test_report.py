@@ -200,6 +200,10 @@ def test_analog_table_names_the_analog_options_of_a_run(tmp_path):
     config.write_text(json.dumps({"epochs": 1, "analog_options": ["desired_bl=100", "out_noise=0"]}))
     row = next(line for line in table.table(tmp_path).splitlines() if line.startswith("| random"))
     assert row.startswith("| random (16,4,1) (RPU: desired_bl=100, out_noise=0) | 20.0 |")
+    config.write_text(json.dumps({"epochs": 1, "analog_options": ["conv1.dw_min=0.0001"],
+                                  "digital_layers": ["conv3", "fc"], "layer_lr_scale": ["conv2=0.5"]}))
+    row = next(line for line in table.table(tmp_path).splitlines() if line.startswith("| random"))
+    assert row.startswith("| random (16,4,1) (RPU: conv1.dw_min=0.0001; digital conv3, fc; rates x conv2=0.5) |")
 
 
 def test_analog_table_across_runs_gives_the_mean_gap_and_its_t_interval(tmp_path):

@@ -387,6 +387,27 @@ def test_tile_lr_power_scales_each_tiled_layers_step_by_nk_to_the_power(power):
         torch.testing.assert_close(after[n], expected, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("power", [0.0, 1.0])
+def test_layer_lr_scale_multiplies_the_named_layers_rates(power):
+    """w1 = w0 - lr * nk**p * s * (g + wd * w0) with s the layer's factor of layer_lr_scale."""
+    config = TrainConfig(dataset="digits", scheme="random", tiles=(16, 4, 1), lr=0.05, warmup_epochs=0,
+                         tile_lr_power=power, layer_lr_scale=("conv1=0.5", "fc=0.25"))
+    before, after, grads = _one_step(config)
+    rates = {"conv1": 0.05 * 16 ** power * 0.5, "conv2": 0.05 * 4 ** power, "conv3": 0.05, "fc": 0.05 * 0.25}
+    for n in before:
+        expected = before[n] - rates[n.split(".")[0]] * (grads[n] + 1e-4 * before[n])
+        torch.testing.assert_close(after[n], expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (("fc",), "give LAYER=FACTOR"), (("fc9=1",), "give LAYER=FACTOR with LAYER among conv1"),
+    (("fc=0",), "finite number > 0"), (("fc=x",), "finite number > 0"), (("fc=inf",), "finite number > 0"),
+    (("fc=1", "fc=2"), "fc is given twice")])
+def test_layer_lr_scale_items_are_checked(bad, message):
+    with pytest.raises(RapaError, match=message):
+        TrainConfig(dataset="digits", layer_lr_scale=bad).validate()
+
+
 def test_tile_lr_power_follows_the_schedule_and_survives_a_resume(tmp_path):
     """Each epoch's rate (warm-up, step decay) times the layer's factor, also after a resume."""
     config = TrainConfig(**TINY, scheme="random", tiles=(4, 4, 1), lr=0.1, epochs=2, warmup_epochs=1,

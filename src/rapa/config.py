@@ -133,6 +133,10 @@ class TrainConfig:
     part compensated by increasing the learning rate"); 0 (the default): one rate for the whole
     net; 0.5: conv1 of (16,4,1) at 4x, conv2 at 2x; 1: each replica steps as far per image as the
     untiled kernel. Untiled layers and the FC layer keep ``lr``."""
+    layer_lr_scale: tuple[str, ...] = ()
+    """Per-layer rate factors as ``LAYER=FACTOR`` (LAYER among conv1, conv2, conv3, fc; FACTOR > 0),
+    on top of ``tile_lr_power``: e.g. fc=0.5 trains the FC layer at half the rate. Empty (the
+    default): no factors."""
     init: str | None = None
     """Initialisation: caffe (the paper's, std 1e-4/0.01, SPEC §2), he (``sqrt(2/fan_in)``) or
     lsuv (he, then every layer rescaled to unit output variance on the first
@@ -152,6 +156,8 @@ class TrainConfig:
             self.digital_layers = tuple(self.digital_layers)
         if isinstance(self.analog_options, list):
             self.analog_options = tuple(self.analog_options)
+        if isinstance(self.layer_lr_scale, list):
+            self.layer_lr_scale = tuple(self.layer_lr_scale)
 
     # ----------------------------------------------------------------- derived values
 
@@ -159,6 +165,32 @@ class TrainConfig:
     def tiled(self) -> bool:
         """Whether the net has more than one kernel matrix somewhere (or perforation)."""
         return self.scheme != "none" and self.tiles is not None and any(t != 1 for t in self.tiles)
+
+    def layer_lr_scales(self) -> dict[str, float]:
+        """``layer_lr_scale`` as ``{"fc": 0.5, ...}``; RapaError, one line naming the item and
+        what to give, for a malformed item, an unknown or repeated layer, or a factor that is
+        not a finite number > 0."""
+        from rapa.models import LAYER_NAMES
+
+        if not isinstance(self.layer_lr_scale, tuple):
+            raise RapaError(f"layer_lr_scale={self.layer_lr_scale!r}: give LAYER=FACTOR strings")
+        out: dict[str, float] = {}
+        for item in self.layer_lr_scale:
+            name, sep, text = str(item).partition("=")
+            name = name.strip()
+            if not sep or name not in LAYER_NAMES:
+                raise RapaError(f"layer_lr_scale item {item!r}: give LAYER=FACTOR with LAYER among "
+                                f"{', '.join(LAYER_NAMES)}, e.g. fc=0.5")
+            if name in out:
+                raise RapaError(f"layer_lr_scale item {item!r}: {name} is given twice")
+            try:
+                value = float(text)
+            except ValueError:
+                value = math.nan
+            if not math.isfinite(value) or value <= 0:
+                raise RapaError(f"layer_lr_scale item {item!r}: the factor must be a finite number > 0")
+            out[name] = value
+        return out
 
     def resolved_lr(self) -> float:
         """``lr``, or the default for a tiled / untiled net: the paper's (0.025 / 0.005), or
@@ -282,6 +314,7 @@ class TrainConfig:
         if not _is_number(self.tile_lr_power) or not 0 <= self.tile_lr_power <= 2:
             raise RapaError(f"tile_lr_power={self.tile_lr_power!r} is out of range: give a number from 0 to 2 "
                             "(0: one rate; 0.5: sqrt(nk) times the rate; 1: nk times)")
+        self.layer_lr_scales()  # RapaError naming a bad item
         if self.init is not None and self.init not in TRAIN_INITS:
             raise RapaError(f"unknown init {self.init!r}; choose one of {', '.join(TRAIN_INITS)}")
         if self.version != CONFIG_VERSION:

@@ -107,7 +107,7 @@ def make_model_and_optimizer(config: TrainConfig, info: DatasetInfo, device: tor
     if config.analog is not None:
         analog.require_aihwkit()  # one line naming the extra to install when it is missing
         return analog.prepare(model, config)  # the arrays' optimizer, with the same per-layer rates
-    scale_tile_rates(optimizer, model, float(config.tile_lr_power))
+    scale_tile_rates(optimizer, model, float(config.tile_lr_power), config.layer_lr_scales())
     return model, optimizer
 
 

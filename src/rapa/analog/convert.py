@@ -132,7 +132,8 @@ def prepare(model: nn.Module, config: Any) -> tuple[nn.Module, AnalogSGD]:
     The preset's fields are overridden by ``config.analog_options`` (``FIELD=VALUE`` strings
     for every array, ``LAYER.FIELD=VALUE`` for one layer's arrays:
     :func:`rapa.analog.presets.presets_by_layer`). The learning rate is ``config.resolved_lr()``
-    (or ``config.lr``), a tiled layer's arrays at ``nk**config.tile_lr_power`` times it
+    (or ``config.lr``), a tiled layer's arrays at ``nk**config.tile_lr_power`` times it and a
+    layer named in ``config.layer_lr_scale`` at its factor on top
     (:func:`rapa.tile_rates.scale_tile_rates`), the digital parameters' weight decay ``config.resolved_weight_decay()``, momentum ``config.momentum``.
     Raises :class:`RapaError` if ``config.analog`` is not set or names no preset, or if
     the model lives on CUDA and aihwkit was built without CUDA.
@@ -151,5 +152,6 @@ def prepare(model: nn.Module, config: Any) -> tuple[nn.Module, AnalogSGD]:
     analog_model = convert_to_analog(model, preset, digital=tuple(getattr(config, "digital_layers", ()) or ()),
                                      layer_presets=own)
     optimizer = analog_optimizer(analog_model, lr, momentum, weight_decay)
-    scale_tile_rates(optimizer, analog_model, float(getattr(config, "tile_lr_power", 0.0) or 0.0))
+    scales = config.layer_lr_scales() if hasattr(config, "layer_lr_scales") else {}
+    scale_tile_rates(optimizer, analog_model, float(getattr(config, "tile_lr_power", 0.0) or 0.0), scales)
     return analog_model, optimizer

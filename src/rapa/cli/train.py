@@ -65,6 +65,8 @@ _SPECIAL: dict[str, dict[str, Any]] = {
     "analog": {"metavar": "PRESET"},
     "init": {"metavar": "{caffe,he,lsuv}"},  # checked by TrainConfig.validate
     "tile_lr_power": {"metavar": "P"},  # checked by TrainConfig.validate
+    "layer_lr_scale": {"type": list_type(str, option="--layer-lr-scale"), "metavar": "LAYER=FACTOR,...",
+                       "extra": "e.g. conv3=0.5,fc=0.5"},  # checked by TrainConfig.validate
     "digital_layers": {"type": list_type(str, option="--digital-layers", choices=LAYER_NAMES),
                        "metavar": "NAMES"},
     "analog_options": {"type": list_type(str, option="--analog-options"), "metavar": "FIELD=VALUE,...",

@@ -121,7 +121,7 @@ def run_name(config: TrainConfig) -> str:
     for k in ("weight_decay", "wd_factor"):  # the unused one of the two: names of legacy runs stay as they were
         if key.get(k) is None:
             key.pop(k, None)
-    for k in ("digital_layers", "tile_lr_power", "analog_options"):  # added after the battery ran: defaults leave names as they were
+    for k in ("digital_layers", "tile_lr_power", "analog_options", "layer_lr_scale"):  # added after the battery ran: defaults leave names as they were
         if not key.get(k):
             key.pop(k, None)
     key["lr"] = c.resolved_lr()
