@@ -72,6 +72,27 @@ def test_unknown_preset_is_a_user_error():
 
 
 @pytest.mark.analog
+def test_perfect_backward_reads_the_input_gradient_exactly(one_thread):
+    """``perfect_backward=true``: an rpu-baseline array's input gradient is d @ W of the weights
+    aihwkit reads off it; by default (converters, output noise) it is not."""
+    _aihwkit()
+    from rapa.analog import convert_to_analog, get_preset
+
+    torch.manual_seed(0)
+    linear = nn.Linear(20, 8)
+    x, d = torch.randn(5, 20), torch.randn(5, 8)
+    grads = {}
+    for perfect in (True, False):
+        analog = convert_to_analog(linear, get_preset("rpu-baseline", perfect_backward=perfect))
+        xr = x.clone().requires_grad_(True)
+        analog(xr).backward(d)
+        w, _ = analog.get_weights()  # (8, 20), the read-out in the digital layer's scale
+        grads[perfect] = (xr.grad, d @ w)
+    torch.testing.assert_close(*grads[True], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(*grads[False], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.analog
 def test_rpu_baseline_has_the_papers_numbers():
     _aihwkit()
     from aihwkit.simulator.configs import ConstantStepDevice, SingleRPUConfig

@@ -129,6 +129,9 @@ class RPUBaselinePreset(AnalogPreset):
     """Maximal number of pulses in a stochastic update pulse train."""
     digital_bias: bool = False
     """False: each replica's bias is an extra column of its array, updated by pulses."""
+    perfect_backward: bool = False
+    """True: the backward pass (the input gradient, ``W^T d``) is read exactly (aihwkit's
+    ``is_perfect``: no converters, noise or bounds); a diagnostic, not the paper's hardware."""
     weight_range: float = WEIGHT_RANGE
     """Weight scaling (aihwkit's ``weight_scaling_omega = weight_range * w_max``): every
     array's largest weight is written at this fraction of the mean bound, with one exact
@@ -158,7 +161,9 @@ class RPUBaselinePreset(AnalogPreset):
             desired_bl=self.desired_bl, pulse_type=PulseType.STOCHASTIC_COMPRESSED,
             update_bl_management=True, update_management=True,
         )
-        config = SingleRPUConfig(device=device, forward=io(), backward=io(), update=update)
+        backward = io()
+        backward.is_perfect = self.perfect_backward
+        config = SingleRPUConfig(device=device, forward=io(), backward=backward, update=update)
         return _mapped(config, self.weight_range, self.digital_bias)
 
 
