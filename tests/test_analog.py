@@ -264,6 +264,27 @@ def test_digital_layers_stay_floating_point_and_learn_by_sgd():
     assert mixed.conv1.preset.name == "ideal" and "FloatingPoint" not in type(mixed.fc.analog_module.rpu_config).__name__
 
 
+@pytest.mark.analog
+def test_voting_runs_when_only_the_tiled_layers_are_analog():
+    """A random-tiled net whose tiled layers are analog and whose untiled ones are digital
+    (``--digital-layers conv3,fc``) is voted on: its passes differ (one assignment each). (The
+    check once looked for digital random layers only and gave such a net one pass.)"""
+    _aihwkit()
+    from rapa.analog import convert_to_analog
+    from rapa.data import load_dataset
+    from rapa.models import ConvNet
+    from rapa.train import evaluate
+
+    torch.manual_seed(0)
+    model = ConvNet(in_channels=1, channels=(4, 4, 8), tiles=(4, 2, 1), image_size=28, init="he")
+    mixed = convert_to_analog(model, "ideal", digital=["conv3", "fc"]).eval()
+    data = load_dataset("digits", "test", limit=40)
+    x = data.images.float()[:8] / 255
+    assert not torch.equal(mixed(x), mixed(x))  # two passes, two assignments
+    res = evaluate(mixed, data, votes=5, device="cpu")
+    assert res["adaptive_passes"] > 1.0  # not the one pass of a deterministic net
+
+
 def test_digital_layers_are_checked_by_the_config():
     from rapa.config import TrainConfig
 

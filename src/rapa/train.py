@@ -37,7 +37,7 @@ from rapa.progress import shown, track
 from rapa.rundir import METRIC_FIELDS, TRAIN_FILES as RUN_FILES, read_config
 from rapa.runtime import analog_speedup
 from rapa.tile_rates import scale_tile_rates
-from rapa.tiled_conv import TiledConv2d
+from rapa.tiled_conv import TiledConv2d, TiledConvBase
 from rapa.voting import adaptive_vote, majority_vote
 
 __all__ = ["METRIC_FIELDS", "RUN_FILES", "analog_speedup", "best_moving_average", "evaluate", "load_run",
@@ -112,9 +112,14 @@ def make_model_and_optimizer(config: TrainConfig, info: DatasetInfo, device: tor
 
 
 def _random_in_eval(model: nn.Module) -> bool:
-    """Whether evaluation passes differ (a random scheme; unknown layers count as random)."""
-    layers = [m for m in model.modules() if isinstance(m, TiledConv2d)]
-    return not layers or any(m.scheme == "random" and m.tiles > 1 for m in layers)
+    """Whether evaluation passes differ: a random scheme with more than one tile, in a digital or
+    an analog layer, or analog arrays (their reads are noisy); a net with no tiled layer at all
+    counts as random (unknown layers)."""
+    modules = list(model.modules())
+    tiled = [m for m in modules if isinstance(m, TiledConvBase)]
+    return (not tiled or any(m.scheme == "random" and m.tiles > 1 for m in tiled)
+            or any(not isinstance(m, TiledConv2d) for m in tiled)  # analog replicas
+            or any(type(m).__module__.startswith("aihwkit.") for m in modules))
 
 
 @torch.no_grad()
