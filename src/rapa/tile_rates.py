@@ -10,10 +10,10 @@ schedule that sets ``group["lr"] = lr * group["lr_scale"]`` keeps it.
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
 import torch.nn as nn
-
-from typing import Mapping
 
 from rapa.tiled_conv import TiledConvBase
 
