@@ -301,8 +301,10 @@ class TrainConfig:
             from rapa.analog.presets import layer_options
 
             for layer in layer_options(self.analog, self.analog_options):  # RapaError naming a bad field or value
+                if not layer:  # the fields of every array
+                    continue
                 item = next((o for o in self.analog_options if o.strip().startswith(f"{layer}.")), layer)
-                if layer and layer not in LAYER_NAMES:
+                if layer not in LAYER_NAMES:
                     raise RapaError(f"analog option {item!r}: the net has no layer {layer!r}; give LAYER.FIELD=VALUE "
                                     f"with LAYER among {', '.join(LAYER_NAMES)}")
                 if layer in self.digital_layers:

@@ -229,20 +229,39 @@ def preset_options(name: str, options: Sequence[str]) -> dict[str, Any]:
     bool as true/false). RapaError, one line naming the option and what to give, for a
     malformed item, an unknown or repeated field, a value of the wrong type or range, or
     ``class_name`` (part of the name ``aihwkit:CLASS``)."""
+    return _parse_options(name, options, by_layer=False).get("", {})
+
+
+def layer_options(name: str, options: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``FIELD=VALUE`` and ``LAYER.FIELD=VALUE`` strings, grouped by layer: ``""`` for the fields
+    given for every array, ``"conv1"`` for those of layer conv1's arrays only (a layer's own
+    value wins over the common one). Parsed and checked as by :func:`preset_options` (same
+    errors); the layer names are not checked here (the model knows its layers)."""
+    return _parse_options(name, options, by_layer=True)
+
+
+def _parse_options(name: str, options: Sequence[str], by_layer: bool) -> dict[str, dict[str, Any]]:
+    """The one parser of :func:`preset_options` and :func:`layer_options`: layer -> field -> value
+    (layer ``""`` for every array; with ``by_layer`` false a key is a field name as it is)."""
     cls = AihwkitPreset if name.startswith("aihwkit:") else PRESETS.get(name)
     if cls is None:
         get_preset(name)  # RapaError naming the unknown preset
     kinds = {f.name: f.type for f in fields(cls) if f.name != "class_name"}  # type: ignore[arg-type]
-    out: dict[str, Any] = {}
+    out: dict[str, dict[str, Any]] = {}
     for item in options:
         key, sep, text = str(item).partition("=")
         key, text = key.strip(), text.strip()
         if not sep or not key or not text:
             raise RapaError(f"analog option {item!r}: give FIELD=VALUE, e.g. desired_bl=100")
+        layer, dot, key = key.rpartition(".") if by_layer else ("", "", key)
+        layer, key = layer.strip(), key.strip()
+        if dot and not layer:
+            raise RapaError(f"analog option {item!r}: give LAYER.FIELD=VALUE, e.g. conv1.dw_min=0.0001")
         if key not in kinds:
             raise RapaError(f"analog option {item!r}: preset {name!r} has no field {key!r}; its fields are "
                             f"{', '.join(sorted(kinds))}")
-        if key in out:
+        group = out.setdefault(layer, {})
+        if key in group:
             raise RapaError(f"analog option {item!r}: {key} is given twice")
         kind = str(kinds[key])
         try:
@@ -262,29 +281,7 @@ def preset_options(name: str, options: Sequence[str]) -> dict[str, Any]:
             what = {"bool": "true or false", "int": "an integer >= 1"}.get(
                 kind, "a finite number" if key in _SIGNED else "a finite number >= 0")
             raise RapaError(f"analog option {item!r}: {key} takes {what}") from None
-        out[key] = value
-    return out
-
-
-def layer_options(name: str, options: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """``FIELD=VALUE`` and ``LAYER.FIELD=VALUE`` strings, grouped by layer: ``""`` for the fields
-    given for every array, ``"conv1"`` for those of layer conv1's arrays only (a layer's own
-    value wins over the common one). Each group is parsed by :func:`preset_options` (same
-    errors); the layer names are not checked here (the model knows its layers)."""
-    groups: dict[str, list[str]] = {}
-    for item in options:
-        key, sep, value = str(item).partition("=")
-        layer, dot, field = key.strip().rpartition(".") if sep else ("", "", "")
-        if dot and not layer:
-            raise RapaError(f"analog option {item!r}: give LAYER.FIELD=VALUE, e.g. conv1.dw_min=0.0001")
-        groups.setdefault(layer, []).append(f"{field}={value}" if layer else str(item))
-    out: dict[str, dict[str, Any]] = {}
-    for layer, items in groups.items():
-        try:
-            out[layer] = preset_options(name, items)
-        except RapaError as exc:  # name the option as the user gave it
-            raise RapaError(str(exc).replace("analog option '", f"analog option '{layer}.", 1) if layer
-                            else str(exc)) from None
+        group[key] = value
     return out
 
 
