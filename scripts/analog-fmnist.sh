@@ -2,7 +2,8 @@
 # Fashion-MNIST on simulated analog arrays (rpu-baseline) against floating point at the same
 # recipe: untiled and random (16,4,1), seed 0 (SEED=N), one thread per run, no warm-up, the last epoch at
 # lr/10 (the paper's step decay scaled to the budget). The analog runs
-# take the analog recipe's defaults (--init lsuv, lr 0.01 untiled, 0.02 tiled: `rapa train --help`);
+# take the analog recipe's defaults (--init lsuv, --tile-init replicate, lr 0.01 untiled, 0.02 tiled:
+# `rapa train --help`);
 # their FP twins are given the same init and rates explicitly. LR=X gives both twins of every
 # net the rate X instead, POWER=P both twins --tile-lr-power P (a rate study).
 #   bash scripts/analog-fmnist.sh short [OUT]   3 epochs on the first 10,000 training images,
@@ -15,7 +16,8 @@
 # A third argument picks the nets: none (untiled), random (16,4,1) or both (the default);
 # SEED=N (default 0) sets --seed for all four runs; LR=X (default: the analog recipe's) sets
 # --lr for all four; POWER=P (default 0: one rate per net) sets --tile-lr-power for all four;
-# INIT=NAME (default: the analog recipe's, lsuv) sets --init for all four; OPTIONS=FIELD=VALUE,...
+# INIT=NAME (default: the analog recipe's, lsuv) sets --init for all four; TILE_INIT=independent|replicate
+# (default: the analog recipe's, replicate) sets --tile-init for all four; OPTIONS=FIELD=VALUE,...
 # (default none) gives the analog runs --analog-options (fields of the preset, e.g.
 # OPTIONS=desired_bl=100, or of one layer's arrays, OPTIONS=conv1.dw_min=0.0001; the FP twins
 # are unchanged).
@@ -49,7 +51,7 @@ except RapaError as exc:
 PY
 fi
 mkdir -p "$out"
-read -r lr_none lr_tiled analog_init < <(python -c "from rapa.config import ANALOG_LR_UNTILED as u, ANALOG_LR_TILED as t, ANALOG_INIT as i; print(u, t, i)")
+read -r lr_none lr_tiled analog_init analog_tile_init < <(python -c "from rapa.config import ANALOG_LR_UNTILED as u, ANALOG_LR_TILED as t, ANALOG_INIT as i, ANALOG_TILE_INIT as ti; print(u, t, i, ti)")
 seed=${SEED:-0}
 case "$seed" in
   ''|*[!0-9]*) echo "analog-fmnist.sh: SEED must be a non-negative integer, got '$seed'" >&2; exit 2 ;;
@@ -70,13 +72,18 @@ case "$init" in
   caffe|he|lsuv) ;;
   *) echo "analog-fmnist.sh: INIT must be caffe, he or lsuv, got '$init'" >&2; exit 2 ;;
 esac
+tile_init=${TILE_INIT:-$analog_tile_init}
+case "$tile_init" in
+  independent|replicate) ;;
+  *) echo "analog-fmnist.sh: TILE_INIT must be independent or replicate, got '$tile_init'" >&2; exit 2 ;;
+esac
 common="--dataset fashion-mnist $budget --warmup-epochs 0 --seed $seed --threads 1 --quiet"
 run() {  # backend (fp | preset) net (none | random)
   local dir="$out/fmnist-$2-$1" extra=""
   if [ "$1" = fp ]; then
-    extra="--init $init --lr $([ "$2" = none ] && echo "$lr_none" || echo "$lr_tiled")${POWER:+ --tile-lr-power $POWER}"
+    extra="--init $init --tile-init $tile_init --lr $([ "$2" = none ] && echo "$lr_none" || echo "$lr_tiled")${POWER:+ --tile-lr-power $POWER}"
   else
-    extra="--analog $1 --init $init${LR:+ --lr $LR}${POWER:+ --tile-lr-power $POWER}${OPTIONS:+ --analog-options $OPTIONS}"
+    extra="--analog $1 --init $init --tile-init $tile_init${LR:+ --lr $LR}${POWER:+ --tile-lr-power $POWER}${OPTIONS:+ --analog-options $OPTIONS}"
   fi
   if [ -f "$dir/summary.json" ]; then echo "$dir: finished"; return 0; fi
   if [ -f "$dir/checkpoint.pt" ]; then rapa train --resume "$dir" --threads 1 --quiet; return; fi

@@ -140,6 +140,33 @@ def test_caffe_initialisation():
     torch.testing.assert_close(net.pool1.beta, torch.full((32,), 0.2))
 
 
+@torch.no_grad()
+def _untiled_reference(net: ConvNet, x: torch.Tensor) -> torch.Tensor:
+    """``net``'s function computed with ``F.conv2d`` and each layer's first tile only."""
+    for layer, pool, norm in ((net.conv1, net.pool1, net.norm1), (net.conv2, net.pool2, net.norm2),
+                              (net.conv3, net.pool3, nn.Identity())):
+        x = norm(pool(F.relu(F.conv2d(x, layer.weight[0], layer.bias[0], padding=2))))
+    return net.fc(x.flatten(1))
+
+
+@pytest.mark.parametrize("init", ["caffe", "he"])
+@torch.no_grad()
+def test_replicated_tiles_start_as_the_untiled_net(init):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    net = ConvNet(tiles=(16, 4, 1), init=init, tile_init="replicate", generator=torch.Generator().manual_seed(1))
+    independent = ConvNet(tiles=(16, 4, 1), init=init, generator=torch.Generator().manual_seed(1))
+    for layer, other in zip(net.convs, independent.convs):
+        assert all(torch.equal(w, layer.weight[0]) for w in layer.weight)
+        assert layer.num_kernels == 1 or not torch.equal(other.weight[0], other.weight[-1])
+    expected = _untiled_reference(net, x)
+    for _ in range(2):  # two draws of the random assignment: the same function as the untiled net
+        torch.testing.assert_close(net(x), expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+    assert not torch.allclose(independent(x), _untiled_reference(independent, x), rtol=1e-2)
+    with pytest.raises(ValueError, match="tile_init='shared' is unknown"):
+        ConvNet(tile_init="shared")
+
+
 def test_generator_makes_construction_repeatable():
     a = ConvNet(generator=torch.Generator().manual_seed(3))
     b = ConvNet(generator=torch.Generator().manual_seed(3))

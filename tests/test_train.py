@@ -348,15 +348,32 @@ def test_weight_decay_is_the_caffe_per_step_shrink():
     torch.testing.assert_close(delta, -0.5 * 1e-4 * before["fc.weight"], rtol=1e-3, atol=5e-9)
 
 
+def test_tile_init_defaults_to_replicate_on_analog_arrays_only():
+    from rapa.train import make_model_and_optimizer
+
+    digital = TrainConfig(dataset="digits", scheme="random", tiles=(4, 2, 1), init="he")
+    assert digital.resolved().tile_init == "independent"
+    assert TrainConfig(dataset="digits", analog="rpu-baseline").resolved().tile_init == "replicate"
+    assert TrainConfig(dataset="digits", analog="rpu-baseline", tile_init="independent").resolved_tile_init() == \
+        "independent"
+    for tile_init, alike in (("independent", False), ("replicate", True)):
+        torch.manual_seed(0)
+        config = dataclasses.replace(digital, tile_init=tile_init)
+        model, _ = make_model_and_optimizer(config.resolved(), dataset_info("digits"), "cpu")
+        for layer in (model.conv1, model.conv2):
+            assert all(torch.equal(w, layer.weight[0]) for w in layer.weight[1:]) == alike
+
+
 def test_legacy_configs_keep_their_weight_decay(tmp_path):
     """A config.json written before weight_decay existed (wd_factor only) loads, resumes and
     trains with its old weight decay wd_factor * lr."""
     new = TrainConfig(dataset="digits", scheme="none", tiles=None, lr=0.5, epochs=1, limit_train=50, limit_test=50,
                       warmup_epochs=0)
     # a config.json as rapa wrote it then: resolved, without the fields added since
-    legacy = {k: v for k, v in new.resolved().to_dict().items() if k not in ("weight_decay", "init")}
+    legacy = {k: v for k, v in new.resolved().to_dict().items() if k not in ("weight_decay", "init", "tile_init")}
     legacy["wd_factor"] = 1e-4
     old = TrainConfig.from_dict(legacy)
+    assert old.tile_init == "independent"  # what every run made before tile_init had
     assert old.weight_decay is None and old.resolved_weight_decay() == pytest.approx(1e-4 * 0.5)
     before, after, grads = _one_step(old)
     for n in before:

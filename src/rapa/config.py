@@ -47,6 +47,10 @@ fraction of the updates); at 0.01 the tiled RPU net lagged its FP twin by up to 
 ANALOG_INIT = "lsuv"
 """Default initialisation on analog arrays (``analog`` set): He, then LSUV-rescaled (README:
 at the short Fashion-MNIST budget, seeds 0-2, it halves the tiled net's mean RPU - FP gap against He alone)."""
+ANALOG_TILE_INIT = "replicate"
+"""Default start of a tiled net's kernel replicas on analog arrays (``analog`` set): one draw
+copied into every tile (README: with independent draws the replicas of the random scheme stay
+unalike, similarity near 0, and the tiled net lagged the untiled one in FP and more on arrays)."""
 META_KEYS: tuple[str, ...] = ("torch_version", "rapa_version")
 """Keys a run's config.json carries besides the fields (ignored by ``from_dict``)."""
 
@@ -115,7 +119,7 @@ class TrainConfig:
     analog: str | None = None
     """Train on simulated analog arrays (needs ``rapa[analog]``) with this preset: rpu-baseline (the
     paper's device), idealized, ideal or aihwkit:CLASS; None: digital. Its recipe defaults ``init``
-    to lsuv and ``lr`` to the analog learning rates."""
+    to lsuv, ``tile_init`` to replicate and ``lr`` to the analog learning rates."""
     digital_layers: tuple[str, ...] = ()
     """With ``analog``: layers kept in floating point, among conv1, conv2, conv3 and fc (e.g. fc,
     as analog studies often keep the last layer digital); the others on arrays. Empty (the
@@ -142,6 +146,11 @@ class TrainConfig:
     lsuv (he, then every layer rescaled to unit output variance on the first
     :data:`rapa.lsuv.LSUV_IMAGES` training images, :func:`rapa.lsuv.lsuv_`); None: caffe, or lsuv
     with ``analog`` (the analog recipe)."""
+    tile_init: str | None = None
+    """How a tiled layer's kernel replicas start: independent (each tile its own draw of ``init``)
+    or replicate (one draw copied into every tile: the net starts as the untiled one, and the
+    random scheme keeps the replicas alike); None: independent, or replicate with ``analog``
+    (the analog recipe; README)."""
     version: int = CONFIG_VERSION
     """Format version of this config (of a run's config.json; not a setting: ``rapa train`` has
     no option for it)."""
@@ -208,6 +217,13 @@ class TrainConfig:
             return self.init
         return ANALOG_INIT if self.analog is not None else "caffe"
 
+    def resolved_tile_init(self) -> str:
+        """``tile_init``, or the default: :data:`ANALOG_TILE_INIT` (replicate) with ``analog``
+        (the analog recipe), else ``independent``."""
+        if self.tile_init is not None:
+            return self.tile_init
+        return ANALOG_TILE_INIT if self.analog is not None else "independent"
+
     def resolved_weight_decay(self) -> float:
         """Torch's ``weight_decay`` for this run: ``weight_decay``, or ``wd_factor * lr`` for a
         legacy config (:attr:`wd_factor` set)."""
@@ -229,6 +245,7 @@ class TrainConfig:
             channels=tuple(self.channels),
             lr=self.resolved_lr(),
             init=self.resolved_init(),
+            tile_init=self.resolved_tile_init(),
             device=str(resolve_device(self.device)),
         )
 
@@ -239,7 +256,7 @@ class TrainConfig:
         (``check_device=False``: a saved run's device need not exist on this machine)."""
         from rapa import schemes
         from rapa.data import KINDS, canonical_name, dataset_info
-        from rapa.models import LAYER_NAMES, check_tiles_fit
+        from rapa.models import LAYER_NAMES, TILE_INITS, check_tiles_fit
         from rapa.pooling import POOL_KINDS
 
         try:
@@ -317,6 +334,8 @@ class TrainConfig:
             raise RapaError(f"tile_lr_power={self.tile_lr_power!r} is out of range: give a number from 0 to 2 "
                             "(0: one rate; 0.5: sqrt(nk) times the rate; 1: nk times)")
         self.layer_lr_scales()  # RapaError naming a bad item
+        if self.tile_init is not None and self.tile_init not in TILE_INITS:
+            raise RapaError(f"unknown tile_init {self.tile_init!r}; choose one of {', '.join(TILE_INITS)}")
         if self.init is not None and self.init not in TRAIN_INITS:
             raise RapaError(f"unknown init {self.init!r}; choose one of {', '.join(TRAIN_INITS)}")
         if self.version != CONFIG_VERSION:
@@ -359,6 +378,8 @@ class TrainConfig:
             data = {**data, "weight_decay": None}
         if "init" not in data:  # a run made before init existed: Caffe's
             data = {**data, "init": "caffe"}
+        if "tile_init" not in data:  # a run made before tile_init existed: independent tiles
+            data = {**data, "tile_init": "independent"}
         unknown = sorted(set(data) - names - set(META_KEYS))
         if unknown:
             raise RapaError(f"unknown config key(s) {unknown}")

@@ -34,6 +34,10 @@ INITS: tuple[str, ...] = ("caffe", "he")
 """Initialisations: ``caffe`` (SPEC §2, the paper's) and ``he`` (He et al. 2015: Gaussian
 std ``sqrt(2 / fan_in)`` for every conv and the FC layer; the analog recipe's ``lsuv`` starts
 from it, :mod:`rapa.lsuv`)."""
+TILE_INITS: tuple[str, ...] = ("independent", "replicate")
+"""How the kernel replicas of a tiled layer start: ``independent`` (each tile drawn on its own,
+as Caffe's fillers do for separate blobs) or ``replicate`` (one draw copied into every tile, so
+that the tiles start as one kernel and the net as the untiled one, SPEC §1)."""
 LAYER_NAMES: tuple[str, ...] = ("conv1", "conv2", "conv3", "fc")
 """The weight layers of :class:`ConvNet`, in forward order."""
 _KERNEL, _CONV_PAD = 5, 2
@@ -114,10 +118,13 @@ class ConvNet(nn.Module):
         dtype: torch.dtype | None = None,
         generator: torch.Generator | None = None,
         init: str = "caffe",
+        tile_init: str = "independent",
     ) -> None:
         super().__init__()
         if init not in INITS:
             raise ValueError(f"init={init!r} is unknown; choose one of {', '.join(INITS)}")
+        if tile_init not in TILE_INITS:
+            raise ValueError(f"tile_init={tile_init!r} is unknown; choose one of {', '.join(TILE_INITS)}")
         for name, value in (("num_classes", num_classes), ("in_channels", in_channels)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
@@ -144,6 +151,7 @@ class ConvNet(nn.Module):
         self.output_pixels = nps
         self.generator = generator
         self.init = init
+        self.tile_init = tile_init
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         c1, c2, c3 = channels
         conv: dict[str, Any] = dict(kernel_size=_KERNEL, padding=_CONV_PAD, scheme=scheme,
@@ -188,12 +196,15 @@ class ConvNet(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """The initialisation ``self.init``: Caffe's Gaussian std 1e-4 (conv1), 0.01 (conv2,
-        conv3, FC), or He's ``sqrt(2 / fan_in)``; biases 0; every tile drawn independently;
-        mixed pooling ``beta = 2/mu``."""
+        conv3, FC), or He's ``sqrt(2 / fan_in)``; biases 0; the tiles of a layer drawn
+        independently, or with ``tile_init="replicate"`` the first tile's draw copied into every
+        tile; mixed pooling ``beta = 2/mu``."""
         he = getattr(self, "init", "caffe") == "he"
         for layer, std in zip(self.convs, CONV_INIT_STD):
             fan_in = layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
             self._normal_(layer.weight, math.sqrt(2.0 / fan_in) if he else std)
+            if getattr(self, "tile_init", "independent") == "replicate":
+                layer.weight.copy_(layer.weight[:1].expand_as(layer.weight))  # (nk, cout, cin, kh, kw)
             if layer.bias is not None:
                 layer.bias.zero_()
         self._normal_(self.fc.weight, math.sqrt(2.0 / self.fc.in_features) if he else FC_INIT_STD)
@@ -229,7 +240,7 @@ class ConvNet(nn.Module):
 
 
 _BUILD_KEYS = ("num_classes", "in_channels", "channels", "tiles", "scheme", "pooling", "image_size",
-               "device", "dtype", "generator")
+               "device", "dtype", "generator", "init", "tile_init")
 
 
 def build_model(config: Mapping[str, Any] | None = None, **kwargs: Any) -> ConvNet:

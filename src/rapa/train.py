@@ -98,7 +98,7 @@ def make_model_and_optimizer(config: TrainConfig, info: DatasetInfo, device: tor
     init = config.resolved_init()
     model = ConvNet(num_classes=info.num_classes, in_channels=info.in_channels, channels=tuple(config.channels),
                     tiles=config.tiles, scheme=config.scheme, pooling=config.pooling, image_size=info.size,
-                    device=device, init="he" if init == "lsuv" else init)
+                    device=device, init="he" if init == "lsuv" else init, tile_init=config.resolved_tile_init())
     if init == "lsuv" and train_data is not None:
         images, _ = next(iter(make_loader(train_data, min(LSUV_IMAGES, len(train_data)), device=device)))
         lsuv_(model, images)  # (n, C, H, W) normalised as in training, not augmented

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from rapa.analog import analog_optimizer, convert_to_analog, require_aihwkit
 from rapa.bench.common import resolve_device, time_interleaved
-from rapa.config import ANALOG_INIT, ANALOG_LR_TILED, ANALOG_LR_UNTILED
+from rapa.config import ANALOG_INIT, ANALOG_LR_TILED, ANALOG_LR_UNTILED, ANALOG_TILE_INIT
 from rapa.lsuv import lsuv_
 from rapa.errors import RapaError
 from rapa.models import ConvNet
@@ -70,12 +70,13 @@ def build_nets(preset: str, size: int = 32, in_channels: int = 3, seed: int = 0,
                images: Tensor | None = None):
     """``(untiled analog net, RAPA analog net)``, both ``(model, AnalogSGD)`` pairs, initialised
     as ``rapa train --analog`` does (:data:`rapa.config.ANALOG_INIT`: He, then LSUV on
-    ``images`` when given) at the analog recipe's learning rates."""
+    ``images`` when given; :data:`rapa.config.ANALOG_TILE_INIT`: replicated tiles) at the analog
+    recipe's learning rates."""
 
     torch.manual_seed(seed)
     init = "he" if ANALOG_INIT == "lsuv" else ANALOG_INIT
-    nets = [ConvNet(in_channels=in_channels, tiles=tiles, scheme=scheme, image_size=size, init=init)
-            for tiles, scheme in ((None, "none"), ((16, 4, 1), "random"))]
+    nets = [ConvNet(in_channels=in_channels, tiles=tiles, scheme=scheme, image_size=size, init=init,
+                    tile_init=ANALOG_TILE_INIT) for tiles, scheme in ((None, "none"), ((16, 4, 1), "random"))]
     if ANALOG_INIT == "lsuv" and images is not None:
         for net in nets:
             lsuv_(net, images)  # (n, C, size, size)

@@ -64,6 +64,7 @@ _SPECIAL: dict[str, dict[str, Any]] = {
     "channels": {"type": int_triple, "extra": "e.g. 32,32,64"},
     "analog": {"metavar": "PRESET"},
     "init": {"metavar": "{caffe,he,lsuv}"},  # checked by TrainConfig.validate
+    "tile_init": {"metavar": "{independent,replicate}"},  # checked by TrainConfig.validate
     "tile_lr_power": {"metavar": "P"},  # checked by TrainConfig.validate
     "layer_lr_scale": {"type": list_type(str, option="--layer-lr-scale"), "metavar": "LAYER=FACTOR,...",
                        "extra": "e.g. conv3=0.5,fc=0.5"},  # checked by TrainConfig.validate
