@@ -282,10 +282,25 @@ def test_device_and_dtype():
     (dict(tiles=8, scheme="alternate"), "tiles=8"),
     (dict(tiles=6, scheme="image_pad"), "tiles=6"),
     (dict(tiles=5, scheme="image_overlap"), "tiles=5"),
+    (dict(tiles=4, tile_init="shared"), "tile_init='shared'"),
 ])
 def test_bad_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TiledConv2d(2, 3, 3, **kwargs)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_replicated_tiles_start_as_conv2d(groups):
+    torch.manual_seed(0)
+    layer = TiledConv2d(4, 6, 3, padding=1, tiles=4, groups=groups, tile_init="replicate")
+    x = torch.randn(2, 4, 8, 8)
+    expected = F.conv2d(x, layer.weight[0], layer.bias[0], padding=1, groups=groups)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)  # another draw, the same
+    independent = TiledConv2d(4, 6, 3, padding=1, tiles=4, groups=groups)
+    assert not torch.equal(independent.weight[0], independent.weight[1])
+    assert not torch.equal(independent.bias[0], independent.bias[1])
 
 
 def test_bad_sizes_at_construction():

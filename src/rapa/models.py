@@ -23,7 +23,7 @@ from rapa import schemes
 from rapa.functional import channels_last
 from rapa.lrn import WithinChannelLRN
 from rapa.pooling import POOL_KINDS, MixedPool2d, make_pool
-from rapa.tiled_conv import TiledConv2d
+from rapa.tiled_conv import TILE_INITS, TiledConv2d
 
 DEFAULT_CHANNELS: tuple[int, int, int] = (32, 32, 64)
 ENLARGED_CHANNELS: tuple[int, int, int] = (54, 64, 64)  # the "no tiling enlarged" net
@@ -34,10 +34,6 @@ INITS: tuple[str, ...] = ("caffe", "he")
 """Initialisations: ``caffe`` (SPEC §2, the paper's) and ``he`` (He et al. 2015: Gaussian
 std ``sqrt(2 / fan_in)`` for every conv and the FC layer; the analog recipe's ``lsuv`` starts
 from it, :mod:`rapa.lsuv`)."""
-TILE_INITS: tuple[str, ...] = ("independent", "replicate")
-"""How the kernel replicas of a tiled layer start: ``independent`` (each tile drawn on its own,
-as Caffe's fillers do for separate blobs) or ``replicate`` (one draw copied into every tile, so
-that the tiles start as one kernel and the net as the untiled one, SPEC §1)."""
 LAYER_NAMES: tuple[str, ...] = ("conv1", "conv2", "conv3", "fc")
 """The weight layers of :class:`ConvNet`, in forward order."""
 _KERNEL, _CONV_PAD = 5, 2
@@ -155,7 +151,7 @@ class ConvNet(nn.Module):
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         c1, c2, c3 = channels
         conv: dict[str, Any] = dict(kernel_size=_KERNEL, padding=_CONV_PAD, scheme=scheme,
-                                    generator=generator, **factory)
+                                    generator=generator, tile_init=tile_init, **factory)
         pool: dict[str, Any] = dict(kernel_size=_POOL_K, stride=_POOL_S, padding=_POOL_P,
                                     generator=generator, **factory)
         self.conv1 = TiledConv2d(in_channels, c1, tiles=tiles[0], **conv)
@@ -203,8 +199,7 @@ class ConvNet(nn.Module):
         for layer, std in zip(self.convs, CONV_INIT_STD):
             fan_in = layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
             self._normal_(layer.weight, math.sqrt(2.0 / fan_in) if he else std)
-            if getattr(self, "tile_init", "independent") == "replicate":
-                layer.weight.copy_(layer.weight[:1].expand_as(layer.weight))  # (nk, cout, cin, kh, kw)
+            layer.replicate_tiles_()  # tile_init="replicate": tile 0's draw in every tile
             if layer.bias is not None:
                 layer.bias.zero_()
         self._normal_(self.fc.weight, math.sqrt(2.0 / self.fc.in_features) if he else FC_INIT_STD)

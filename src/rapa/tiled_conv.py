@@ -146,6 +146,12 @@ class TiledConvBase(nn.Module):
         return s + f", tiles={self.tiles}, scheme={self.scheme!r}"
 
 
+TILE_INITS: tuple[str, ...] = ("independent", "replicate")
+"""How the kernel replicas of a tiled layer start: ``independent`` (each tile its own draw, as
+Caffe's fillers do for separate blobs) or ``replicate`` (one draw copied into every tile, so that
+the layer starts as one ordinary convolution, SPEC §1)."""
+
+
 class TiledConv2d(TiledConvBase):
     """Convolution whose output pixels are divided among ``tiles`` kernel matrices.
 
@@ -156,6 +162,8 @@ class TiledConv2d(TiledConvBase):
     ``nk = tiles`` except for ``none`` and ``perforated`` (one kernel; ``tiles`` is then the
     perforation factor). ``scheme`` is one of :data:`rapa.schemes.SCHEMES`. Random draws use ``generator`` when given,
     otherwise torch's global generator (so ``torch.manual_seed`` makes runs repeatable).
+    ``tile_init`` (:data:`TILE_INITS`): the tiles drawn independently (the default) or as copies of
+    one draw (``replicate``: the random scheme then keeps them alike; README, Training).
     """
 
     def __init__(
@@ -174,9 +182,13 @@ class TiledConv2d(TiledConvBase):
         generator: torch.Generator | None = None,
         groups: int = 1,
         padding_mode: str = "zeros",
+        tile_init: str = "independent",
     ) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, tiles, scheme,
                          generator, groups, padding_mode)
+        if tile_init not in TILE_INITS:
+            raise ValueError(f"tile_init={tile_init!r} is unknown; choose one of {', '.join(TILE_INITS)}")
+        self.tile_init = tile_init
         nk = schemes.num_kernels(scheme, tiles)
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(nk, out_channels, in_channels // groups, *self.kernel_size,
@@ -194,13 +206,25 @@ class TiledConv2d(TiledConvBase):
         return self.bias is not None
 
     def reset_parameters(self) -> None:
-        """``nn.Conv2d``'s default initialisation, drawn independently for every tile."""
+        """``nn.Conv2d``'s default initialisation, drawn independently for every tile, or drawn
+        once and copied into every tile (``tile_init="replicate"``)."""
         fan_in = self.in_channels // self.groups * self.kernel_size[0] * self.kernel_size[1]
         for j in range(self.num_kernels):  # per tile: init is not a hot path
             nn.init.kaiming_uniform_(self.weight[j], a=math.sqrt(5))
         if self.bias is not None:
             bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
             nn.init.uniform_(self.bias, -bound, bound)
+        self.replicate_tiles_()
+
+    @torch.no_grad()
+    def replicate_tiles_(self) -> None:
+        """With ``tile_init="replicate"``, copy the first tile's kernel and bias into every tile
+        (after an initialisation that drew them all); otherwise nothing."""
+        if getattr(self, "tile_init", "independent") != "replicate":
+            return
+        self.weight.copy_(self.weight[:1].expand_as(self.weight))  # (nk, cout, cin/g, kh, kw)
+        if self.bias is not None:
+            self.bias.copy_(self.bias[:1].expand_as(self.bias))  # (nk, cout)
 
     def forward(self, x: Tensor, index: Tensor | None = None) -> Tensor:
         """Apply the layer; ``index`` (B, nt, M) overrides the scheme's assignment."""
