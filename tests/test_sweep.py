@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -54,8 +55,15 @@ def test_run_names_are_stable_and_follow_the_trajectory():
     assert run_name(a) == run_name(TrainConfig(**{**a.to_dict(), "epochs": 99, "votes": 3, "device": "cpu"}))
     # the paper's default rate written out is the same run; another rate, seed or limit is not
     assert run_name(a) == run_name(TrainConfig(**{**a.to_dict(), "lr": 0.025}))
-    for change in ({"lr": 0.01}, {"seed": 4}, {"limit_train": 10}, {"weight_decay": 0.0}, {"analog": "rpu-baseline"}):
+    for change in ({"lr": 0.01}, {"seed": 4}, {"limit_train": 10}, {"weight_decay": 0.0}, {"analog": "rpu-baseline"},
+                   {"tile_init": "replicate"}):
         assert run_name(a) != run_name(TrainConfig(**{**a.to_dict(), **change})), change
+    # tile_init: the resolved start of the tiles counts (independent written out is the same run; on
+    # analog arrays the default is replicate, so writing that out is the same run too)
+    assert run_name(a) == run_name(TrainConfig(**{**a.to_dict(), "tile_init": "independent"}))
+    analog = TrainConfig(**{**a.to_dict(), "analog": "rpu-baseline"})
+    assert run_name(analog) == run_name(dataclasses.replace(analog, tile_init="replicate"))
+    assert run_name(analog) != run_name(dataclasses.replace(analog, tile_init="independent"))
     # the hash leaves out exactly the fields a resumed run may change
     assert set(NAME_IGNORES) == {"epochs", "device", "data_dir", "download", "votes", "adaptive_threshold",
                                  "eval_batch_size", "eval_every"}
