@@ -256,7 +256,8 @@ class TrainConfig:
         (``check_device=False``: a saved run's device need not exist on this machine)."""
         from rapa import schemes
         from rapa.data import KINDS, canonical_name, dataset_info
-        from rapa.models import LAYER_NAMES, TILE_INITS, check_tiles_fit
+        from rapa.models import LAYER_NAMES, check_tiles_fit
+        from rapa.tiled_conv import TILE_INITS
         from rapa.pooling import POOL_KINDS
 
         try:

@@ -23,7 +23,7 @@ from rapa import schemes
 from rapa.functional import channels_last
 from rapa.lrn import WithinChannelLRN
 from rapa.pooling import POOL_KINDS, MixedPool2d, make_pool
-from rapa.tiled_conv import TILE_INITS, TiledConv2d
+from rapa.tiled_conv import TiledConv2d
 
 DEFAULT_CHANNELS: tuple[int, int, int] = (32, 32, 64)
 ENLARGED_CHANNELS: tuple[int, int, int] = (54, 64, 64)  # the "no tiling enlarged" net
@@ -119,8 +119,6 @@ class ConvNet(nn.Module):
         super().__init__()
         if init not in INITS:
             raise ValueError(f"init={init!r} is unknown; choose one of {', '.join(INITS)}")
-        if tile_init not in TILE_INITS:
-            raise ValueError(f"tile_init={tile_init!r} is unknown; choose one of {', '.join(TILE_INITS)}")
         for name, value in (("num_classes", num_classes), ("in_channels", in_channels)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")

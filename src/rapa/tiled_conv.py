@@ -220,7 +220,7 @@ class TiledConv2d(TiledConvBase):
     def replicate_tiles_(self) -> None:
         """With ``tile_init="replicate"``, copy the first tile's kernel and bias into every tile
         (after an initialisation that drew them all); otherwise nothing."""
-        if getattr(self, "tile_init", "independent") != "replicate":
+        if self.tile_init != "replicate":
             return
         self.weight.copy_(self.weight[:1].expand_as(self.weight))  # (nk, cout, cin/g, kh, kw)
         if self.bias is not None:

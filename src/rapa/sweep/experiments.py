@@ -124,9 +124,12 @@ def run_name(config: TrainConfig) -> str:
     for k in ("digital_layers", "tile_lr_power", "analog_options", "layer_lr_scale"):  # added after the battery ran: defaults leave names as they were
         if not key.get(k):
             key.pop(k, None)
-    key.pop("tile_init", None)  # added after the battery ran: independent tiles (every run then) leave names as they were
-    if c.resolved_tile_init() != "independent":  # resolved: --analog's default replicate trains another net
-        key["tile_init"] = c.resolved_tile_init()
+    # added after the battery ran: independent tiles (every run then) leave names as they were; otherwise
+    # the resolved value counts (--analog's default, replicate, trains another net than independent)
+    tile_init = c.resolved_tile_init()
+    key.pop("tile_init")
+    if tile_init != "independent":
+        key["tile_init"] = tile_init
     key["lr"] = c.resolved_lr()
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
     return "-".join(parts + [digest])
