@@ -134,7 +134,8 @@ def epoch_gaps(out: Path) -> str:
 def arrays(out: Path) -> str:
     """From each RPU run's ``arrays.json`` (runs made since it exists): per layer and epoch,
     the % of pulsed updates cut short by the pulse train's length and the % of weights at
-    their device's bound after the epoch."""
+    their device's bound after the epoch; then, per tiled layer, the similarity of its
+    replicas after each epoch (SPEC §4, runs since arrays.json records it)."""
     lines = []
     for key, label in NETS:
         path = out / f"fmnist-{key}-rpu-baseline" / "arrays.json"
@@ -150,6 +151,9 @@ def arrays(out: Path) -> str:
             cells = [f"{100 * r.get('updates', {}).get(layer, {}).get('saturated', float('nan')):.2f} / "
                      f"{100 * r['layers'][layer]['at_bound']:.2f}" for r in records]
             lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+        for layer in records[-1].get("similarity", {}):  # runs since arrays.json records it
+            cells = [f"{r['similarity'][layer]:.3f}" if layer in r.get("similarity", {}) else "-" for r in records]
+            lines.append(f"| {layer}: replicas' similarity | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines).rstrip()
 

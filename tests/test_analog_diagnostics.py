@@ -21,7 +21,8 @@ pytestmark = pytest.mark.analog
 pytest.importorskip("aihwkit")
 
 from rapa.analog import AnalogTiledConv2d, analog_optimizer, convert_to_analog, get_preset, manual_seed  # noqa: E402
-from rapa.analog.diagnostics import UpdateMonitor, array_stats, format_stats, layer_stats  # noqa: E402
+from rapa.analog.diagnostics import (UpdateMonitor, array_stats, format_stats, layer_stats,  # noqa: E402
+                                    replica_similarity)
 from rapa.config import TrainConfig  # noqa: E402
 from rapa.data import dataset_info  # noqa: E402
 from rapa.train import train  # noqa: E402
@@ -106,6 +107,40 @@ def test_update_monitor_changes_no_update_and_gives_the_step_back():
     torch.testing.assert_close(weights[0], weights[1], rtol=0, atol=0)
 
 
+def _pearson_reference(weight: torch.Tensor) -> float:
+    """SPEC §4 written out with numpy: per output channel, the mean of np.corrcoef over all
+    pairs of replicas' flattened filters; then the mean over channels."""
+    import numpy as np
+
+    w = weight.double().numpy().reshape(weight.shape[0], weight.shape[1], -1)  # (nk, cout, k)
+    nk = w.shape[0]
+    per_channel = []
+    for c in range(w.shape[1]):
+        corr = np.corrcoef(w[:, c])  # (nk, nk)
+        per_channel.append((corr.sum() - np.trace(corr)) / (nk * (nk - 1)))
+    return float(np.mean(per_channel))
+
+
+def test_replica_similarity_is_the_papers_measure_of_the_weights_on_the_arrays():
+    """Identical replicas read 1; drawn ones match the measure written out with numpy, from
+    the weights as the arrays store them; untiled layers and digital nets have no entry."""
+    manual_seed(3)
+    torch.manual_seed(3)
+    model = nn.Sequential()
+    model.add_module("tiled", AnalogTiledConv2d(3, 4, 3, tiles=4, scheme="random", preset="ideal"))
+    model.add_module("single", AnalogTiledConv2d(4, 4, 3, tiles=1, scheme="random", preset="ideal"))
+    tiled = model.tiled
+    w = torch.randn(4, 3, 3, 3)
+    tiled.set_weights(w.expand(4, -1, -1, -1, -1).clone(), torch.zeros(4, 4))
+    assert replica_similarity(model) == pytest.approx({"tiled": 1.0})
+    w = torch.randn(4, 4, 3, 3, 3)
+    w[1] = 0.5 * w[0] + 0.1 * w[1]  # one pair nearly alike, the rest unrelated
+    tiled.set_weights(w, torch.zeros(4, 4))
+    stored = tiled.get_weights()[0]
+    assert replica_similarity(model)["tiled"] == pytest.approx(_pearson_reference(stored), abs=1e-6)
+    assert replica_similarity(nn.Sequential(nn.Conv2d(3, 4, 3))) == {}
+
+
 @pytest.mark.slow
 def test_analog_run_writes_one_arrays_record_per_epoch(tmp_path, one_thread):
     config = TrainConfig(dataset="digits", epochs=1, limit_train=40, limit_test=20, channels=(4, 4, 4),
@@ -122,3 +157,5 @@ def test_analog_run_writes_one_arrays_record_per_epoch(tmp_path, one_thread):
         side = dataset_info("digits").size  # conv1 keeps the image's size (5x5, padding 2)
         assert r["updates"]["conv1"]["rows"] == 40 * side * side  # one per output pixel of conv1 and image
         assert 0 <= r["updates"]["fc"]["saturated"] <= 1
+        assert set(r["similarity"]) == {"conv1", "conv2"}  # the layers with replicas
+        assert all(-1 <= v <= 1 for v in r["similarity"].values())

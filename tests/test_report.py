@@ -237,3 +237,7 @@ def test_analog_table_shows_what_the_arrays_did_per_epoch(tmp_path):
     assert lines[0].startswith("untiled, per epoch")
     assert "| conv1 | 0.00 / 0.10 | 0.00 / 0.20 |" in lines
     assert "| fc | 12.50 / 1.00 | 25.00 / 2.00 |" in lines
+    assert not any("similarity" in line for line in lines)  # an untiled net: no replicas
+    records[1]["similarity"] = {"conv1": 0.5}  # recorded from epoch 2 on (a run resumed by newer code)
+    (tmp_path / "fmnist-none-rpu-baseline" / "arrays.json").write_text(json.dumps({"epochs": records}))
+    assert "| conv1: replicas' similarity | - | 0.500 |" in table.arrays(tmp_path).splitlines()

@@ -10,6 +10,10 @@ aihwkit 1.2.0 holds or is about to use, not from a model of it:
   (``dw_min``) of *that device's own* bound (aihwkit's hidden ``max_bound`` / ``min_bound``,
   device-to-device variations included). A weight at its bound cannot grow further: the
   update pushing it is lost.
+* :func:`replica_similarity`: for every analog layer holding several replicas of its kernel
+  matrix, the paper's filter similarity across them (SPEC §4) of the weights as stored. In
+  floating point a random-tiled net's replicas stay alike; on pulsed arrays each replica's own
+  devices and pulse noise move it apart from the others (README, issue 12).
 * :class:`UpdateMonitor`: wraps an :class:`aihwkit.optim.AnalogSGD` and, before each step,
   reads every array's stored inputs ``x`` and output gradients ``d`` to count the pulses
   each rank-one update asks for, ``lr * max|x| * max|d| / (alpha * dw_min)`` (aihwkit's
@@ -34,9 +38,12 @@ from rapa.analog.backend import require_aihwkit
 
 require_aihwkit()  # loads aihwkit's simulator with its BLAS threads sized (rapa.analog.backend)
 from aihwkit.optim.context import AnalogContext
+from rapa.analog.layers import AnalogTiledConv2d
 from rapa.analog.state import _tiles
+from rapa.analysis.similarity import tile_correlation
 
-__all__ = ["ArrayStats", "UpdateMonitor", "array_stats", "epoch_record", "format_stats", "layer_stats"]
+__all__ = ["ArrayStats", "UpdateMonitor", "array_stats", "epoch_record", "format_stats", "layer_stats",
+           "replica_similarity"]
 
 
 @dataclass
@@ -112,6 +119,21 @@ def layer_stats(stats: list[ArrayStats]) -> dict[str, dict[str, float]]:
             "weight_rms": (sum(a.weight_rms ** 2 * a.rows * a.cols for a in arrays) / n) ** 0.5,
             "at_bound": sum(a.at_bound * a.rows * a.cols for a in arrays) / n,
         }
+    return out
+
+
+@torch.no_grad()
+def replica_similarity(model: nn.Module) -> dict[str, float]:
+    """``{layer: similarity}`` for every analog tiled layer of ``model`` with two or more
+    replicas: the mean over output channels of the mean Pearson correlation between the
+    replicas' filters (:func:`rapa.analysis.tile_correlation`, SPEC §4), from the weights as
+    the arrays store them (an exact read). Empty if no analog layer has replicas."""
+    out = {}
+    for name, layer in model.named_modules():
+        if isinstance(layer, AnalogTiledConv2d) and layer.num_kernels > 1:
+            per_channel = tile_correlation(layer.get_weights()[0])  # (cout,)
+            ok = ~torch.isnan(per_channel)
+            out[name] = float(per_channel[ok].mean()) if bool(ok.any()) else float("nan")
     return out
 
 
@@ -206,9 +228,13 @@ def format_stats(model: nn.Module) -> str:
 
 def epoch_record(model: nn.Module, monitor: UpdateMonitor | None, epoch: int) -> dict[str, Any]:
     """What ``rapa train --analog`` writes to ``arrays.json`` after an epoch: per layer, the
-    arrays' state (:func:`layer_stats`) and the epoch's pulsed updates
+    arrays' state (:func:`layer_stats`), the similarity of each tiled layer's replicas
+    (:func:`replica_similarity`, when it has any) and the epoch's pulsed updates
     (:meth:`UpdateMonitor.summary`; the monitor is then reset for the next epoch)."""
     record: dict[str, Any] = {"epoch": int(epoch), "layers": layer_stats(array_stats(model))}
+    similarity = replica_similarity(model)
+    if similarity:
+        record["similarity"] = similarity
     if monitor is not None:
         record["updates"] = monitor.summary()
         monitor.reset()
