@@ -93,6 +93,38 @@ def test_perfect_backward_reads_the_input_gradient_exactly(one_thread):
 
 
 @pytest.mark.analog
+def test_perfect_update_is_sgds_update_of_the_stored_inputs_and_gradients(one_thread):
+    """``perfect_update=true``: one AnalogSGD step changes an rpu-baseline array's weights by
+    exactly ``-lr * d^T x`` (bias: ``-lr * sum d``), x and d as the array kept them from the
+    forward and backward (away from the devices' bounds); by default (stochastic pulse trains)
+    it does not."""
+    _aihwkit()
+    from rapa.analog import analog_optimizer, convert_to_analog, get_preset
+
+    torch.manual_seed(0)
+    linear = nn.Linear(20, 8)
+    x, d, lr = torch.randn(5, 20), torch.randn(5, 8), 0.01
+    errors = {}
+    for perfect in (True, False):
+        # weights written at a tenth of the mean bound: none at its own device's bound, where a
+        # step is clipped
+        analog = convert_to_analog(linear, get_preset("rpu-baseline", perfect_update=perfect, weight_range=0.1))
+        optimizer = analog_optimizer(analog, lr=lr)
+        w0, b0 = (t.clone() for t in analog.get_weights())
+        analog(x).backward(d)
+        ctx = next(p for p in analog.parameters() if hasattr(p, "analog_input"))
+        xs, ds = ctx.analog_input[0], ctx.analog_grad_output[0]  # (5, 20), (5, 8)
+        expected = -lr * ds.t() @ torch.cat([xs, torch.ones(5, 1)], 1)  # (8, 21): the bias column reads 1
+        optimizer.step()
+        w1, b1 = analog.get_weights()
+        change = torch.cat([w1 - w0, (b1 - b0)[:, None]], 1)  # (8, 21)
+        assert expected.abs().max() > 1e-3  # a step large enough to see
+        errors[perfect] = float((change - expected).abs().max() / expected.abs().max())
+    assert errors[True] < 1e-4, errors
+    assert errors[False] > 1e-2, errors
+
+
+@pytest.mark.analog
 def test_rpu_baseline_has_the_papers_numbers():
     _aihwkit()
     from aihwkit.simulator.configs import ConstantStepDevice, SingleRPUConfig

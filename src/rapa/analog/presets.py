@@ -132,6 +132,10 @@ class RPUBaselinePreset(AnalogPreset):
     perfect_backward: bool = False
     """True: the backward pass (the input gradient, ``W^T d``) is read exactly (aihwkit's
     ``is_perfect``: no converters, noise or bounds); a diagnostic, not the paper's hardware."""
+    perfect_update: bool = False
+    """True: every update is SGD's exactly, ``W -= lr * d^T x``, then clipped to each device's
+    own bounds (aihwkit's ``PulseType.NONE_WITH_DEVICE``: no pulse trains, no step variation or
+    asymmetry); a diagnostic, not the paper's hardware."""
     weight_range: float = WEIGHT_RANGE
     """Weight scaling (aihwkit's ``weight_scaling_omega = weight_range * w_max``): every
     array's largest weight is written at this fraction of the mean bound, with one exact
@@ -158,7 +162,8 @@ class RPUBaselinePreset(AnalogPreset):
             w_min_dtod=self.w_max_dtod, construction_seed=int(construction_seed),
         )
         update = UpdateParameters(
-            desired_bl=self.desired_bl, pulse_type=PulseType.STOCHASTIC_COMPRESSED,
+            desired_bl=self.desired_bl,
+            pulse_type=PulseType.NONE_WITH_DEVICE if self.perfect_update else PulseType.STOCHASTIC_COMPRESSED,
             update_bl_management=True, update_management=True,
         )
         backward = io()
