@@ -40,7 +40,7 @@ require_aihwkit()  # loads aihwkit's simulator with its BLAS threads sized (rapa
 from aihwkit.optim.context import AnalogContext
 from rapa.analog.layers import AnalogTiledConv2d
 from rapa.analog.state import _tiles
-from rapa.analysis.similarity import tile_correlation
+from rapa.tiled_conv import tile_correlation
 
 __all__ = ["ArrayStats", "UpdateMonitor", "array_stats", "epoch_record", "format_stats", "layer_stats",
            "replica_similarity"]
@@ -126,7 +126,7 @@ def layer_stats(stats: list[ArrayStats]) -> dict[str, dict[str, float]]:
 def replica_similarity(model: nn.Module) -> dict[str, float]:
     """``{layer: similarity}`` for every analog tiled layer of ``model`` with two or more
     replicas: the mean over output channels of the mean Pearson correlation between the
-    replicas' filters (:func:`rapa.analysis.tile_correlation`, SPEC §4), from the weights as
+    replicas' filters (:func:`rapa.tiled_conv.tile_correlation`, SPEC §4), from the weights as
     the arrays store them (an exact read). Empty if no analog layer has replicas."""
     out = {}
     for name, layer in model.named_modules():

@@ -22,32 +22,10 @@ from torch import Tensor
 from rapa import rundir
 from rapa.analysis.common import tiled_layers
 from rapa.config import TrainConfig
+from rapa.tiled_conv import tile_correlation  # the measure per channel; re-exported here
 
 __all__ = ["filter_similarity", "plot_filters", "read_similarity", "save_similarity", "similarity_run",
            "tile_correlation"]
-
-
-def tile_correlation(weight: Tensor) -> Tensor:
-    """Mean Pearson correlation over all pairs of tiles, per output channel.
-
-    ``weight`` is ``(nk, cout, ...)`` (a :class:`rapa.TiledConv2d` weight); returns
-    ``(cout,)`` float64. Pairs with a constant filter are skipped; a channel with no valid
-    pair is NaN. Needs ``nk >= 2``.
-    """
-    if weight.dim() < 2 or weight.shape[0] < 2:
-        raise ValueError(f"weight of shape {tuple(weight.shape)}: need (nk >= 2, cout, ...)")
-    nk, cout = weight.shape[:2]
-    w = weight.detach().to(torch.float64).reshape(nk, cout, -1).transpose(0, 1)  # (cout, nk, k)
-    w = w - w.mean(2, keepdim=True)
-    norm = w.norm(dim=2, keepdim=True)  # (cout, nk, 1)
-    valid = (norm > 0).squeeze(2).to(torch.float64)  # (cout, nk)
-    z = w / norm.clamp_min(torch.finfo(torch.float64).tiny)  # (cout, nk, k) unit vectors
-    corr = z @ z.transpose(1, 2)  # (cout, nk, nk) Pearson correlations
-    pair_ok = valid.unsqueeze(2) * valid.unsqueeze(1)  # (cout, nk, nk)
-    off = 1.0 - torch.eye(nk, dtype=torch.float64, device=w.device)  # (nk, nk) all pairs i != j
-    total = (corr.clamp(-1.0, 1.0) * pair_ok * off).sum((1, 2))  # (cout,)
-    count = (pair_ok * off).sum((1, 2))  # (cout,)
-    return torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, float("nan")))
 
 
 def _nanmean(t: Tensor) -> float:
