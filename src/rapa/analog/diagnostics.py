@@ -131,9 +131,7 @@ def replica_similarity(model: nn.Module) -> dict[str, float]:
     out = {}
     for name, layer in model.named_modules():
         if isinstance(layer, AnalogTiledConv2d) and layer.num_kernels > 1:
-            per_channel = tile_correlation(layer.get_weights()[0])  # (cout,)
-            ok = ~torch.isnan(per_channel)
-            out[name] = float(per_channel[ok].mean()) if bool(ok.any()) else float("nan")
+            out[name] = float(tile_correlation(layer.get_weights()[0]).nanmean())  # over (cout,) channels
     return out
 
 
