@@ -1,7 +1,28 @@
 """Fixtures shared by the test files."""
 
+import itertools
+
+import numpy as np
 import pytest
 import torch
+
+
+def _corrcoef_similarity(weight: np.ndarray) -> float:
+    """SPEC §4 written out with numpy: the mean over channels of the mean ``np.corrcoef`` over
+    all pairs of tiles of ``weight`` ``(nk, cout, ...)``."""
+    nk, cout = weight.shape[:2]
+    per_channel = []
+    for c in range(cout):
+        pairs = [np.corrcoef(weight[i, c].ravel(), weight[j, c].ravel())[0, 1]
+                 for i, j in itertools.combinations(range(nk), 2)]
+        per_channel.append(np.mean(pairs))
+    return float(np.mean(per_channel))
+
+
+@pytest.fixture
+def corrcoef_similarity():
+    """The filter similarity of a tiled weight computed independently of rapa (numpy)."""
+    return _corrcoef_similarity
 
 
 @pytest.fixture

@@ -107,21 +107,7 @@ def test_update_monitor_changes_no_update_and_gives_the_step_back():
     torch.testing.assert_close(weights[0], weights[1], rtol=0, atol=0)
 
 
-def _pearson_reference(weight: torch.Tensor) -> float:
-    """SPEC §4 written out with numpy: per output channel, the mean of np.corrcoef over all
-    pairs of replicas' flattened filters; then the mean over channels."""
-    import numpy as np
-
-    w = weight.double().numpy().reshape(weight.shape[0], weight.shape[1], -1)  # (nk, cout, k)
-    nk = w.shape[0]
-    per_channel = []
-    for c in range(w.shape[1]):
-        corr = np.corrcoef(w[:, c])  # (nk, nk)
-        per_channel.append((corr.sum() - np.trace(corr)) / (nk * (nk - 1)))
-    return float(np.mean(per_channel))
-
-
-def test_replica_similarity_is_the_papers_measure_of_the_weights_on_the_arrays():
+def test_replica_similarity_is_the_papers_measure_of_the_weights_on_the_arrays(corrcoef_similarity):
     """Identical replicas read 1; drawn ones match the measure written out with numpy, from
     the weights as the arrays store them; untiled layers and digital nets have no entry."""
     manual_seed(3)
@@ -137,7 +123,7 @@ def test_replica_similarity_is_the_papers_measure_of_the_weights_on_the_arrays()
     w[1] = 0.5 * w[0] + 0.1 * w[1]  # one pair nearly alike, the rest unrelated
     tiled.set_weights(w, torch.zeros(4, 4))
     stored = tiled.get_weights()[0]
-    assert replica_similarity(model)["tiled"] == pytest.approx(_pearson_reference(stored), abs=1e-6)
+    assert replica_similarity(model)["tiled"] == pytest.approx(corrcoef_similarity(stored.numpy()), abs=1e-6)
     assert replica_similarity(nn.Sequential(nn.Conv2d(3, 4, 3))) == {}
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 
 import numpy as np
@@ -19,17 +18,6 @@ from rapa.tiled_conv import TiledConv2d
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-def _slow_similarity(weight: np.ndarray) -> float:
-    """Mean over channels of the mean np.corrcoef over all pairs of tiles."""
-    nk, cout = weight.shape[:2]
-    per_channel = []
-    for c in range(cout):
-        pairs = [np.corrcoef(weight[i, c].ravel(), weight[j, c].ravel())[0, 1]
-                 for i, j in itertools.combinations(range(nk), 2)]
-        per_channel.append(np.mean(pairs))
-    return float(np.mean(per_channel))
-
-
 def _net(tiles=(4, 4, 1), channels=(6, 5, 4), in_channels=3, seed=0) -> ConvNet:
     return ConvNet(num_classes=3, in_channels=in_channels, channels=channels, tiles=tiles, image_size=8,
                    generator=torch.Generator().manual_seed(seed))
@@ -43,7 +31,7 @@ def test_two_tiles_match_corrcoef():
     np.testing.assert_allclose(tile_correlation(layer.weight).numpy(), expected, rtol=1e-10, atol=1e-12)
 
 
-def test_model_similarity_matches_slow_reference():
+def test_model_similarity_matches_slow_reference(corrcoef_similarity):
     net = _net()
     with torch.no_grad():  # make the tiles partly similar so the figure is not near 0
         for layer in net.convs[:2]:
@@ -52,7 +40,7 @@ def test_model_similarity_matches_slow_reference():
     assert set(res["layers"]) == {"conv1", "conv2"}  # conv3 has one tile: not a tiled layer
     for name in ("conv1", "conv2"):
         w = getattr(net, name).weight.detach().numpy()
-        assert res["layers"][name]["similarity"] == pytest.approx(_slow_similarity(w), abs=1e-9)
+        assert res["layers"][name]["similarity"] == pytest.approx(corrcoef_similarity(w), abs=1e-9)
         assert res["layers"][name]["tiles"] == 4
         assert len(res["layers"][name]["per_channel"]) == w.shape[1]
     assert res["overall"] == pytest.approx(np.mean([res["layers"][n]["similarity"] for n in ("conv1", "conv2")]))
@@ -83,13 +71,13 @@ def test_independent_random_tiles_about_zero():
     assert abs(s) < 0.1
 
 
-def test_constant_filter_pairs_are_skipped():
+def test_constant_filter_pairs_are_skipped(corrcoef_similarity):
     w = torch.randn(3, 2, 1, 2, 2)
     w[2, 0] = 1.0  # constant: no correlation defined
     got = tile_correlation(w)
     a, b = w[0, 0].flatten().numpy(), w[1, 0].flatten().numpy()
     assert float(got[0]) == pytest.approx(np.corrcoef(a, b)[0, 1], abs=1e-6)
-    assert float(got[1]) == pytest.approx(_slow_similarity(w[:, 1:2].numpy()), abs=1e-6)
+    assert float(got[1]) == pytest.approx(corrcoef_similarity(w[:, 1:2].numpy()), abs=1e-6)
 
 
 def test_no_tiled_layer_is_an_error():
@@ -115,7 +103,7 @@ def test_filter_grid_and_png(tmp_path):
     assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_cli_similarity(digits_runs, tmp_path, capsys):
+def test_cli_similarity(digits_runs, tmp_path, capsys, corrcoef_similarity):
     assert main(["similarity", str(digits_runs / "tiled"), "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "conv1" in out and "overall" in out
@@ -123,8 +111,8 @@ def test_cli_similarity(digits_runs, tmp_path, capsys):
     from rapa.train import load_run
 
     model, _, _ = load_run(digits_runs / "tiled")
-    assert res["overall"] == pytest.approx(np.mean([_slow_similarity(model.conv1.weight.detach().numpy()),
-                                                    _slow_similarity(model.conv2.weight.detach().numpy())]))
+    assert res["overall"] == pytest.approx(np.mean([corrcoef_similarity(model.conv1.weight.detach().numpy()),
+                                                    corrcoef_similarity(model.conv2.weight.detach().numpy())]))
     assert (tmp_path / "filters.png").stat().st_size > 0
 
 

@@ -257,8 +257,8 @@ class TrainConfig:
         from rapa import schemes
         from rapa.data import KINDS, canonical_name, dataset_info
         from rapa.models import LAYER_NAMES, check_tiles_fit
-        from rapa.tiled_conv import TILE_INITS
         from rapa.pooling import POOL_KINDS
+        from rapa.tiled_conv import TILE_INITS
 
         try:
             name = canonical_name(self.dataset)

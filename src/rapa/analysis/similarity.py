@@ -28,11 +28,6 @@ __all__ = ["filter_similarity", "plot_filters", "read_similarity", "save_similar
            "tile_correlation"]
 
 
-def _nanmean(t: Tensor) -> float:
-    ok = ~torch.isnan(t)
-    return float(t[ok].mean()) if bool(ok.any()) else float("nan")
-
-
 def filter_similarity(model: nn.Module) -> dict[str, Any]:
     """Similarity of the filters across tiles (SPEC §4) of every tiled layer and overall.
 
@@ -43,9 +38,9 @@ def filter_similarity(model: nn.Module) -> dict[str, Any]:
     layers: dict[str, Any] = {}
     for name, layer in tiled_layers(model, require=True):
         per_channel = tile_correlation(layer.weight)  # (cout,)
-        layers[name] = {"similarity": _nanmean(per_channel), "tiles": layer.num_kernels,
+        layers[name] = {"similarity": float(per_channel.nanmean()), "tiles": layer.num_kernels,
                         "per_channel": [float(v) for v in per_channel]}
-    overall = _nanmean(torch.tensor([v["similarity"] for v in layers.values()], dtype=torch.float64))
+    overall = float(torch.tensor([v["similarity"] for v in layers.values()], dtype=torch.float64).nanmean())
     return {"layers": layers, "overall": overall}
 
 
