@@ -45,10 +45,10 @@
 #define RAPA_GW_ACC 20
 #endif
 #ifndef RAPA_GX_MR
-#define RAPA_GX_MR 8
+#define RAPA_GX_MR 4
 #endif
 #ifndef RAPA_GX_SV
-#define RAPA_GX_SV 3
+#define RAPA_GX_SV 5
 #endif
 #else
 #if defined(__AVX__)
@@ -670,17 +670,22 @@ int rapa_tiled_conv_bwd_x(const Geo* geo, const float* grad, const float* weight
           float* G = sc.G.data();
           pack_g(g, gimg, sc.pix.data() + q0, qc, G);
           if (fused) {  // segments of whole vectors: add each block of entries into the windows
+            // a segment's nvec vectors in nb blocks of nearly equal size (with AVX2's 3 per
+            // block, 10 = 3+3+2+2, not 3+3+3+1: a block of one vector uses each broadcast once)
+            const int64_t nvec = sg.len / VW, nb = (nvec + SVMAX - 1) / SVMAX;
             for (int64_t s = 0; s < sg.nseg; ++s)
-              for (int64_t e0 = 0; e0 < sg.len; e0 += SVMAX * VW) {
-                const int64_t sv = std::min<int64_t>(SVMAX, (sg.len - e0) / VW);
+              for (int64_t j = 0, e0 = 0; j < nb; ++j) {
+                const int64_t sv = nvec / nb + (j < nvec % nb);
+                const int64_t e = e0;
+                e0 += sv * VW;
                 for (int64_t r0 = 0; r0 < qc; r0 += MR) {
                   const int64_t rn = std::min<int64_t>(MR, qc - r0);
                   int64_t at[MR];
-                  for (int64_t r = 0; r < rn; ++r) at[r] = sc.base[q0 + r0 + r] + sg.off[s] + e0;
+                  for (int64_t r = 0; r < rn; ++r) at[r] = sc.base[q0 + r0 + r] + sg.off[s] + e;
                   dispatch<MR>(rn, [&](auto R) {
                     dispatch<SVMAX>(sv, [&](auto S) {
                       gx_block<decltype(R)::value, decltype(S)::value, true>(G + r0 * g.cp, g.cp, g.cout,
-                                                                             w2t + s * sg.len + e0, g.kp, img, at, 0);
+                                                                             w2t + s * sg.len + e, g.kp, img, at, 0);
                     });
                   });
                 }
