@@ -41,6 +41,8 @@ GEOMS = [  # cin, cout, kernel, stride, padding, dilation, size, tiles
     (5, 17, (3, 2), (2, 3), (2, 1), (2, 1), (10, 11), 5),
     (6, 8, (2, 3), (3, 1), (0, 3), (1, 3), (9, 7), 2),  # dilation across: one segment per offset
     (1, 16, 1, 1, 0, 1, (5, 6), 3),      # 1x1 kernel, one channel
+    (4, 16, 3, 1, 3, 1, (5, 6), 3),      # padding past the kernel's reach: border pixels whose
+                                         # whole window is padding (their output is the bias)
     (1, 32, 5, 1, 2, 1, (10, 9), 4),     # grey images (conv1 on Fashion-MNIST): the weight
                                          # rearranged is a strided view, channels fill vectors
 ]

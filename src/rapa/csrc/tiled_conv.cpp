@@ -82,6 +82,9 @@ inline vf vload_reg(const float* p) {
   return v;
 }
 inline void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+// Unrolls a loop over a register block completely, so that its arrays of vectors stay in
+// registers also where the kernel is not inlined (GCC keeps them on the stack otherwise).
+#define RAPA_UNROLL _Pragma("GCC unroll 16")
 // Ask for the cache lines of the n floats at p (to be written when write), without waiting.
 inline void prefetch_row(const float* p, int64_t n, bool write) {
   const char* c = reinterpret_cast<const char*>(p);
@@ -241,48 +244,82 @@ constexpr int rows_for(int nv) { return std::min(12, RAPA_FWD_ACC / nv); }
 constexpr int krows_for(int nv) { return std::min(12, RAPA_GW_ACC / nv); }
 
 // Forward: MR pixels x NV*VW channels. base: the MR patches' offsets in the padded image xp;
-// koff (K,): the offset of every patch entry from its patch's first number; w: (K, cp) at the
+// koff (K,): the offset of every patch entry from its patch's first number; runs (nruns pairs
+// q0, q1): the ranges of patch entries to sum (the block's window, see Win); w: (K, cp) at the
 // column block; init: the bias there, or null. The sums go to the rows out + pix[r] * cp (whole
-// vectors). One flat loop over K keeps the accumulators in registers.
-template <int MR, int NV>
-void fwd_block(const float* xp, const int64_t* base, const int64_t* koff, int64_t k, const float* w,
-               int64_t cp, const float* init, float* out, const int64_t* pix) {
+// vectors). A flat loop over each run keeps the accumulators in registers.
+template <int MR, int NV, bool WHOLE>
+__attribute__((noinline)) void fwd_block(const float* xp, const int64_t* base, const int64_t* koff, const int64_t* runs, int64_t nruns,
+               const float* w, int64_t cp, const float* init, float* out, const int64_t* pix) {
   vf acc[MR][NV];
+  RAPA_UNROLL
   for (int v = 0; v < NV; ++v) {
     const vf b0 = init ? vload(init + v * VW) : vf{};
+    RAPA_UNROLL
     for (int r = 0; r < MR; ++r) acc[r][v] = b0;
   }
   const float* a[MR];
+  RAPA_UNROLL
   for (int r = 0; r < MR; ++r) a[r] = xp + base[r];
-  for (int64_t q = 0; q < k; ++q, w += cp) {
-    const int64_t o = koff[q];
-    vf wv[NV];
-    for (int v = 0; v < NV; ++v) wv[v] = vload_reg(w + v * VW);
-    for (int r = 0; r < MR; ++r) {
-      const float x = a[r][o];
-      for (int v = 0; v < NV; ++v) acc[r][v] += wv[v] * x;
+  if constexpr (WHOLE) {  // nruns: K
+    for (int64_t q = 0; q < nruns; ++q, w += cp) {
+      const int64_t o = koff[q];
+      vf wv[NV];
+      RAPA_UNROLL
+      for (int v = 0; v < NV; ++v) wv[v] = vload_reg(w + v * VW);
+      RAPA_UNROLL
+      for (int r = 0; r < MR; ++r) {
+        const float x = a[r][o];
+        RAPA_UNROLL
+        for (int v = 0; v < NV; ++v) acc[r][v] += wv[v] * x;
+      }
+    }
+  } else {
+    for (int64_t u = 0; u < nruns; ++u) {
+      const float* wq = w + runs[2 * u] * cp;
+      for (int64_t q = runs[2 * u], q1 = runs[2 * u + 1]; q < q1; ++q, wq += cp) {
+        const int64_t o = koff[q];
+        vf wv[NV];
+        RAPA_UNROLL
+        for (int v = 0; v < NV; ++v) wv[v] = vload_reg(wq + v * VW);
+        RAPA_UNROLL
+        for (int r = 0; r < MR; ++r) {
+          const float x = a[r][o];
+          RAPA_UNROLL
+          for (int v = 0; v < NV; ++v) acc[r][v] += wv[v] * x;
+        }
+      }
     }
   }
+  RAPA_UNROLL
   for (int r = 0; r < MR; ++r)
+    RAPA_UNROLL
     for (int v = 0; v < NV; ++v) vstore(out + pix[r] * cp + v * VW, acc[r][v]);
 }
 
 // Weight gradient: MK consecutive patch entries (k0..k0+MK, one segment) x NV*VW channels,
-// summed over cnt pixels and added to gw (MK rows of cp).
+// summed over the pixels of nrng ranges (pairs r0, r1 of rows of base and G) and added to gw
+// (MK rows of cp).
 template <int MK, int NV>
-void gw_block(const float* xp, const int64_t* base, int64_t koff, const float* G, int64_t cp,
-              int64_t cnt, float* gw) {
+__attribute__((noinline)) void gw_block(const float* xp, const int64_t* base, int64_t koff, const float* G, int64_t cp,
+              const int64_t* rng, int64_t nrng, float* gw) {
   vf acc[MK][NV] = {};
-  for (int64_t r = 0; r < cnt; ++r) {
+  for (int64_t u = 0; u < nrng; ++u)
+  for (int64_t r = rng[2 * u]; r < rng[2 * u + 1]; ++r) {
     const float* ar = xp + base[r] + koff;
     vf gv[NV];
+    RAPA_UNROLL
     for (int v = 0; v < NV; ++v) gv[v] = vload_reg(G + r * cp + v * VW);
+    RAPA_UNROLL
     for (int j = 0; j < MK; ++j) {
       const float x = ar[j];
+      RAPA_UNROLL
       for (int v = 0; v < NV; ++v) acc[j][v] += gv[v] * x;
     }
   }
+  RAPA_UNROLL
   for (int j = 0; j < MK; ++j)
+    RAPA_UNROLL
     for (int v = 0; v < NV; ++v) vstore(gw + j * cp + v * VW, vload(gw + j * cp + v * VW) + acc[j][v]);
 }
 
@@ -297,14 +334,19 @@ void gx_block(const float* G, int64_t cp, int64_t cout, const float* w2, int64_t
   vf acc[MR][SV] = {};
   for (int64_t n = 0; n < cout; ++n) {
     vf wv[SV];
+    RAPA_UNROLL
     for (int v = 0; v < SV; ++v) wv[v] = vload_reg(w2 + n * kp + v * VW);
+    RAPA_UNROLL
     for (int r = 0; r < MR; ++r) {
       const float gg = G[r * cp + n];
+      RAPA_UNROLL
       for (int v = 0; v < SV; ++v) acc[r][v] += wv[v] * gg;
     }
   }
+  RAPA_UNROLL
   for (int r = 0; r < MR; ++r) {
     float* row = ADD ? dst + at[r] : dst + r * ld;
+    RAPA_UNROLL
     for (int v = 0; v < SV; ++v) vstore(row + v * VW, ADD ? vload(row + v * VW) + acc[r][v] : acc[r][v]);
   }
 }
@@ -328,7 +370,15 @@ inline void pad_image(const Geo& g, const float* x, int64_t b, bool nchw, float*
 // its transpose in buf when it is (N, cout, oh, ow) (Geo::layout bit 1).
 inline const float* grad_rows(const Geo& g, const float* grad, int64_t b, fvec& buf) {
   const int64_t np = g.np();
-  if (!(g.layout & 2)) return grad + b * np * g.cout;
+  if (!(g.layout & 2)) {
+    // the kernels read its rows in the drawn order: asked for into L2 in memory order first
+    // (whole streams, not a miss per row; 3-5% of conv1's gradients), if it fits there easily
+    const char* c = reinterpret_cast<const char*>(grad + b * np * g.cout);
+    const int64_t bytes = np * g.cout * int64_t(sizeof(float));
+    if (bytes <= (256 << 10))
+      for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 2);
+    return grad + b * np * g.cout;
+  }
   buf.resize(np * g.cout);
   transpose(grad + b * g.cout * np, g.cout, np, np, buf.data(), g.cout);
   return buf.data();
@@ -342,8 +392,14 @@ inline void pack_g(const Geo& g, const float* gimg, const int64_t* pix, int64_t 
   for (int64_t r = 0; r < std::min(PF, cnt); ++r) prefetch_row(gimg + pix[r] * g.cout, g.cout, false);
   for (int64_t r = 0; r < cnt; ++r) {
     if (r + PF < cnt) prefetch_row(gimg + pix[r + PF] * g.cout, g.cout, false);
-    std::memcpy(G + r * g.cp, gimg + pix[r] * g.cout, g.cout * sizeof(float));
-    std::fill(G + r * g.cp + g.cout, G + (r + 1) * g.cp, 0.f);
+    const float* src = gimg + pix[r] * g.cout;
+    float* dst = G + r * g.cp;
+    if (g.cout == g.cp) {  // whole vectors: copied in registers (a memcpy call per row costs more)
+      for (int64_t c = 0; c < g.cout; c += VW) vstore(dst + c, vload(src + c));
+    } else {
+      std::memcpy(dst, src, g.cout * sizeof(float));
+      std::fill(dst + g.cout, dst + g.cp, 0.f);
+    }
   }
 }
 
@@ -381,20 +437,163 @@ inline void pack_bwd_weight(const Geo& g, const float* weight, float* w2) {
   }
 }
 
+// The part of a pixel's kernel window that reads the image, not its zero padding: kernel rows
+// [ilo, ihi) and columns [jlo, jhi) (all 0 when none). The patch entries outside it multiply
+// zeros, so the kernels skip them, as oneDNN's direct convolutions do: for the paper's conv2
+// (16x16, 5x5, padding 2) 14% of the multiply-adds, conv1 (32x32) 7%.
+struct Win {
+  int64_t ilo, ihi, jlo, jhi;
+  bool empty() const { return ilo >= ihi; }
+  bool operator==(const Win& o) const { return ilo == o.ilo && ihi == o.ihi && jlo == o.jlo && jhi == o.jhi; }
+};
+
+// The kernel offsets i in [0, k) whose input o*s + i*d - pad lies in [0, n).
+inline void valid_offsets(int64_t o, int64_t s, int64_t d, int64_t k, int64_t pad, int64_t n, int64_t* lo,
+                          int64_t* hi) {
+  int64_t a = 0, b = k;
+  while (a < k && o * s + a * d < pad) ++a;
+  while (b > a && o * s + (b - 1) * d >= pad + n) --b;
+  *lo = a, *hi = b;
+}
+
+// The union (bounding window) of the windows of n pixels.
+inline Win union_window(const Win* win, const int64_t* pix, int64_t n) {
+  Win u{0, 0, 0, 0};
+  for (int64_t r = 0; r < n; ++r) {
+    const Win& w = win[pix[r]];
+    if (w.empty()) continue;
+    if (u.empty()) {
+      u = w;
+      continue;
+    }
+    u.ilo = std::min(u.ilo, w.ilo), u.ihi = std::max(u.ihi, w.ihi);
+    u.jlo = std::min(u.jlo, w.jlo), u.jhi = std::max(u.jhi, w.jhi);
+  }
+  return u;
+}
+
+// The patch entries of window w, K in (kh, kw, C) order, as runs (pairs q0, q1; adjacent runs
+// merged, so a whole window is one run); how many.
+inline int64_t window_runs(const Geo& g, const Win& w, int64_t* runs) {
+  int64_t n = 0;
+  for (int64_t i = w.ilo; i < w.ihi; ++i) {
+    const int64_t q0 = (i * g.kw + w.jlo) * g.c, q1 = (i * g.kw + w.jhi) * g.c;
+    if (n && runs[2 * n - 1] == q0) runs[2 * n - 1] = q1;
+    else runs[2 * n] = q0, runs[2 * n + 1] = q1, ++n;
+  }
+  return n;
+}
+
 struct Scratch {  // per-thread buffers, kept between calls (OpenMP threads persist)
   std::vector<int64_t> pix, base, pbase, koff;
+  std::vector<int64_t> pix2, base2, cls, cend;  // sorting a group by window class
+  std::vector<int64_t> runs, rng;  // a block's runs of patch entries, an entry block's pixel ranges
+  std::vector<Win> win, cwin;  // each pixel's window, each class's
+  int64_t nr = 0, nc = 0;      // row classes, column classes (class = row class * nc + column class)
+  bool whole = true;           // one class: every pixel computes its whole window
+  // the row classes valid for kernel row i: [rva[i], rvb[i]); the column classes for kernel column j
+  std::vector<int64_t> rva, rvb, cva, cvb;
   fvec G, T, gw, gb;
   fvec img_x, img_g, img_o;  // one image's (padded) input, output gradient, output
   fvec packed;  // the calling thread's: a call's weights packed for the team
 
-  // Room for one group's pixels and patch offsets, and the pixel offsets of this geometry.
+  // Room for one group's pixels and patch offsets, the pixel offsets of this geometry, and
+  // each pixel's window and class (pixels with the same window; rows of classes in row-major
+  // order of their first pixel).
   void prepare(const Geo& g) {
-    pix.resize(g.m), base.resize(g.m);
+    pix.resize(g.m), base.resize(g.m), pix2.resize(g.m), base2.resize(g.m);
     pixel_bases(g, pbase);
+    std::vector<Win> rows(g.oh), cols(g.ow);  // (ilo, ihi) of each output row, (jlo, jhi) of each column
+    std::vector<int64_t> rcls(g.oh), ccls(g.ow);
+    nr = 0, nc = 0;
+    for (int64_t oy = 0; oy < g.oh; ++oy) {
+      valid_offsets(oy, g.sh, g.dh, g.kh, g.ph, g.h, &rows[oy].ilo, &rows[oy].ihi);
+      int64_t c = 0;
+      while (c < oy && !(rows[c].ilo == rows[oy].ilo && rows[c].ihi == rows[oy].ihi)) ++c;
+      rcls[oy] = c < oy ? rcls[c] : nr++;
+    }
+    for (int64_t ox = 0; ox < g.ow; ++ox) {
+      valid_offsets(ox, g.sw, g.dw, g.kw, g.pw, g.w, &cols[ox].jlo, &cols[ox].jhi);
+      int64_t c = 0;
+      while (c < ox && !(cols[c].jlo == cols[ox].jlo && cols[c].jhi == cols[ox].jhi)) ++c;
+      ccls[ox] = c < ox ? ccls[c] : nc++;
+    }
+    // Skipping pays only where enough of the work is padding: it splits a group's pixels into
+    // smaller blocks (one row class each) and sorts them. Below SKIP_MIN of the multiply-adds
+    // every pixel counts as one class with the whole window (the paper's conv1, 7%: 9-14%
+    // slower with skipping; conv2, 14%: 5-6% faster).
+    constexpr double SKIP_MIN = 0.1;
+    double area = 0;
+    for (int64_t oy = 0; oy < g.oh; ++oy)
+      for (int64_t ox = 0; ox < g.ow; ++ox)
+        area += double(rows[oy].ihi - rows[oy].ilo) * double(std::max<int64_t>(cols[ox].jhi - cols[ox].jlo, 0));
+    if (1 - area / (double(g.np()) * g.kh * g.kw) < SKIP_MIN) {
+      std::fill(rows.begin(), rows.end(), Win{0, g.kh, 0, 0});
+      std::fill(cols.begin(), cols.end(), Win{0, 0, 0, g.kw});
+      std::fill(rcls.begin(), rcls.end(), 0), std::fill(ccls.begin(), ccls.end(), 0);
+      nr = nc = 1;
+    }
+    whole = nr * nc == 1;
+    win.resize(g.np()), cls.resize(g.np()), cwin.assign(nr * nc, Win{0, 0, 0, 0}), cend.resize(nr * nc);
+    runs.resize(2 * g.kh), rng.resize(2 * nr * nc);
+    // classes are numbered in order of rows and columns, whose windows move monotonically, so
+    // the classes valid for a kernel row (column) are a contiguous range
+    rva.assign(g.kh, nr), rvb.assign(g.kh, 0), cva.assign(g.kw, nc), cvb.assign(g.kw, 0);
+    for (int64_t oy = 0; oy < g.oh; ++oy)
+      for (int64_t i = rows[oy].ilo; i < rows[oy].ihi; ++i)
+        rva[i] = std::min(rva[i], rcls[oy]), rvb[i] = std::max(rvb[i], rcls[oy] + 1);
+    for (int64_t ox = 0; ox < g.ow; ++ox)
+      for (int64_t j = cols[ox].jlo; j < cols[ox].jhi; ++j)
+        cva[j] = std::min(cva[j], ccls[ox]), cvb[j] = std::max(cvb[j], ccls[ox] + 1);
+    for (int64_t oy = 0, p = 0; oy < g.oh; ++oy)
+      for (int64_t ox = 0; ox < g.ow; ++ox, ++p) {
+        Win w{rows[oy].ilo, rows[oy].ihi, cols[ox].jlo, cols[ox].jhi};
+        if (w.ilo >= w.ihi || w.jlo >= w.jhi) w = Win{0, 0, 0, 0};  // every entry in the padding
+        win[p] = w, cls[p] = rcls[oy] * nc + ccls[ox], cwin[cls[p]] = w;
+      }
   }
-  // The valid pixels of group (b, t) into pix and base; how many there are.
+  // The valid pixels of group (b, t) into pix and base, in order of their window class (stable:
+  // the drawn order within a class), and cend[c] the end of class c's range; how many there are.
   int64_t group_of(const Geo& g, const int64_t* index, int64_t b, int64_t t) {
-    return group(g, index, pbase.data(), b, t, pix.data(), base.data());
+    const int64_t cnt = group(g, index, pbase.data(), b, t, pix.data(), base.data());
+    const int64_t ncls = cend.size();
+    if (ncls == 1) return cend[0] = cnt;
+    std::fill(cend.begin(), cend.end(), 0);
+    for (int64_t r = 0; r < cnt; ++r) ++cend[cls[pix[r]]];
+    for (int64_t c = 0, at = 0; c < ncls; ++c) at += cend[c], cend[c] = at - cend[c];  // starts
+    for (int64_t r = 0; r < cnt; ++r) {
+      const int64_t at = cend[cls[pix[r]]]++;
+      pix2[at] = pix[r], base2[at] = base[r];
+    }
+    pix.swap(pix2), base.swap(base2);
+    return cnt;
+  }
+  // The pixels among rows [r0, r0 + rc) of the sorted group for which some of the entries
+  // [e0, e0 + mk) of patch segment s lie in their window, as ranges (pairs, relative to r0,
+  // adjacent ones merged) into rng; how many.
+  int64_t entry_ranges(const Geo& g, int64_t s, int64_t e0, int64_t mk, int64_t r0, int64_t rc) {
+    int64_t i = s, j0 = e0 / g.c, j1 = (e0 + mk - 1) / g.c;  // one segment per kernel row
+    if (g.dw != 1) i = s / g.kw, j0 = j1 = s % g.kw;           // one per kernel offset
+    int64_t ca = nc, cb = 0;
+    for (int64_t j = j0; j <= j1; ++j) ca = std::min(ca, cva[j]), cb = std::max(cb, cvb[j]);
+    int64_t n = 0;
+    for (int64_t rcl = rva[i]; rcl < rvb[i] && ca < cb; ++rcl) {
+      const int64_t c0 = rcl * nc + ca, c1 = rcl * nc + cb - 1;
+      const int64_t a = std::max(c0 ? cend[c0 - 1] : 0, r0) - r0, b = std::min(cend[c1], r0 + rc) - r0;
+      if (a >= b) continue;
+      if (n && rng[2 * n - 1] == a) rng[2 * n - 1] = b;
+      else rng[2 * n] = a, rng[2 * n + 1] = b, ++n;
+    }
+    return n;
+  }
+  // Calls f(r0, rn) for blocks of at most mr consecutive pixels of the sorted group, within
+  // [lo, hi) and within one row class (so that a block's pixels skip the same kernel rows).
+  template <class F>
+  void row_blocks(int64_t lo, int64_t hi, int64_t mr, F&& f) const {
+    for (int64_t rcl = 0; rcl < nr; ++rcl) {
+      const int64_t a = std::max(rcl ? cend[rcl * nc - 1] : 0, lo), b = std::min(cend[rcl * nc + nc - 1], hi);
+      for (int64_t r0 = a; r0 < b; r0 += mr) f(r0, std::min(mr, b - r0));
+    }
   }
 };
 thread_local Scratch scratch;
@@ -455,6 +654,10 @@ int rapa_tiled_conv_fwd(const Geo* geo, const float* x, const float* weight, con
     sc.img_x.resize(g.hp * g.wp * g.c);
     if (!direct) sc.img_o.resize(np * g.cp);
     const float* xp = sc.img_x.data();
+    // SKIP: blocks within row classes, each summing its window only; else (sc.whole) blocks of
+    // the group in order, each summing its whole patch in one flat loop
+    auto images = [&](auto SKIPc) {
+    constexpr bool SKIP = decltype(SKIPc)::value;
     for (int64_t b = i0 / g.nt; b * g.nt < i1; ++b) {
       int64_t t0, t1;
       tile_range(g, i0, i1, b, &t0, &t1);
@@ -471,16 +674,26 @@ int rapa_tiled_conv_fwd(const Geo* geo, const float* x, const float* weight, con
           const float* wt = w + t * k * g.cp + c0;
           dispatch<NVMAX>(nv, [&](auto NVc) {
             constexpr int NV = decltype(NVc)::value, MR = rows_for(NV);
-            for (int64_t r0 = 0; r0 < cnt; r0 += MR) {
+            auto block = [&](int64_t r0, int64_t rn) {
               // the next block's output rows, scattered over an image of out that is mostly
               // not in cache: asked for (to be written) while this block computes
               if (direct && c0 == 0)
-                for (int64_t r = r0 + MR; r < std::min<int64_t>(cnt, r0 + 2 * MR); ++r) prefetch_row(dst + sc.pix[r] * g.cp, g.cout, true);
-              dispatch<MR>(std::min<int64_t>(MR, cnt - r0), [&](auto R) {
-                fwd_block<decltype(R)::value, NV>(xp, sc.base.data() + r0, sc.koff.data(), k, wt, g.cp, bt,
-                                                  dst + c0, sc.pix.data() + r0);
+                for (int64_t r = r0 + rn; r < std::min<int64_t>(cnt, r0 + rn + MR); ++r) prefetch_row(dst + sc.pix[r] * g.cp, g.cout, true);
+              dispatch<MR>(rn, [&](auto R) {
+                constexpr int RN = decltype(R)::value;
+                if constexpr (SKIP) {
+                  int64_t* runs = sc.runs.data();
+                  const int64_t nruns = window_runs(g, union_window(sc.win.data(), sc.pix.data() + r0, RN), runs);
+                  fwd_block<RN, NV, false>(xp, sc.base.data() + r0, sc.koff.data(), runs, nruns, wt, g.cp, bt,
+                                           dst + c0, sc.pix.data() + r0);
+                } else {
+                  fwd_block<RN, NV, true>(xp, sc.base.data() + r0, sc.koff.data(), nullptr, k, wt, g.cp, bt, dst + c0,
+                                          sc.pix.data() + r0);
+                }
               });
-            }
+            };
+            if constexpr (SKIP) sc.row_blocks(0, cnt, MR, block);
+            else for (int64_t r0 = 0; r0 < cnt; r0 += MR) block(r0, std::min<int64_t>(MR, cnt - r0));
           });
         }
       }
@@ -505,6 +718,9 @@ int rapa_tiled_conv_fwd(const Geo* geo, const float* x, const float* weight, con
         }
       }
     }
+    };
+    if (sc.whole) images(std::false_type{});
+    else images(std::true_type{});
   }
   return 0;
 }
@@ -558,8 +774,12 @@ int rapa_tiled_conv_bwd_w(const Geo* geo, const float* x, const float* grad, con
               constexpr int NV = decltype(NVc)::value, MK = krows_for(NV);
               for (int64_t s = 0; s < sg.nseg; ++s) {
                 for (int64_t e0 = 0; e0 < sg.len; e0 += MK) {
-                  dispatch<MK>(std::min<int64_t>(MK, sg.len - e0), [&](auto J) {
-                    gw_block<decltype(J)::value, NV>(xp, base, sg.off[s] + e0, G + c0, g.cp, rc,
+                  const int64_t mk = std::min<int64_t>(MK, sg.len - e0);
+                  // the pixels whose window holds some of these entries (all: one range)
+                  const int64_t nrng = sc.whole ? (sc.rng[0] = 0, sc.rng[1] = rc, 1) : sc.entry_ranges(g, s, e0, mk, r0, rc);
+                  if (!nrng) continue;
+                  dispatch<MK>(mk, [&](auto J) {
+                    gw_block<decltype(J)::value, NV>(xp, base, sg.off[s] + e0, G + c0, g.cp, sc.rng.data(), nrng,
                                                      gwt + (s * sg.len + e0) * g.cp + c0);
                   });
                 }
@@ -670,17 +890,24 @@ int rapa_tiled_conv_bwd_x(const Geo* geo, const float* grad, const float* weight
           float* G = sc.G.data();
           pack_g(g, gimg, sc.pix.data() + q0, qc, G);
           if (fused) {  // segments of whole vectors: add each block of entries into the windows
-            // a segment's nvec vectors in nb blocks of nearly equal size (with AVX2's 3 per
-            // block, 10 = 3+3+2+2, not 3+3+3+1: a block of one vector uses each broadcast once)
-            const int64_t nvec = sg.len / VW, nb = (nvec + SVMAX - 1) / SVMAX;
-            for (int64_t s = 0; s < sg.nseg; ++s)
-              for (int64_t j = 0, e0 = 0; j < nb; ++j) {
-                const int64_t sv = nvec / nb + (j < nvec % nb);
-                const int64_t e = e0;
-                e0 += sv * VW;
-                for (int64_t r0 = 0; r0 < qc; r0 += MR) {
-                  const int64_t rn = std::min<int64_t>(MR, qc - r0);
-                  int64_t at[MR];
+            // Each row block's entries of segment s inside its window (whole vectors: the
+            // rest falls in the padding, whose gradient is dropped), in nb blocks of nearly
+            // equal size (10 = 5+5; with AVX2's 3 per block 3+3+2+2, not 3+3+3+1: a block of
+            // one vector uses each broadcast once)
+            const int64_t nvec = sg.len / VW;
+            for (int64_t s = 0; s < sg.nseg; ++s) {
+              const int64_t si = g.dw == 1 ? s : s / g.kw, sj = g.dw == 1 ? 0 : s % g.kw;
+              sc.row_blocks(q0, q0 + qc, MR, [&](int64_t rq, int64_t rn) {
+                const int64_t r0 = rq - q0;
+                const Win u = sc.whole ? Win{0, g.kh, 0, g.kw} : union_window(sc.win.data(), sc.pix.data() + rq, rn);
+                if (u.empty() || si < u.ilo || si >= u.ihi) return;
+                int64_t v0 = 0, v1 = nvec;
+                if (g.dw == 1) v0 = u.jlo * g.c / VW, v1 = (u.jhi * g.c + VW - 1) / VW;
+                else if (sj < u.jlo || sj >= u.jhi) return;
+                const int64_t nv = v1 - v0, nb = (nv + SVMAX - 1) / SVMAX;
+                int64_t at[MR];
+                for (int64_t j = 0, e = v0 * VW; j < nb; ++j) {
+                  const int64_t sv = nv / nb + (j < nv % nb);
                   for (int64_t r = 0; r < rn; ++r) at[r] = sc.base[q0 + r0 + r] + sg.off[s] + e;
                   dispatch<MR>(rn, [&](auto R) {
                     dispatch<SVMAX>(sv, [&](auto S) {
@@ -688,8 +915,10 @@ int rapa_tiled_conv_bwd_x(const Geo* geo, const float* grad, const float* weight
                                                                              w2t + s * sg.len + e, g.kp, img, at, 0);
                     });
                   });
+                  e += sv * VW;
                 }
-              }
+              });
+            }
             continue;
           }
           for (int64_t v0 = 0; v0 < g.kp / VW; v0 += SVMAX) {
