@@ -518,8 +518,8 @@ struct Scratch {  // per-thread buffers, kept between calls (OpenMP threads pers
       while (c < ox && !(cols[c].jlo == cols[ox].jlo && cols[c].jhi == cols[ox].jhi)) ++c;
       ccls[ox] = c < ox ? ccls[c] : nc++;
     }
-    // Skipping pays only where enough of the work is padding: it splits a group's pixels into
-    // smaller blocks (one row class each) and sorts them. Below SKIP_MIN of the multiply-adds
+    // Skipping pays only where enough of the work is padding: it sorts a group's pixels and
+    // splits them into smaller blocks (Scratch::class_blocks). Below SKIP_MIN of the multiply-adds
     // every pixel counts as one class with the whole window (the paper's conv1, 7%: 9-14%
     // slower with skipping; conv2, 14%: 5-6% faster).
     constexpr double SKIP_MIN = 0.1;
@@ -586,14 +586,16 @@ struct Scratch {  // per-thread buffers, kept between calls (OpenMP threads pers
     }
     return n;
   }
-  // Calls f(r0, rn) for blocks of at most mr consecutive pixels of the sorted group, within
-  // [lo, hi) and within one row class (so that a block's pixels skip the same kernel rows).
+  // Calls f(r0, rn) for blocks of at most mr consecutive pixels of the sorted group within
+  // [lo, hi), each of one class where the class has at least minb pixels left (a smaller rest
+  // goes on with the next class's pixels, the block then summing the union of their windows):
+  // blocks of fewer than about 3 pixels run at half the speed, more than skipping saves.
   template <class F>
-  void row_blocks(int64_t lo, int64_t hi, int64_t mr, F&& f) const {
-    for (int64_t rcl = 0; rcl < nr; ++rcl) {
-      const int64_t a = std::max(rcl ? cend[rcl * nc - 1] : 0, lo), b = std::min(cend[rcl * nc + nc - 1], hi);
-      for (int64_t r0 = a; r0 < b; r0 += mr) f(r0, std::min(mr, b - r0));
-    }
+  void class_blocks(int64_t lo, int64_t hi, int64_t mr, int64_t minb, F&& f) const {
+    int64_t b = lo;
+    for (int64_t r = lo + 1; r < hi; ++r)
+      if (r - b == mr || (r - b >= minb && cls[pix[r]] != cls[pix[r - 1]])) f(b, r - b), b = r;
+    if (b < hi) f(b, hi - b);
   }
 };
 thread_local Scratch scratch;
@@ -654,7 +656,7 @@ int rapa_tiled_conv_fwd(const Geo* geo, const float* x, const float* weight, con
     sc.img_x.resize(g.hp * g.wp * g.c);
     if (!direct) sc.img_o.resize(np * g.cp);
     const float* xp = sc.img_x.data();
-    // SKIP: blocks within row classes, each summing its window only; else (sc.whole) blocks of
+    // SKIP: blocks by window class, each summing its window only; else (sc.whole) blocks of
     // the group in order, each summing its whole patch in one flat loop
     auto images = [&](auto SKIPc) {
     constexpr bool SKIP = decltype(SKIPc)::value;
@@ -692,7 +694,7 @@ int rapa_tiled_conv_fwd(const Geo* geo, const float* x, const float* weight, con
                 }
               });
             };
-            if constexpr (SKIP) sc.row_blocks(0, cnt, MR, block);
+            if constexpr (SKIP) sc.class_blocks(0, cnt, MR, 3, block);
             else for (int64_t r0 = 0; r0 < cnt; r0 += MR) block(r0, std::min<int64_t>(MR, cnt - r0));
           });
         }
@@ -897,7 +899,7 @@ int rapa_tiled_conv_bwd_x(const Geo* geo, const float* grad, const float* weight
             const int64_t nvec = sg.len / VW;
             for (int64_t s = 0; s < sg.nseg; ++s) {
               const int64_t si = g.dw == 1 ? s : s / g.kw, sj = g.dw == 1 ? 0 : s % g.kw;
-              sc.row_blocks(q0, q0 + qc, MR, [&](int64_t rq, int64_t rn) {
+              sc.class_blocks(q0, q0 + qc, MR, 2, [&](int64_t rq, int64_t rn) {
                 const int64_t r0 = rq - q0;
                 const Win u = sc.whole ? Win{0, g.kh, 0, g.kw} : union_window(sc.win.data(), sc.pix.data() + rq, rn);
                 if (u.empty() || si < u.ilo || si >= u.ihi) return;
