@@ -493,6 +493,9 @@ struct Scratch {  // per-thread buffers, kept between calls (OpenMP threads pers
   bool whole = true;           // one class: every pixel computes its whole window
   // the row classes valid for kernel row i: [rva[i], rvb[i]); the column classes for kernel column j
   std::vector<int64_t> rva, rvb, cva, cvb;
+  // each patch entry q (K order): its kernel row, and the column classes valid for its column
+  std::vector<int64_t> qi, qa, qb;
+  int64_t last[6] = {-1, -1, -1, -1, -1, 0};  // entry_ranges' last question and answer
   fvec G, T, gw, gb;
   fvec img_x, img_g, img_o;  // one image's (padded) input, output gradient, output
   fvec packed;  // the calling thread's: a call's weights packed for the team
@@ -545,6 +548,11 @@ struct Scratch {  // per-thread buffers, kept between calls (OpenMP threads pers
     for (int64_t ox = 0; ox < g.ow; ++ox)
       for (int64_t j = cols[ox].jlo; j < cols[ox].jhi; ++j)
         cva[j] = std::min(cva[j], ccls[ox]), cvb[j] = std::max(cvb[j], ccls[ox] + 1);
+    qi.resize(g.k()), qa.resize(g.k()), qb.resize(g.k());
+    for (int64_t q = 0; q < g.k(); ++q) {
+      const int64_t j = (q / g.c) % g.kw;
+      qi[q] = q / (g.kw * g.c), qa[q] = cva[j], qb[q] = cvb[j];
+    }
     for (int64_t oy = 0, p = 0; oy < g.oh; ++oy)
       for (int64_t ox = 0; ox < g.ow; ++ox, ++p) {
         Win w{rows[oy].ilo, rows[oy].ihi, cols[ox].jlo, cols[ox].jhi};
@@ -557,6 +565,7 @@ struct Scratch {  // per-thread buffers, kept between calls (OpenMP threads pers
   int64_t group_of(const Geo& g, const int64_t* index, int64_t b, int64_t t) {
     const int64_t cnt = group(g, index, pbase.data(), b, t, pix.data(), base.data());
     const int64_t ncls = cend.size();
+    last[0] = -1;  // new class ranges
     if (ncls == 1) return cend[0] = cnt;
     std::fill(cend.begin(), cend.end(), 0);
     for (int64_t r = 0; r < cnt; ++r) ++cend[cls[pix[r]]];
@@ -571,11 +580,11 @@ struct Scratch {  // per-thread buffers, kept between calls (OpenMP threads pers
   // The pixels among rows [r0, r0 + rc) of the sorted group for which some of the entries
   // [e0, e0 + mk) of patch segment s lie in their window, as ranges (pairs, relative to r0,
   // adjacent ones merged) into rng; how many.
-  int64_t entry_ranges(const Geo& g, int64_t s, int64_t e0, int64_t mk, int64_t r0, int64_t rc) {
-    int64_t i = s, j0 = e0 / g.c, j1 = (e0 + mk - 1) / g.c;  // one segment per kernel row
-    if (g.dw != 1) i = s / g.kw, j0 = j1 = s % g.kw;           // one per kernel offset
-    int64_t ca = nc, cb = 0;
-    for (int64_t j = j0; j <= j1; ++j) ca = std::min(ca, cva[j]), cb = std::max(cb, cvb[j]);
+  // q0: the first entry's index in K; consecutive calls with the same answer reuse it.
+  int64_t entry_ranges(int64_t q0, int64_t mk, int64_t r0, int64_t rc) {
+    const int64_t q1 = q0 + mk - 1, i = qi[q0];
+    const int64_t ca = std::min(qa[q0], qa[q1]), cb = std::max(qb[q0], qb[q1]);
+    if (i == last[0] && ca == last[1] && cb == last[2] && r0 == last[3] && rc == last[4]) return last[5];
     int64_t n = 0;
     for (int64_t rcl = rva[i]; rcl < rvb[i] && ca < cb; ++rcl) {
       const int64_t c0 = rcl * nc + ca, c1 = rcl * nc + cb - 1;
@@ -584,6 +593,7 @@ struct Scratch {  // per-thread buffers, kept between calls (OpenMP threads pers
       if (n && rng[2 * n - 1] == a) rng[2 * n - 1] = b;
       else rng[2 * n] = a, rng[2 * n + 1] = b, ++n;
     }
+    last[0] = i, last[1] = ca, last[2] = cb, last[3] = r0, last[4] = rc, last[5] = n;
     return n;
   }
   // Calls f(r0, rn) for blocks of at most mr consecutive pixels of the sorted group within
@@ -778,7 +788,7 @@ int rapa_tiled_conv_bwd_w(const Geo* geo, const float* x, const float* grad, con
                 for (int64_t e0 = 0; e0 < sg.len; e0 += MK) {
                   const int64_t mk = std::min<int64_t>(MK, sg.len - e0);
                   // the pixels whose window holds some of these entries (all: one range)
-                  const int64_t nrng = sc.whole ? (sc.rng[0] = 0, sc.rng[1] = rc, 1) : sc.entry_ranges(g, s, e0, mk, r0, rc);
+                  const int64_t nrng = sc.whole ? (sc.rng[0] = 0, sc.rng[1] = rc, 1) : sc.entry_ranges(s * sg.len + e0, mk, r0, rc);
                   if (!nrng) continue;
                   dispatch<MK>(mk, [&](auto J) {
                     gw_block<decltype(J)::value, NV>(xp, base, sg.off[s] + e0, G + c0, g.cp, sc.rng.data(), nrng,
