@@ -496,6 +496,7 @@ struct Scratch {  // per-thread buffers, kept between calls (OpenMP threads pers
   // each patch entry q (K order): its kernel row, and the column classes valid for its column
   std::vector<int64_t> qi, qa, qb;
   int64_t last[6] = {-1, -1, -1, -1, -1, 0};  // entry_ranges' last question and answer
+  Geo last_geo{};  // the geometry of the tables (batch, threads and layout zeroed)
   fvec G, T, gw, gb;
   fvec img_x, img_g, img_o;  // one image's (padded) input, output gradient, output
   fvec packed;  // the calling thread's: a call's weights packed for the team
@@ -504,6 +505,12 @@ struct Scratch {  // per-thread buffers, kept between calls (OpenMP threads pers
   // each pixel's window and class (pixels with the same window; rows of classes in row-major
   // order of their first pixel).
   void prepare(const Geo& g) {
+    // the tables depend on the geometry but not on the batch, the threads or the layouts: kept
+    // from the last call when it had the same
+    Geo key = g;
+    key.n = key.nth = key.layout = 0;
+    if (std::memcmp(&key, &last_geo, sizeof key) == 0) return;
+    last_geo = key;
     pix.resize(g.m), base.resize(g.m), pix2.resize(g.m), base2.resize(g.m);
     pixel_bases(g, pbase);
     std::vector<Win> rows(g.oh), cols(g.ow);  // (ilo, ihi) of each output row, (jlo, jhi) of each column
@@ -549,10 +556,9 @@ struct Scratch {  // per-thread buffers, kept between calls (OpenMP threads pers
       for (int64_t j = cols[ox].jlo; j < cols[ox].jhi; ++j)
         cva[j] = std::min(cva[j], ccls[ox]), cvb[j] = std::max(cvb[j], ccls[ox] + 1);
     qi.resize(g.k()), qa.resize(g.k()), qb.resize(g.k());
-    for (int64_t q = 0; q < g.k(); ++q) {
-      const int64_t j = (q / g.c) % g.kw;
-      qi[q] = q / (g.kw * g.c), qa[q] = cva[j], qb[q] = cvb[j];
-    }
+    for (int64_t i = 0, q = 0; i < g.kh; ++i)
+      for (int64_t j = 0; j < g.kw; ++j)
+        for (int64_t c = 0; c < g.c; ++c, ++q) qi[q] = i, qa[q] = cva[j], qb[q] = cvb[j];
     for (int64_t oy = 0, p = 0; oy < g.oh; ++oy)
       for (int64_t ox = 0; ox < g.ow; ++ox, ++p) {
         Win w{rows[oy].ilo, rows[oy].ihi, cols[ox].jlo, cols[ox].jhi};
