@@ -414,12 +414,12 @@ inline void tile_range(const Geo& g, int64_t i0, int64_t i1, int64_t b, int64_t*
 inline void pack_fwd_weight(const Geo& g, const float* weight, float* wt) {
   const int64_t k = g.k(), khw = g.kh * g.kw;
 #pragma omp for schedule(static)
-  for (int64_t row = 0; row < g.nt * k; ++row) {
-    const int64_t t = row / k, q = row % k, c = q % g.c, ij = q / g.c;
-    const float* src = weight + (t * g.cout * g.c + c) * khw + ij;  // weight[t, :, c, i, j]
-    float* dst = wt + row * g.cp;
-    for (int64_t n = 0; n < g.cout; ++n) dst[n] = src[n * g.c * khw];
-    std::fill(dst + g.cout, dst + g.cp, 0.f);
+  for (int64_t tc = 0; tc < g.nt * g.c; ++tc) {  // weight[t, :, c] (cout, kh*kw) -> rows ij*C + c
+    const int64_t t = tc / g.c, c = tc % g.c;
+    float* dst = wt + (t * k + c) * g.cp;
+    transpose(weight + (t * g.cout * g.c + c) * khw, g.cout, khw, g.c * khw, dst, g.c * g.cp);
+    if (g.cp != g.cout)
+      for (int64_t ij = 0; ij < khw; ++ij) std::fill(dst + ij * g.c * g.cp + g.cout, dst + ij * g.c * g.cp + g.cp, 0.f);
   }
 }
 
@@ -429,10 +429,8 @@ inline void pack_bwd_weight(const Geo& g, const float* weight, float* w2) {
   const int64_t khw = g.kh * g.kw;
 #pragma omp for schedule(static)
   for (int64_t row = 0; row < g.nt * g.cout; ++row) {
-    const float* src = weight + row * g.c * khw;  // (C, kh*kw)
     float* dst = w2 + row * g.kp;
-    for (int64_t ij = 0; ij < khw; ++ij)
-      for (int64_t c = 0; c < g.c; ++c) dst[ij * g.c + c] = src[c * khw + ij];
+    transpose(weight + row * g.c * khw, g.c, khw, khw, dst, g.c);  // (C, kh*kw) -> (kh*kw, C)
     std::fill(dst + khw * g.c, dst + g.kp, 0.f);
   }
 }
@@ -842,10 +840,7 @@ int rapa_tiled_conv_bwd_w(const Geo* geo, const float* x, const float* grad, con
             vstore(dst + v, acc);
           }
         }
-        for (int64_t n = 0; n < g.cout; ++n) {
-          float* dst = gw + ((t * g.cout + n) * g.c + c) * khw;
-          for (int64_t ij = 0; ij < khw; ++ij) dst[ij] = blk[ij * g.cp + n];
-        }
+        transpose(blk, khw, g.cout, g.cp, gw + (t * g.cout * g.c + c) * khw, g.c * khw);  // -> gw[t, :, c]
       }
     }
     if (gb) {
