@@ -10,6 +10,9 @@
 // per kernel row (kw*C numbers) when the dilation across is 1, one per kernel offset (C
 // numbers) otherwise.
 //
+// Patch entries that fall in the zero padding are skipped where they are at least 10% of the
+// work (see Win and Scratch::prepare), as oneDNN's direct convolutions skip them.
+//
 // Register-blocked micro-kernels use GCC/Clang vector extensions, so one source compiles to
 // AVX-512, AVX2 or SSE/NEON code (-march=native). Work is split with OpenMP into static,
 // contiguous ranges (groups for the forward and weight gradient, images for the input
