@@ -485,10 +485,19 @@ inline int64_t window_runs(const Geo& g, const Win& w, int64_t* runs) {
   return n;
 }
 
+// A row block of the input gradient: rows [r0, r0 + rn) of a chunk, their window, and the
+// vectors of a kernel row it covers, [v0, v0 + nv), in nb blocks (the first rem of q + 1).
+struct XBlock {
+  int64_t r0, rn;
+  Win u;
+  int64_t v0, nv, nb, q, rem;
+};
+
 struct Scratch {  // per-thread buffers, kept between calls (OpenMP threads persist)
   std::vector<int64_t> pix, base, pbase, koff;
   std::vector<int64_t> pix2, base2, cls, cend;  // sorting a group by window class
   std::vector<int64_t> runs, rng;  // a block's runs of patch entries, an entry block's pixel ranges
+  std::vector<XBlock> xblocks;     // the input gradient's row blocks of a chunk
   std::vector<Win> win, cwin;  // each pixel's window, each class's
   int64_t nr = 0, nc = 0;      // row classes, column classes (class = row class * nc + column class)
   bool whole = true;           // one class: every pixel computes its whole window
@@ -911,19 +920,26 @@ int rapa_tiled_conv_bwd_x(const Geo* geo, const float* grad, const float* weight
             // equal size (10 = 5+5; with AVX2's 3 per block 3+3+2+2, not 3+3+3+1: a block of
             // one vector uses each broadcast once)
             const int64_t nvec = sg.len / VW;
+            // the chunk's row blocks, each with its window and its vectors (of a kernel row)
+            // in nb blocks: sizes q + 1 (the first rem) and q
+            std::vector<XBlock>& xb = sc.xblocks;
+            xb.clear();
+            sc.class_blocks(q0, q0 + qc, MR, 2, [&](int64_t rq, int64_t rn) {
+              XBlock x{rq - q0, rn, sc.whole ? Win{0, g.kh, 0, g.kw} : union_window(sc.win.data(), sc.pix.data() + rq, rn),
+                       0, nvec, 0, 0, 0};
+              if (g.dw == 1 && !x.u.empty()) x.v0 = x.u.jlo * g.c / VW, x.nv = (x.u.jhi * g.c + VW - 1) / VW - x.v0;
+              x.nb = (x.nv + SVMAX - 1) / SVMAX, x.q = x.nv / std::max<int64_t>(x.nb, 1), x.rem = x.nv - x.q * x.nb;
+              xb.push_back(x);
+            });
             for (int64_t s = 0; s < sg.nseg; ++s) {
               const int64_t si = g.dw == 1 ? s : s / g.kw, sj = g.dw == 1 ? 0 : s % g.kw;
-              sc.class_blocks(q0, q0 + qc, MR, 2, [&](int64_t rq, int64_t rn) {
-                const int64_t r0 = rq - q0;
-                const Win u = sc.whole ? Win{0, g.kh, 0, g.kw} : union_window(sc.win.data(), sc.pix.data() + rq, rn);
-                if (u.empty() || si < u.ilo || si >= u.ihi) return;
-                int64_t v0 = 0, v1 = nvec;
-                if (g.dw == 1) v0 = u.jlo * g.c / VW, v1 = (u.jhi * g.c + VW - 1) / VW;
-                else if (sj < u.jlo || sj >= u.jhi) return;
-                const int64_t nv = v1 - v0, nb = (nv + SVMAX - 1) / SVMAX;
+              for (const XBlock& x : xb) {
+                const Win& u = x.u;
+                const int64_t r0 = x.r0, rn = x.rn;
+                if (u.empty() || si < u.ilo || si >= u.ihi || (g.dw != 1 && (sj < u.jlo || sj >= u.jhi))) continue;
                 int64_t at[MR];
-                for (int64_t j = 0, e = v0 * VW; j < nb; ++j) {
-                  const int64_t sv = nv / nb + (j < nv % nb);
+                for (int64_t j = 0, e = x.v0 * VW; j < x.nb; ++j) {
+                  const int64_t sv = x.q + (j < x.rem);
                   for (int64_t r = 0; r < rn; ++r) at[r] = sc.base[q0 + r0 + r] + sg.off[s] + e;
                   dispatch<MR>(rn, [&](auto R) {
                     dispatch<SVMAX>(sv, [&](auto S) {
@@ -933,7 +949,7 @@ int rapa_tiled_conv_bwd_x(const Geo* geo, const float* grad, const float* weight
                   });
                   e += sv * VW;
                 }
-              });
+              }
             }
             continue;
           }
