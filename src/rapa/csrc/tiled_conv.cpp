@@ -445,7 +445,6 @@ inline void pack_bwd_weight(const Geo& g, const float* weight, float* w2) {
 struct Win {
   int64_t ilo, ihi, jlo, jhi;
   bool empty() const { return ilo >= ihi; }
-  bool operator==(const Win& o) const { return ilo == o.ilo && ihi == o.ihi && jlo == o.jlo && jhi == o.jhi; }
 };
 
 // The kernel offsets i in [0, k) whose input o*s + i*d - pad lies in [0, n).
