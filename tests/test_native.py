@@ -322,3 +322,26 @@ def test_native_draw_uses_the_default_generator_and_the_partition_is_unchanged(l
     slow = schemes.random_partition_index(6, 300, 7)
     assert torch.equal(fast, slow) and torch.equal(after_fast, torch.rand(3))
     assert ops_native.randperm_rows(2, 5) is None  # the native path is off
+
+
+def test_bench_kernels_script_times_the_three_kernels_of_both(lib, capsys):
+    """scripts/bench_kernels.py (the README's kernel-by-kernel figures) runs and prints a ratio
+    per kernel; no timing is asserted."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_kernels.py"
+    spec = importlib.util.spec_from_file_location("bench_kernels", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    times = mod.kernel_times("conv2", 2, True, 1)
+    assert set(times) == {"forward", "input gradient", "weight gradient"}
+    assert all(r > 0 and c > 0 for r, c in times.values())
+    threads = torch.get_num_threads()
+    try:
+        mod.main(["--layer", "conv1", "--batch", "2", "--threads", "1", "--format", "nchw", "--repeats", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "conv1, batch 2, NCHW, 1 threads" in out
+    assert sum(line.split()[-2] == "ratio" for line in out.splitlines()) == 4
