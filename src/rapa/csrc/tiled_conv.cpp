@@ -251,7 +251,7 @@ constexpr int krows_for(int nv) { return std::min(12, RAPA_GW_ACC / nv); }
 // q0, q1): the ranges of patch entries to sum (the block's window, see Win); w: (K, cp) at the
 // column block; init: the bias there, or null. The sums go to the rows out + pix[r] * cp (whole
 // vectors). A flat loop over each run keeps the accumulators in registers.
-template <int MR, int NV, bool WHOLE>
+template <int MR, int NV>
 __attribute__((noinline)) void fwd_block(const float* xp, const int64_t* base, const int64_t* koff, const int64_t* runs, int64_t nruns,
                const float* w, int64_t cp, const float* init, float* out, const int64_t* pix) {
   vf acc[MR][NV];
@@ -264,33 +264,18 @@ __attribute__((noinline)) void fwd_block(const float* xp, const int64_t* base, c
   const float* a[MR];
   RAPA_UNROLL
   for (int r = 0; r < MR; ++r) a[r] = xp + base[r];
-  if constexpr (WHOLE) {  // nruns: K
-    for (int64_t q = 0; q < nruns; ++q, w += cp) {
+  for (int64_t u = 0; u < nruns; ++u) {
+    const float* wq = w + runs[2 * u] * cp;
+    for (int64_t q = runs[2 * u], q1 = runs[2 * u + 1]; q < q1; ++q, wq += cp) {
       const int64_t o = koff[q];
       vf wv[NV];
       RAPA_UNROLL
-      for (int v = 0; v < NV; ++v) wv[v] = vload_reg(w + v * VW);
+      for (int v = 0; v < NV; ++v) wv[v] = vload_reg(wq + v * VW);
       RAPA_UNROLL
       for (int r = 0; r < MR; ++r) {
         const float x = a[r][o];
         RAPA_UNROLL
         for (int v = 0; v < NV; ++v) acc[r][v] += wv[v] * x;
-      }
-    }
-  } else {
-    for (int64_t u = 0; u < nruns; ++u) {
-      const float* wq = w + runs[2 * u] * cp;
-      for (int64_t q = runs[2 * u], q1 = runs[2 * u + 1]; q < q1; ++q, wq += cp) {
-        const int64_t o = koff[q];
-        vf wv[NV];
-        RAPA_UNROLL
-        for (int v = 0; v < NV; ++v) wv[v] = vload_reg(wq + v * VW);
-        RAPA_UNROLL
-        for (int r = 0; r < MR; ++r) {
-          const float x = a[r][o];
-          RAPA_UNROLL
-          for (int v = 0; v < NV; ++v) acc[r][v] += wv[v] * x;
-        }
       }
     }
   }
@@ -497,7 +482,7 @@ struct Scratch {  // per-thread buffers, kept between calls (OpenMP threads pers
   std::vector<int64_t> pix2, base2, cls, cend;  // sorting a group by window class
   std::vector<int64_t> runs, rng;  // a block's runs of patch entries, an entry block's pixel ranges
   std::vector<XBlock> xblocks;     // the input gradient's row blocks of a chunk
-  std::vector<Win> win, cwin;  // each pixel's window, each class's
+  std::vector<Win> win;        // each pixel's window
   int64_t nr = 0, nc = 0;      // row classes, column classes (class = row class * nc + column class)
   bool whole = true;           // one class: every pixel computes its whole window
   // the row classes valid for kernel row i: [rva[i], rvb[i]); the column classes for kernel column j
@@ -553,7 +538,7 @@ struct Scratch {  // per-thread buffers, kept between calls (OpenMP threads pers
       nr = nc = 1;
     }
     whole = nr * nc == 1;
-    win.resize(g.np()), cls.resize(g.np()), cwin.assign(nr * nc, Win{0, 0, 0, 0}), cend.resize(nr * nc);
+    win.resize(g.np()), cls.resize(g.np()), cend.resize(nr * nc);
     runs.resize(2 * g.kh), rng.resize(2 * nr * nc);
     // classes are numbered in order of rows and columns, whose windows move monotonically, so
     // the classes valid for a kernel row (column) are a contiguous range
@@ -572,7 +557,7 @@ struct Scratch {  // per-thread buffers, kept between calls (OpenMP threads pers
       for (int64_t ox = 0; ox < g.ow; ++ox, ++p) {
         Win w{rows[oy].ilo, rows[oy].ihi, cols[ox].jlo, cols[ox].jhi};
         if (w.ilo >= w.ihi || w.jlo >= w.jhi) w = Win{0, 0, 0, 0};  // every entry in the padding
-        win[p] = w, cls[p] = rcls[oy] * nc + ccls[ox], cwin[cls[p]] = w;
+        win[p] = w, cls[p] = rcls[oy] * nc + ccls[ox];
       }
   }
   // The valid pixels of group (b, t) into pix and base, in order of their window class (stable:
@@ -681,8 +666,8 @@ int rapa_tiled_conv_fwd(const Geo* geo, const float* x, const float* weight, con
     sc.img_x.resize(g.hp * g.wp * g.c);
     if (!direct) sc.img_o.resize(np * g.cp);
     const float* xp = sc.img_x.data();
-    // SKIP: blocks by window class, each summing its window only; else (sc.whole) blocks of
-    // the group in order, each summing its whole patch in one flat loop
+    // SKIP: blocks by window class, each summing its window's runs only; else (sc.whole) blocks
+    // of the group in order, each summing its whole patch as one run
     auto images = [&](auto SKIPc) {
     constexpr bool SKIP = decltype(SKIPc)::value;
     for (int64_t b = i0 / g.nt; b * g.nt < i1; ++b) {
@@ -708,15 +693,11 @@ int rapa_tiled_conv_fwd(const Geo* geo, const float* x, const float* weight, con
                 for (int64_t r = r0 + rn; r < std::min<int64_t>(cnt, r0 + rn + MR); ++r) prefetch_row(dst + sc.pix[r] * g.cp, g.cout, true);
               dispatch<MR>(rn, [&](auto R) {
                 constexpr int RN = decltype(R)::value;
-                if constexpr (SKIP) {
-                  int64_t* runs = sc.runs.data();
-                  const int64_t nruns = window_runs(g, union_window(sc.win.data(), sc.pix.data() + r0, RN), runs);
-                  fwd_block<RN, NV, false>(xp, sc.base.data() + r0, sc.koff.data(), runs, nruns, wt, g.cp, bt,
-                                           dst + c0, sc.pix.data() + r0);
-                } else {
-                  fwd_block<RN, NV, true>(xp, sc.base.data() + r0, sc.koff.data(), nullptr, k, wt, g.cp, bt, dst + c0,
-                                          sc.pix.data() + r0);
-                }
+                const int64_t whole[2] = {0, k};  // without skipping: the whole patch, one run
+                int64_t* runs = sc.runs.data();
+                const int64_t nruns = SKIP ? window_runs(g, union_window(sc.win.data(), sc.pix.data() + r0, RN), runs) : 1;
+                fwd_block<RN, NV>(xp, sc.base.data() + r0, sc.koff.data(), SKIP ? runs : whole, nruns, wt, g.cp, bt,
+                                  dst + c0, sc.pix.data() + r0);
               });
             };
             if constexpr (SKIP) sc.class_blocks(0, cnt, MR, 3, block);
