@@ -80,6 +80,40 @@ def test_native_matches_per_tile_conv2d(lib, geom, scheme, bias, channels_last):
         torch.testing.assert_close(layer.bias.grad, br.grad, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("scheme", ["random", "perforated"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_stacked_images_match_per_tile_conv2d(lib, threads, scheme, channels_last):
+    # Where padding is skipped the kernels stack several images' pixels of a tile into one group
+    # (here up to 8 images): 9 images give stacks of 5 and 4 on one thread, and stacks of 4 and
+    # 1 around an image whose tiles two threads share on two
+    torch.manual_seed(1)
+    layer = rapa.TiledConv2d(8, 16, 5, padding=2, tiles=4, scheme=scheme)
+    x = torch.randn(9, 8, 8, 8)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    index = layer.assignment(x)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = layer(x, index=index)
+        g = torch.randn_like(y)
+        y.backward(g)
+    finally:
+        torch.set_num_threads(before)
+    tile_map = schemes.index_to_tile_map(index, 64)
+    xr = x.detach().clone().requires_grad_(True)
+    wr = layer.weight.detach().clone().requires_grad_(True)
+    br = layer.bias.detach().clone().requires_grad_(True)
+    ref = _reference(xr, wr, br, tile_map, layer.stride, layer.padding, layer.dilation)
+    ref.backward(g)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(layer.weight.grad, wr.grad, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(layer.bias.grad, br.grad, rtol=1e-4, atol=1e-4)
+
+
 def test_only_the_needed_gradients(lib):
     torch.manual_seed(0)
     layer = rapa.TiledConv2d(3, 6, 3, padding=1, tiles=4)

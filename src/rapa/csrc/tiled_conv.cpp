@@ -71,7 +71,15 @@ namespace {
 constexpr int VW = RAPA_VW;
 constexpr int NVMAX = RAPA_NVMAX;  // vectors of output channels per micro-kernel call
 constexpr int64_t PB = 256;    // pixels per chunk of the weight gradient
-constexpr int64_t PBX = 64;    // pixels per chunk of the input gradient
+#ifndef RAPA_PBX
+#define RAPA_PBX 64
+#endif
+constexpr int64_t PBX = RAPA_PBX;    // pixels per chunk of the input gradient
+#ifndef RAPA_STACK_PX
+#define RAPA_STACK_PX 256
+#endif
+// Stacks of images (see stack_max): up to STACK_PX slots of a tile, STACK_MAX images
+constexpr int64_t STACK_PX = RAPA_STACK_PX, STACK_MAX = 8;
 typedef float vf __attribute__((vector_size(VW * sizeof(float))));
 
 inline vf vload(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
@@ -354,25 +362,26 @@ inline void pad_image(const Geo& g, const float* x, int64_t b, bool nchw, float*
   std::fill(pad + (g.ph + g.h) * row, pad + g.hp * row, 0.f);
 }
 
-// Image b of the output gradient as (np, cout) rows: grad itself when it is (N, oh, ow, cout),
-// its transpose in buf when it is (N, cout, oh, ow) (Geo::layout bit 1).
-inline const float* grad_rows(const Geo& g, const float* grad, int64_t b, fvec& buf) {
+// Images b..b+nb of the output gradient as (nb * np, cout) rows: grad itself when it is
+// (N, oh, ow, cout), their transposes in buf when it is (N, cout, oh, ow) (Geo::layout bit 1).
+inline const float* grad_rows(const Geo& g, const float* grad, int64_t b, int64_t nb, fvec& buf) {
   const int64_t np = g.np();
   if (!(g.layout & 2)) {
     // the kernels read its rows in the drawn order: asked for into L2 in memory order first
     // (whole streams, not a miss per row; 3-5% of conv1's gradients), if it fits there easily
     const char* c = reinterpret_cast<const char*>(grad + b * np * g.cout);
-    const int64_t bytes = np * g.cout * int64_t(sizeof(float));
+    const int64_t bytes = nb * np * g.cout * int64_t(sizeof(float));
     if (bytes <= (256 << 10))
       for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 2);
     return grad + b * np * g.cout;
   }
-  buf.resize(np * g.cout);
-  transpose(grad + b * g.cout * np, g.cout, np, np, buf.data(), g.cout);
+  buf.resize(nb * np * g.cout);
+  for (int64_t i = 0; i < nb; ++i)
+    transpose(grad + (b + i) * g.cout * np, g.cout, np, np, buf.data() + i * np * g.cout, g.cout);
   return buf.data();
 }
 
-// Copy the gradient rows (gimg: one image's (np, cout)) of cnt pixels into G (cnt, cp), zero-padded.
+// Copy the gradient rows (gimg: (images' np, cout)) of cnt pixels into G (cnt, cp), zero-padded.
 inline void pack_g(const Geo& g, const float* gimg, const int64_t* pix, int64_t cnt, float* G) {
   // the rows are scattered over an image's gradient that is mostly not in cache yet: the rows
   // PF ahead are asked for while these are copied (5% of conv1's weight gradient at batch 128)
@@ -395,6 +404,27 @@ inline void pack_g(const Geo& g, const float* gimg, const int64_t* pix, int64_t 
 inline void tile_range(const Geo& g, int64_t i0, int64_t i1, int64_t b, int64_t* t0, int64_t* t1) {
   *t0 = std::max<int64_t>(i0 - b * g.nt, 0);
   *t1 = std::min<int64_t>(i1 - b * g.nt, g.nt);
+}
+
+// With skipping (not `whole`), images go in stacks of up to this many: a tile's pixels from
+// several images, sorted by window class together, fill more whole blocks of one class (fewer
+// small blocks, fewer unions of windows: conv2's forward 3-4% faster with 4 images)
+inline int64_t stack_max(const Geo& g, bool whole) {
+  return whole ? 1 : std::clamp<int64_t>(STACK_PX / std::max<int64_t>(g.m, 1), 1, STACK_MAX);
+}
+// The next stack's size with `left` images to go: stacks of nearly equal size (10: 4, 3, 3).
+inline int64_t stack_size(int64_t left, int64_t nbmax) {
+  const int64_t nstack = (left + nbmax - 1) / nbmax;
+  return (left + nstack - 1) / nstack;
+}
+
+// The stack that starts at image b among groups [i0, i1) of (image, tile) order: its tiles
+// [t0, t1), and how many images it holds (of those from b on with the same tiles).
+inline int64_t next_stack(const Geo& g, int64_t i0, int64_t i1, int64_t b, int64_t nbmax, int64_t* t0, int64_t* t1) {
+  tile_range(g, i0, i1, b, t0, t1);
+  int64_t e = b + 1, u0, u1;
+  while (e * g.nt < i1 && (tile_range(g, i0, i1, e, &u0, &u1), u0 == *t0 && u1 == *t1)) ++e;
+  return stack_size(e - b, nbmax);
 }
 
 // weight (nt, cout, C, kh, kw) -> wt (nt, K, cp): K in (kh, kw, C) order, channels zero-padded
@@ -479,7 +509,7 @@ struct XBlock {
 
 struct Scratch {  // per-thread buffers, kept between calls (OpenMP threads persist)
   std::vector<int64_t> pix, base, pbase, koff;
-  std::vector<int64_t> pix2, base2, cls, cend;  // sorting a group by window class
+  std::vector<int64_t> row, pix2, base2, row2, cls, cend;  // output rows; sorting a group by window class
   std::vector<int64_t> runs, rng;  // a block's runs of patch entries, an entry block's pixel ranges
   std::vector<XBlock> xblocks;     // the input gradient's row blocks of a chunk
   std::vector<Win> win;        // each pixel's window
@@ -505,7 +535,7 @@ struct Scratch {  // per-thread buffers, kept between calls (OpenMP threads pers
     key.n = key.nth = key.layout = 0;
     if (std::memcmp(&key, &last_geo, sizeof key) == 0) return;
     last_geo = key;
-    pix.resize(g.m), base.resize(g.m), pix2.resize(g.m), base2.resize(g.m);
+    for (auto* v : {&pix, &base, &row, &pix2, &base2, &row2}) v->resize(g.m);
     pixel_bases(g, pbase);
     std::vector<Win> rows(g.oh), cols(g.ow);  // (ilo, ihi) of each output row, (jlo, jhi) of each column
     std::vector<int64_t> rcls(g.oh), ccls(g.ow);
@@ -560,10 +590,20 @@ struct Scratch {  // per-thread buffers, kept between calls (OpenMP threads pers
         win[p] = w, cls[p] = rcls[oy] * nc + ccls[ox];
       }
   }
-  // The valid pixels of group (b, t) into pix and base, in order of their window class (stable:
-  // the drawn order within a class), and cend[c] the end of class c's range; how many there are.
-  int64_t group_of(const Geo& g, const int64_t* index, int64_t b, int64_t t) {
-    const int64_t cnt = group(g, index, pbase.data(), b, t, pix.data(), base.data());
+  // The valid pixels of tile t in images b..b+nb into pix (each one's pixel in its image),
+  // base (its patch's offset in nb padded images of `stride` floats, stacked) and row (its row
+  // in the images' stacked outputs, (b' - b) * np + pixel), in order of their window class
+  // (stable: image by image, the drawn order within an image), and cend[c] the end of class
+  // c's range; how many there are.
+  int64_t group_of(const Geo& g, const int64_t* index, int64_t b, int64_t nb, int64_t t, int64_t stride = 0) {
+    if (int64_t(pix.size()) < nb * g.m)
+      for (auto* v : {&pix, &base, &row, &pix2, &base2, &row2}) v->resize(nb * g.m);
+    int64_t cnt = 0;
+    for (int64_t i = 0; i < nb; ++i) {
+      const int64_t n = group(g, index, pbase.data(), b + i, t, pix.data() + cnt, base.data() + cnt);
+      for (int64_t r = cnt; r < cnt + n; ++r) base[r] += i * stride, row[r] = i * g.np() + pix[r];
+      cnt += n;
+    }
     const int64_t ncls = cend.size();
     last[0] = -1;  // new class ranges
     if (ncls == 1) return cend[0] = cnt;
@@ -572,9 +612,9 @@ struct Scratch {  // per-thread buffers, kept between calls (OpenMP threads pers
     for (int64_t c = 0, at = 0; c < ncls; ++c) at += cend[c], cend[c] = at - cend[c];  // starts
     for (int64_t r = 0; r < cnt; ++r) {
       const int64_t at = cend[cls[pix[r]]]++;
-      pix2[at] = pix[r], base2[at] = base[r];
+      pix2[at] = pix[r], base2[at] = base[r], row2[at] = row[r];
     }
-    pix.swap(pix2), base.swap(base2);
+    pix.swap(pix2), base.swap(base2), row.swap(row2);
     return cnt;
   }
   // The pixels among rows [r0, r0 + rc) of the sorted group for which some of the entries
@@ -663,23 +703,23 @@ int rapa_tiled_conv_fwd(const Geo* geo, const float* x, const float* weight, con
     sc.koff.resize(k);
     for (int64_t q = 0; q < sg.nseg; ++q)
       for (int64_t e = 0; e < sg.len; ++e) sc.koff[q * sg.len + e] = sg.off[q] + e;
-    sc.img_x.resize(g.hp * g.wp * g.c);
-    if (!direct) sc.img_o.resize(np * g.cp);
+    const int64_t stride = g.hp * g.wp * g.c, nbmax = stack_max(g, sc.whole);  // one padded image; a stack
+    sc.img_x.resize(nbmax * stride);
+    if (!direct) sc.img_o.resize(nbmax * np * g.cp);
     const float* xp = sc.img_x.data();
     // SKIP: blocks by window class, each summing its window's runs only; else (sc.whole) blocks
     // of the group in order, each summing its whole patch as one run
     auto images = [&](auto SKIPc) {
     constexpr bool SKIP = decltype(SKIPc)::value;
-    for (int64_t b = i0 / g.nt; b * g.nt < i1; ++b) {
+    for (int64_t b = i0 / g.nt, nb; b * g.nt < i1; b += nb) {
       int64_t t0, t1;
-      tile_range(g, i0, i1, b, &t0, &t1);
-      pad_image(g, x, b, nchw, sc.img_x.data());
-      // the image's (np, cp) rows: straight into out when it is channels-last with whole
+      nb = next_stack(g, i0, i1, b, nbmax, &t0, &t1);
+      for (int64_t i = 0; i < nb; ++i) pad_image(g, x, b + i, nchw, sc.img_x.data() + i * stride);
+      // the stack's (nb * np, cp) rows: straight into out when it is channels-last with whole
       // vectors of channels, else gathered in scratch and copied (or transposed) below
-      float* ob = out + b * g.cout * np;  // (np, cout) or (cout, np)
-      float* dst = direct ? ob : sc.img_o.data();
+      float* dst = direct ? out + b * np * g.cout : sc.img_o.data();
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t cnt = sc.group_of(g, index, b, t);
+        const int64_t cnt = sc.group_of(g, index, b, nb, t, stride);
         for (int64_t c0 = 0; c0 < g.cp; c0 += NVMAX * VW) {
           const int64_t nv = std::min<int64_t>(NVMAX, (g.cp - c0) / VW);
           const float* bt = bias ? bias + t * g.cp + c0 : nullptr;
@@ -687,17 +727,17 @@ int rapa_tiled_conv_fwd(const Geo* geo, const float* x, const float* weight, con
           dispatch<NVMAX>(nv, [&](auto NVc) {
             constexpr int NV = decltype(NVc)::value, MR = rows_for(NV);
             auto block = [&](int64_t r0, int64_t rn) {
-              // the next block's output rows, scattered over an image of out that is mostly
+              // the next block's output rows, scattered over images of out that are mostly
               // not in cache: asked for (to be written) while this block computes
               if (direct && c0 == 0)
-                for (int64_t r = r0 + rn; r < std::min<int64_t>(cnt, r0 + rn + MR); ++r) prefetch_row(dst + sc.pix[r] * g.cp, g.cout, true);
+                for (int64_t r = r0 + rn; r < std::min<int64_t>(cnt, r0 + rn + MR); ++r) prefetch_row(dst + sc.row[r] * g.cp, g.cout, true);
               dispatch<MR>(rn, [&](auto R) {
                 constexpr int RN = decltype(R)::value;
                 const int64_t whole[2] = {0, k};  // without skipping: the whole patch, one run
                 int64_t* runs = sc.runs.data();
                 const int64_t nruns = SKIP ? window_runs(g, union_window(sc.win.data(), sc.pix.data() + r0, RN), runs) : 1;
                 fwd_block<RN, NV>(xp, sc.base.data() + r0, sc.koff.data(), SKIP ? runs : whole, nruns, wt, g.cp, bt,
-                                  dst + c0, sc.pix.data() + r0);
+                                  dst + c0, sc.row.data() + r0);
               });
             };
             if constexpr (SKIP) sc.class_blocks(0, cnt, MR, 3, block);
@@ -706,21 +746,25 @@ int rapa_tiled_conv_fwd(const Geo* geo, const float* x, const float* weight, con
         }
       }
       if (direct) continue;
-      if (every && t0 == 0 && t1 == g.nt) {
-        if (nchw) {
-          transpose(dst, np, g.cout, g.cp, ob, np);
-        } else {
-          for (int64_t p = 0; p < np; ++p) std::memcpy(ob + p * g.cout, dst + p * g.cp, g.cout * sizeof(float));
+      for (int64_t i = 0; i < nb; ++i) {
+        float* ob = out + (b + i) * g.cout * np;  // (np, cout) or (cout, np)
+        const float* di = dst + i * np * g.cp;    // its rows (np, cp)
+        if (every && t0 == 0 && t1 == g.nt) {
+          if (nchw) {
+            transpose(di, np, g.cout, g.cp, ob, np);
+          } else {
+            for (int64_t p = 0; p < np; ++p) std::memcpy(ob + p * g.cout, di + p * g.cp, g.cout * sizeof(float));
+          }
+          continue;
         }
-      } else {  // part of the image, or not every pixel listed: only this thread's pixels
-        for (int64_t t = t0; t < t1; ++t) {
-          const int64_t cnt = sc.group_of(g, index, b, t);
+        for (int64_t t = t0; t < t1; ++t) {  // part of the image, or not every pixel listed: only these pixels
+          const int64_t cnt = sc.group_of(g, index, b + i, 1, t);
           for (int64_t r = 0; r < cnt; ++r) {
             const int64_t p = sc.pix[r];
             if (nchw) {
-              for (int64_t c = 0; c < g.cout; ++c) ob[c * np + p] = dst[p * g.cp + c];
+              for (int64_t c = 0; c < g.cout; ++c) ob[c * np + p] = di[p * g.cp + c];
             } else {
-              std::memcpy(ob + p * g.cout, dst + p * g.cp, g.cout * sizeof(float));
+              std::memcpy(ob + p * g.cout, di + p * g.cp, g.cout * sizeof(float));
             }
           }
         }
@@ -755,20 +799,22 @@ int rapa_tiled_conv_bwd_w(const Geo* geo, const float* x, const float* grad, con
     Scratch& sc = scratch;
     sc.prepare(g);
     sc.G.resize(PB * g.cp);
-    if (gw) sc.img_x.resize(g.hp * g.wp * g.c);
+    const int64_t stride = g.hp * g.wp * g.c, nbmax = stack_max(g, sc.whole);  // one padded image; a stack
+    if (gw) sc.img_x.resize(nbmax * stride);
     const float* xp = sc.img_x.data();
     if (gw) sc.gw.assign((tt1 - tt0) * k * g.cp, 0.f), part_w[tid] = sc.gw.data();
     if (gb) sc.gb.assign((tt1 - tt0) * g.cp, 0.f), part_b[tid] = sc.gb.data();
-    auto image = [&](int64_t b, int64_t t0, int64_t t1) {  // groups (b, t0..t1) into the sums
-      if (gw) pad_image(g, x, b, nchw, sc.img_x.data());
-      const float* gimg = grad_rows(g, grad, b, sc.img_g);
+    auto stack = [&](int64_t b, int64_t nb, int64_t t0, int64_t t1) {  // groups (b..b+nb, t0..t1) into the sums
+      if (gw)
+        for (int64_t i = 0; i < nb; ++i) pad_image(g, x, b + i, nchw, sc.img_x.data() + i * stride);
+      const float* gimg = grad_rows(g, grad, b, nb, sc.img_g);
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t cnt = sc.group_of(g, index, b, t);
+        const int64_t cnt = sc.group_of(g, index, b, nb, t, stride);
         for (int64_t r0 = 0; r0 < cnt; r0 += PB) {
           const int64_t rc = std::min(PB, cnt - r0);
           const int64_t* base = sc.base.data() + r0;
           float* G = sc.G.data();
-          pack_g(g, gimg, sc.pix.data() + r0, rc, G);
+          pack_g(g, gimg, sc.row.data() + r0, rc, G);
           if (gb) {
             float* gbt = sc.gb.data() + (t - tt0) * g.cp;
             for (int64_t r = 0; r < rc; ++r)
@@ -799,13 +845,13 @@ int rapa_tiled_conv_bwd_w(const Geo* geo, const float* x, const float* grad, con
     };
     int64_t i0, i1;
     if (by_tile) {
-      for (int64_t b = 0; b < g.n; ++b) image(b, tt0, tt1);
+      for (int64_t b = 0, nb; b < g.n; b += nb) stack(b, nb = stack_size(g.n - b, nbmax), tt0, tt1);
     } else {
       split(g.n * g.nt, tid, nth, &i0, &i1);
-      for (int64_t b = i0 / g.nt; b * g.nt < i1; ++b) {
+      for (int64_t b = i0 / g.nt, nb; b * g.nt < i1; b += nb) {
         int64_t t0, t1;
-        tile_range(g, i0, i1, b, &t0, &t1);
-        image(b, t0, t1);
+        nb = next_stack(g, i0, i1, b, nbmax, &t0, &t1);
+        stack(b, nb, t0, t1);
       }
 #pragma omp barrier
     }
@@ -879,13 +925,15 @@ int rapa_tiled_conv_bwd_x(const Geo* geo, const float* grad, const float* weight
     sc.G.resize(PBX * g.cp), sc.T.resize(PBX * g.kp);
     float* T = sc.T.data();
     const int64_t row = g.wp * g.c, inner = g.w * g.c, hw = g.h * g.w;
-    sc.img_x.resize(g.hp * row);
+    const int64_t stride = g.hp * row, nbmax = stack_max(g, sc.whole);  // one padded image; a stack
+    sc.img_x.resize(nbmax * stride);
     float* img = sc.img_x.data();
-    for (int64_t b = b0; b < b1; ++b) {
-      std::fill(img, img + g.hp * row, 0.f);
-      const float* gimg = grad_rows(g, grad, b, sc.img_g);
+    for (int64_t b = b0, nb; b < b1; b += nb) {
+      nb = stack_size(b1 - b, nbmax);
+      std::fill(img, img + nb * stride, 0.f);
+      const float* gimg = grad_rows(g, grad, b, nb, sc.img_g);
       for (int64_t t = 0; t < g.nt; ++t) {
-        const int64_t cnt = sc.group_of(g, index, b, t);
+        const int64_t cnt = sc.group_of(g, index, b, nb, t, stride);
         const float* w2t = w2 + t * g.cout * g.kp;
         // chunks of PBX pixels: each block of SVMAX*VW patch entries of the weights (cout rows)
         // stays in L1 while every row block of the chunk uses it; T holds the chunk's patch
@@ -893,7 +941,7 @@ int rapa_tiled_conv_bwd_x(const Geo* geo, const float* grad, const float* weight
         for (int64_t q0 = 0; q0 < cnt; q0 += PBX) {
           const int64_t qc = std::min(PBX, cnt - q0);
           float* G = sc.G.data();
-          pack_g(g, gimg, sc.pix.data() + q0, qc, G);
+          pack_g(g, gimg, sc.row.data() + q0, qc, G);
           if (fused) {  // segments of whole vectors: add each block of entries into the windows
             // Each row block's entries of segment s inside its window (whole vectors: the
             // rest falls in the padding, whose gradient is dropped), in nb blocks of nearly
@@ -956,11 +1004,12 @@ int rapa_tiled_conv_bwd_x(const Geo* geo, const float* grad, const float* weight
           }
         }
       }
-      for (int64_t y = 0; y < g.h; ++y) {  // the image's gradient without the border
-        const float* src = img + (g.ph + y) * row + g.pw * g.c;
-        if (nchw) transpose(src, g.w, g.c, g.c, gx + b * g.c * hw + y * g.w, hw);
-        else std::memcpy(gx + (b * g.h + y) * inner, src, inner * sizeof(float));
-      }
+      for (int64_t i = 0; i < nb; ++i)
+        for (int64_t y = 0; y < g.h; ++y) {  // the images' gradients without the border
+          const float* src = img + i * stride + (g.ph + y) * row + g.pw * g.c;
+          if (nchw) transpose(src, g.w, g.c, g.c, gx + (b + i) * g.c * hw + y * g.w, hw);
+          else std::memcpy(gx + ((b + i) * g.h + y) * inner, src, inner * sizeof(float));
+        }
     }
   }
   return 0;
