@@ -331,7 +331,9 @@ def test_geometry_of_a_call():
     assert (ng.h, ng.w, ng.ph, ng.pw, ng.layout) == (9, 7, 1, 0, 1)
 
 
-@pytest.mark.parametrize("b,n,cols", [(1, 1, 1), (3, 7, 1), (5, 1024, 16), (4, 10, 3), (2, 100, 7)])
+@pytest.mark.parametrize("b,n,cols", [(1, 1, 1), (3, 7, 1), (5, 1024, 16), (4, 10, 3), (2, 100, 7),
+                                      (40, 999, 1),           # many refreshes of the engine's state
+                                      (2, 2 ** 20 + 3, 1)])   # remainders past the doubles' range
 def test_native_draw_is_torch_randperm(lib, b, n, cols):
     # the random scheme draws b permutations in one native call: exactly b torch.randperm calls'
     # permutations (as rows, or as rank grids of cols columns) and generator state afterwards

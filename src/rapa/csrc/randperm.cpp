@@ -12,6 +12,7 @@
 // (rapa.ops.native.randperm_rows) and otherwise draws with torch.
 #include <omp.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -38,6 +39,26 @@ struct Mt19937 {  // at::mt19937 (ATen/core/MT19937RNGEngine.h)
     for (int j = MT_M; --j; p++) *p = p[MT_M - MT_N] ^ twist(p[0], p[1]);
     *p = p[MT_M - MT_N] ^ twist(p[0], s[0]);
   }
+  // The next cnt outputs of operator() into d: each state block's values tempered in one
+  // (vectorised) loop, the engine left where cnt calls would leave it.
+  void fill(uint32_t* d, int64_t cnt) {
+    for (;;) {
+      const int64_t avail = std::min<int64_t>(left - 1, cnt);  // before the next refresh
+      const uint32_t* src = s + next;
+      for (int64_t j = 0; j < avail; ++j) {
+        uint32_t y = src[j];
+        y ^= (y >> 11);
+        y ^= (y << 7) & 0x9d2c5680u;
+        y ^= (y << 15) & 0xefc60000u;
+        y ^= (y >> 18);
+        d[j] = y;
+      }
+      next += uint32_t(avail), left -= int32_t(avail), d += avail, cnt -= avail;
+      if (cnt == 0) return;
+      next_state();  // left was 1: the next call refreshes the state and draws s[0]
+      left = MT_N + 1;  // without counting that draw down
+    }
+  }
   uint32_t operator()() {
     if (--left == 0) next_state();
     uint32_t y = s[next++];
@@ -48,6 +69,30 @@ struct Mt19937 {  // at::mt19937 (ATen/core/MT19937RNGEngine.h)
     return y;
   }
 };
+
+// z[i] = d[i] % (n - i) for i < per (n < 2^32), as torch's int64 % gives it. Where n <= 2^20,
+// eight at a time in doubles (exact: with d < 2^32 and a divisor m <= 2^20, a remainder r > 0
+// puts d / m at least 1/m = 2^-20 below the next integer, more than half a double's spacing
+// there (2^-22 at most), so the rounded quotient truncates to the integer quotient q; d - m*q
+// is then an exact integer), a few times faster than integer division.
+inline void mods(const uint32_t* d, int64_t per, int64_t n, uint32_t* z) {
+  typedef double v8d __attribute__((vector_size(8 * sizeof(double))));
+  typedef int64_t v8l __attribute__((vector_size(8 * sizeof(int64_t))));
+  typedef uint32_t v8u __attribute__((vector_size(8 * sizeof(uint32_t))));
+  int64_t i = 0;
+  if (n <= (int64_t(1) << 20)) {
+    const v8d step = {0, 1, 2, 3, 4, 5, 6, 7};
+    for (; i + 8 <= per; i += 8) {
+      v8u dv;
+      std::memcpy(&dv, d + i, sizeof dv);
+      const v8d dd = __builtin_convertvector(dv, v8d), m = double(n - i) - step;
+      const v8d q = __builtin_convertvector(__builtin_convertvector(dd / m, v8l), v8d);  // truncated
+      const v8u r = __builtin_convertvector(__builtin_convertvector(dd - m * q, v8l), v8u);
+      std::memcpy(z + i, &r, sizeof r);
+    }
+  }
+  for (; i < per; ++i) z[i] = d[i] % uint32_t(n - i);
+}
 
 }  // namespace
 
@@ -60,8 +105,9 @@ int64_t rapa_generator_state_bytes() { return STATE_BYTES; }
 // rapa_generator_state_bytes() bytes), which is advanced past the b * (n - 1) draws, written
 // to out (b, cols, M), M = ceil(n / cols), as out[row, c, j] = perm[row, j * cols + c] (n past
 // the end of perm): the rank grid of a random balanced partition into `cols` tiles (cols = 1:
-// the permutations as rows). The draws are made in order; the shuffles run on nth OpenMP
-// threads (one row each). Returns 0, or -1 (nothing written) if the state is not one this
+// the permutations as rows). The draws are made in order (tempered a state block at a time,
+// vectorised); the shuffles run on nth OpenMP threads (one row each), their remainders
+// computed in doubles (mods). Returns 0, or -1 (nothing written) if the state is not one this
 // engine can read or n is out of torch.randperm's small-n range.
 int rapa_randperm_rows(uint8_t* state, int64_t b, int64_t n, int64_t cols, int64_t nth, int64_t* out) {
   if (b < 0 || n < 1 || cols < 1 || n >= int64_t(UINT32_MAX / 20)) return -1;
@@ -77,8 +123,10 @@ int rapa_randperm_rows(uint8_t* state, int64_t b, int64_t n, int64_t cols, int64
     mt.s[i] = uint32_t(v);
   }
   const int64_t per = n - 1;
-  std::vector<uint32_t> draws(b * per);
-  for (auto& d : draws) d = mt();
+  thread_local std::vector<uint32_t> draws;  // kept between calls: no zeroing of fresh memory
+  if (int64_t(draws.size()) < b * per) draws.resize(b * per);
+  mt.fill(draws.data(), b * per);
+  const uint32_t* all = draws.data();  // (the team's threads have their own `draws`)
   std::memcpy(state + OFF_LEFT, &mt.left, sizeof mt.left);
   next = mt.next;
   std::memcpy(state + OFF_NEXT, &next, sizeof next);
@@ -90,16 +138,18 @@ int rapa_randperm_rows(uint8_t* state, int64_t b, int64_t n, int64_t cols, int64
 #pragma omp parallel num_threads(nth)
   {
     std::vector<int64_t> buf(cols == 1 ? 0 : n);
+    std::vector<uint32_t> zs(per);
 #pragma omp for schedule(static)
     for (int64_t row = 0; row < b; ++row) {
       int64_t* r = cols == 1 ? out + row * n : buf.data();
-      const uint32_t* d = draws.data() + row * per;
+      const uint32_t* d = all + row * per;
       for (int64_t i = 0; i < n; ++i) r[i] = i;
+      uint32_t* z = zs.data();  // z[i] = d[i] % (n - i), the same as torch's int64 % (n < 2^32)
+      mods(d, per, n, z);
       for (int64_t i = 0; i < per; ++i) {
-        const int64_t z = int64_t(d[i] % uint32_t(n - i));  // n < 2^32: the same as torch's int64 %
         const int64_t save = r[i];
-        r[i] = r[i + z];
-        r[i + z] = save;
+        r[i] = r[i + z[i]];
+        r[i + z[i]] = save;
       }
       if (cols == 1) continue;
       int64_t* o = out + row * cols * m;
