@@ -114,6 +114,30 @@ def test_stacked_images_match_per_tile_conv2d(lib, threads, scheme, channels_las
     torch.testing.assert_close(layer.bias.grad, br.grad, rtol=1e-4, atol=1e-4)
 
 
+def test_weight_gradient_of_a_large_nchw_gradient_splits_the_images(lib):
+    # an NCHW output gradient much larger than the per-thread partial sums: rather than every
+    # thread transposing every image's gradient (to sum its share of the tiles), the threads
+    # split the images and add their partials; the gradients still match the reference
+    torch.manual_seed(0)
+    layer = rapa.TiledConv2d(3, 32, 5, padding=2, tiles=16)
+    x = torch.randn(24, 3, 16, 16)  # gradient 24*256*32 floats > 2 * 2 threads * 16 tiles * 76 * 32
+    index = layer.assignment(x)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        y = layer(x, index=index)
+        g = torch.randn_like(y)
+        y.backward(g)
+    finally:
+        torch.set_num_threads(before)
+    wr = layer.weight.detach().clone().requires_grad_(True)
+    br = layer.bias.detach().clone().requires_grad_(True)
+    ref = _reference(x, wr, br, schemes.index_to_tile_map(index, 256), layer.stride, layer.padding, layer.dilation)
+    ref.backward(g)
+    torch.testing.assert_close(layer.weight.grad, wr.grad, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(layer.bias.grad, br.grad, rtol=1e-4, atol=1e-4)
+
+
 def test_only_the_needed_gradients(lib):
     torch.manual_seed(0)
     layer = rapa.TiledConv2d(3, 6, 3, padding=1, tiles=4)
@@ -180,12 +204,15 @@ def test_thread_counts_agree_and_runs_are_deterministic(lib, threads, scheme, ch
         assert torch.equal(b, c)  # the same thread count: bitwise the same
 
 
-def test_weight_gradient_is_bitwise_the_same_for_thread_counts_that_share_the_tiles(lib):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_weight_gradient_is_bitwise_the_same_for_thread_counts_that_share_the_tiles(lib, channels_last):
     # 1, 2 and 4 threads share 4 tiles evenly: each tile's gradient is summed over the images in
     # image order, whatever the thread count (3 threads sum partials: equal up to rounding)
     torch.manual_seed(0)
     layer = rapa.TiledConv2d(8, 16, 3, padding=1, tiles=4)
     x = torch.randn(5, 8, 10, 10)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     index = layer.assignment(x)
     before = torch.get_num_threads()
     grads = {}
