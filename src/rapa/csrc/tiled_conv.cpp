@@ -416,7 +416,8 @@ inline int64_t stack_max(const Geo& g, bool whole) {
   const int64_t n = std::min(STACK_PX / std::max<int64_t>(g.m, 1), STACK_BYTES / std::max<int64_t>(bytes, 1));
   return whole ? 1 : std::clamp<int64_t>(n, 1, STACK_MAX);
 }
-// The next stack's size with `left` images to go: stacks of nearly equal size (10: 4, 3, 3).
+// The next stack's size with `left` images to go: stacks of nearly equal size (10 images, at
+// most 4 a stack: 4, 3, 3).
 inline int64_t stack_size(int64_t left, int64_t nbmax) {
   const int64_t nstack = (left + nbmax - 1) / nbmax;
   return (left + nstack - 1) / nstack;
