@@ -1,17 +1,24 @@
 """The README's benchmark tables from the files of ``scripts/bench-all.sh``.
 
     python scripts/bench_table.py results/bench        # Markdown on stdout
+    python scripts/bench_table.py results/bench --median conv.json conv-run4.json ...
 
 Reads ``conv.json`` (``rapa bench conv --json``: both memory formats) and ``train-2t.json`` /
-``train-1t.json`` (``rapa bench train --json``, the first with ``--profile``).
+``train-1t.json`` (``rapa bench train --json``, the first with ``--profile``). With
+``--median`` and several ``rapa bench conv`` files of that folder, the README's conv table
+instead: per format and batch each paper layer's median ratio over the runs and the median
+of the runs' geomeans, with their ranges.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
+
+PAPER_LAYERS = ("3->32 @32x32", "32->32 @16x16", "32->64 @8x8")  # conv1, conv2, conv3 of rapa bench conv
 
 
 def _geomean(values: list[float]) -> float:
@@ -47,6 +54,29 @@ def conv_table(cases: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def conv_median_table(runs: list[list[dict]]) -> str:
+    """Per format and batch over several runs of ``rapa bench conv``: each paper layer's median
+    random / conv2d ratio (range) and the median (range) of the runs' geomeans."""
+    lines = ["| format | batch | conv1 3->32 @32 nt=16 | conv2 32->32 @16 nt=4 | conv3 32->64 @8 nt=1 | geomean |",
+             "|---|---|---|---|---|---|"]
+    first = runs[0]
+    for fmt in dict.fromkeys(c["memory_format"] for c in first):
+        for batch in sorted({c["batch"] for c in first if c["memory_format"] == fmt}, reverse=True):
+            per_run = []  # each run's ratios of the paper's layers, in PAPER_LAYERS order
+            for cases in runs:
+                by_shape = {c["shape"]: c["seconds"] for c in cases
+                            if c["memory_format"] == fmt and c["batch"] == batch and c["groups"] == 1}
+                per_run.append([by_shape[s]["random"] / by_shape[s]["conv2d"] for s in PAPER_LAYERS])
+            cells = []
+            for i in range(len(PAPER_LAYERS)):
+                col = [r[i] for r in per_run]
+                cells.append(f"{statistics.median(col):.2f}x ({min(col):.2f}-{max(col):.2f})")
+            gms = [_geomean(r) for r in per_run]
+            cells.append(f"**{statistics.median(gms):.2f}x** ({min(gms):.2f}-{max(gms):.2f})")
+            lines.append(f"| {fmt} | {batch} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def train_table(runs: dict[str, list[dict]]) -> str:
     """Images/s of both nets and the slowdown, per thread count and batch."""
     lines = ["| threads | batch | untiled img/s | random (16,4,1) img/s | slowdown | PyTorch path slowdown |",
@@ -74,10 +104,19 @@ def profile_table(profiles: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2 or not Path(sys.argv[1]).is_dir():
-        print("usage: python scripts/bench_table.py BENCH_FOLDER", file=sys.stderr)
+    args = sys.argv[1:]
+    median = args[2:] if len(args) > 2 and args[1] == "--median" else None
+    if not args or not Path(args[0]).is_dir() or (len(args) > 1 and not median):
+        print("usage: python scripts/bench_table.py BENCH_FOLDER [--median CONV_JSON ...]", file=sys.stderr)
         sys.exit(2)
-    folder = Path(sys.argv[1])
+    folder = Path(args[0])
+    if median:
+        missing = [name for name in median if not (folder / name).is_file()]
+        if missing:
+            print(f"bench_table: no {missing[0]} in {folder}: name rapa bench conv --json files there", file=sys.stderr)
+            sys.exit(2)
+        print(conv_median_table([json.loads((folder / name).read_text()) for name in median]))
+        sys.exit(0)
     if (folder / "conv.json").is_file():
         print(conv_table(json.loads((folder / "conv.json").read_text())) + "\n")
     runs = {}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -140,14 +142,19 @@ def test_report_command_runs_without_analysis(sweep, capsys):
 # ------------------------------------------------------------- scripts/analog_table.py
 
 
-def _analog_table_module():
+def _script_module(name: str):
+    """scripts/NAME.py, imported."""
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "analog_table.py"
-    spec = importlib.util.spec_from_file_location("analog_table", path)
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _analog_table_module():
+    return _script_module("analog_table")
 
 
 def _fake_analog_run(folder: Path, errors: list[float], epochs: int, final: float | None = None) -> None:
@@ -241,3 +248,30 @@ def test_analog_table_shows_what_the_arrays_did_per_epoch(tmp_path):
     records[1]["similarity"] = {"conv1": 0.5}  # recorded from epoch 2 on (a run resumed by newer code)
     (tmp_path / "fmnist-none-rpu-baseline" / "arrays.json").write_text(json.dumps({"epochs": records}))
     assert "| conv1: replicas' similarity | - | 0.500 |" in table.arrays(tmp_path).splitlines()
+
+
+# ------------------------------------------------------------- scripts/bench_table.py
+
+
+def test_bench_table_median_of_conv_runs(tmp_path):
+    """The README's conv table: per layer the median ratio over the runs and its range, and the
+    median of the runs' geomeans (here worked out by hand from the ratios written)."""
+    table = _script_module("bench_table")
+    ratios = [(1.0, 1.2, 1.0), (0.9, 1.1, 1.0), (1.1, 1.0, 1.2)]  # conv1, conv2, conv3 of three runs
+    runs = []
+    for run in ratios:
+        runs.append([{"shape": shape, "batch": 10, "nt": 4, "groups": 1, "memory_format": "NHWC",
+                      "seconds": {"conv2d": 0.002, "random": 0.002 * r}, "peak_bytes": {}}
+                     for shape, r in zip(table.PAPER_LAYERS, run)])
+    text = table.conv_median_table(runs)
+    row = [ln for ln in text.splitlines() if ln.startswith("| NHWC | 10 |")]
+    assert len(row) == 1
+    cells = [c.strip() for c in row[0].strip("|").split("|")][2:]
+    assert cells[0] == "1.00x (0.90-1.10)" and cells[1] == "1.10x (1.00-1.20)" and cells[2] == "1.00x (1.00-1.20)"
+    # geomeans: 1.2^(1/3) = 1.063, (0.99)^(1/3) = 0.997, (1.32)^(1/3) = 1.097
+    assert cells[3] == "**1.06x** (1.00-1.10)"
+    path = tmp_path / "bench"
+    path.mkdir()
+    proc = subprocess.run([sys.executable, str(Path(table.__file__)), str(path), "--median", "missing.json"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "missing.json" in proc.stderr and "Traceback" not in proc.stderr
