@@ -259,9 +259,12 @@ class TiledConv2d(TiledConvBase):
                 check_dtype_device(x, self.weight)
                 xp, padding = pad_input(x, self.padding, self.padding_mode, self.kernel_size,
                                         self.stride, self.dilation)
-                return torch.nn.functional.conv2d(
-                    xp, self.weight[0], None if self.bias is None else self.bias[0],
-                    self.stride, padding, self.dilation, self.groups)
+                # tile 0's kernel (with one tile squeezed, whose backward passes the gradient
+                # through instead of scattering it into a zeroed copy of the weight)
+                w, b = self.weight, self.bias
+                w, b = (w[0], None if b is None else b[0]) if w.shape[0] > 1 else \
+                    (w.squeeze(0), None if b is None else b.squeeze(0))
+                return torch.nn.functional.conv2d(xp, w, b, self.stride, padding, self.dilation, self.groups)
         return tiled_conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
                             self.scheme, self.tiles, self.training, index=index, groups=self.groups,
                             padding_mode=self.padding_mode)
