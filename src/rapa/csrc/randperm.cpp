@@ -123,10 +123,15 @@ int rapa_randperm_rows(uint8_t* state, int64_t b, int64_t n, int64_t cols, int64
     mt.s[i] = uint32_t(v);
   }
   const int64_t per = n - 1;
-  thread_local std::vector<uint32_t> draws;  // kept between calls: no zeroing of fresh memory
+  // the draws' buffer: kept between calls up to KEEP draws (fresh memory costs its zeroing
+  // again at every call), a temporary one beyond
+  constexpr int64_t KEEP = int64_t(1) << 22;
+  thread_local std::vector<uint32_t> kept;
+  std::vector<uint32_t> once;
+  std::vector<uint32_t>& draws = b * per <= KEEP ? kept : once;
   if (int64_t(draws.size()) < b * per) draws.resize(b * per);
   mt.fill(draws.data(), b * per);
-  const uint32_t* all = draws.data();  // (the team's threads have their own `draws`)
+  const uint32_t* all = draws.data();  // (the team's threads have their own thread_locals)
   std::memcpy(state + OFF_LEFT, &mt.left, sizeof mt.left);
   next = mt.next;
   std::memcpy(state + OFF_NEXT, &next, sizeof next);
