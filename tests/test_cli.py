@@ -358,3 +358,34 @@ def test_modern_refuses_bad_options_in_one_line_before_training(argv, message, t
     assert main(["modern", "--out", str(out), *argv]) == 2
     err = capsys.readouterr().err
     assert err == f"rapa modern: error: {message}\n" and not out.exists()
+
+
+def test_rapa_commands_keep_the_heap(tmp_path):
+    """rapa.heap.keep_heap (called by every rapa command) raises glibc's thresholds: memory
+    freed and allocated again is reused instead of faulted in again; RAPA_KEEP_HEAP=0 leaves
+    the defaults, under which it is faulted in again (counted by the kernel, in a fresh process)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import rapa.heap
+
+    script = (
+        "import importlib.util, resource, sys\n"
+        f"spec = importlib.util.spec_from_file_location('heap', {str(Path(rapa.heap.__file__))!r})\n"
+        "heap = importlib.util.module_from_spec(spec); spec.loader.exec_module(heap)\n"
+        "kept = heap.keep_heap()\n"
+        "faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "b = b'\\x01' * (8 << 20); del b\n"   # 8 MB touched, then freed
+        "f0 = faults(); b = b'\\x01' * (8 << 20); f1 = faults()\n"
+        "print(kept, f1 - f0)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    kept, faults = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                                  text=True, check=True).stdout.split()
+    if kept != "True":
+        pytest.skip("not glibc: rapa leaves the allocator alone")
+    assert int(faults) < 200  # 2048 pages of 4 KB reused
+    kept, faults = subprocess.run([sys.executable, "-c", script], env={**env, "RAPA_KEEP_HEAP": "0"},
+                                  capture_output=True, text=True, check=True).stdout.split()
+    assert kept == "False" and int(faults) > 1000

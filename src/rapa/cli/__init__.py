@@ -19,6 +19,7 @@ from typing import Any, NoReturn, Sequence
 
 from rapa import __version__
 from rapa.errors import RapaError
+from rapa.heap import keep_heap
 
 # subcommand -> its one-line summary, in the order `rapa --help` lists them
 COMMANDS: dict[str, str] = {
@@ -95,6 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
     args = parser.parse_args(argv)
+    keep_heap()  # this process's own allocator settings (rapa.heap); the library never sets them
     stdout, sys.stdout = sys.stdout, _GuardedStdout(sys.stdout)
     try:
         rc = args.func(args)
