@@ -14,7 +14,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 LAYERS: list[tuple[str, ...]] = [
-    ("rapa.errors", "rapa.progress"),
+    ("rapa.errors", "rapa.progress", "rapa.heap"),
     ("rapa.ops", "rapa.schemes"),
     ("rapa.functional", "rapa.tiled_conv", "rapa.pooling", "rapa.lrn", "rapa.native"),
     ("rapa.models", "rapa.nets", "rapa.convert", "rapa.lsuv", "rapa.runtime", "rapa.summary", "rapa.theory",
