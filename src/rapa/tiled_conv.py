@@ -16,8 +16,8 @@ from torch import Tensor
 from torch.nn.modules.utils import _pair
 
 from rapa import schemes
-from rapa.functional import (PADDING_MODES, _size2, check_dtype_device, check_input, conv_output_size, pad_input,
-                             resolve_padding, tiled_conv2d)
+from rapa.functional import (PADDING_MODES, _size2, check_dtype_device, check_input, conv_output_size, first_tile,
+                             pad_input, resolve_padding, tiled_conv2d)
 
 
 def check_conv_args(in_channels: int, out_channels: int, kernel_size: _size2, stride: _size2,
@@ -259,12 +259,8 @@ class TiledConv2d(TiledConvBase):
                 check_dtype_device(x, self.weight)
                 xp, padding = pad_input(x, self.padding, self.padding_mode, self.kernel_size,
                                         self.stride, self.dilation)
-                # tile 0's kernel (with one tile squeezed, whose backward passes the gradient
-                # through instead of scattering it into a zeroed copy of the weight)
-                w, b = self.weight, self.bias
-                w, b = (w[0], None if b is None else b[0]) if w.shape[0] > 1 else \
-                    (w.squeeze(0), None if b is None else b.squeeze(0))
-                return torch.nn.functional.conv2d(xp, w, b, self.stride, padding, self.dilation, self.groups)
+                return torch.nn.functional.conv2d(xp, first_tile(self.weight), first_tile(self.bias),
+                                                  self.stride, padding, self.dilation, self.groups)
         return tiled_conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
                             self.scheme, self.tiles, self.training, index=index, groups=self.groups,
                             padding_mode=self.padding_mode)
