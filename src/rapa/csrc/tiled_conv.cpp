@@ -71,10 +71,7 @@ namespace {
 constexpr int VW = RAPA_VW;
 constexpr int NVMAX = RAPA_NVMAX;  // vectors of output channels per micro-kernel call
 constexpr int64_t PB = 256;    // pixels per chunk of the weight gradient
-#ifndef RAPA_PBX
-#define RAPA_PBX 64
-#endif
-constexpr int64_t PBX = RAPA_PBX;    // pixels per chunk of the input gradient
+constexpr int64_t PBX = 64;    // pixels per chunk of the input gradient
 #ifndef RAPA_STACK_PX
 #define RAPA_STACK_PX 512
 #endif
@@ -412,9 +409,10 @@ inline void tile_range(const Geo& g, int64_t i0, int64_t i1, int64_t b, int64_t*
 // small blocks, fewer unions of windows: conv2's forward 3-4% faster with 4 images, 1-2% more
 // with 8 at batch 10)
 inline int64_t stack_max(const Geo& g, bool whole) {
+  if (whole) return 1;
   const int64_t bytes = g.hp * g.wp * g.c * int64_t(sizeof(float));  // one padded image
-  const int64_t n = std::min(STACK_PX / std::max<int64_t>(g.m, 1), STACK_BYTES / std::max<int64_t>(bytes, 1));
-  return whole ? 1 : std::clamp<int64_t>(n, 1, STACK_MAX);
+  return std::clamp<int64_t>(std::min(STACK_PX / std::max<int64_t>(g.m, 1), STACK_BYTES / std::max<int64_t>(bytes, 1)), 1,
+                             STACK_MAX);
 }
 // The next stack's size with `left` images to go: stacks of nearly equal size (10 images, at
 // most 4 a stack: 4, 3, 3).
@@ -504,6 +502,41 @@ inline int64_t window_runs(const Geo& g, const Win& w, int64_t* runs) {
   return n;
 }
 
+// One axis of the output (its rows, or its columns): each output's kernel offsets that read
+// the image, [lo, hi) (valid_offsets); its class (outputs with the same offsets share one,
+// numbered in order of their first output); how many classes; and, once ranges() has run,
+// for each kernel offset i the classes that read it, [va[i], vb[i]): a contiguous range, as
+// the offsets move monotonically along the axis.
+struct Axis {
+  std::vector<int64_t> lo, hi, cls, va, vb;
+  int64_t n = 0;
+  Axis() = default;
+  Axis(int64_t outs, int64_t s, int64_t d, int64_t k, int64_t pad, int64_t size) : lo(outs), hi(outs), cls(outs) {
+    for (int64_t o = 0; o < outs; ++o) {
+      valid_offsets(o, s, d, k, pad, size, &lo[o], &hi[o]);
+      int64_t c = 0;
+      while (c < o && !(lo[c] == lo[o] && hi[c] == hi[o])) ++c;
+      cls[o] = c < o ? cls[c] : n++;
+    }
+  }
+  // the offsets that read the image, summed over the outputs
+  int64_t reads() const {
+    int64_t sum = 0;
+    for (std::size_t o = 0; o < lo.size(); ++o) sum += std::max<int64_t>(hi[o] - lo[o], 0);
+    return sum;
+  }
+  // every output one class reading all k offsets
+  void whole(int64_t k) {
+    std::fill(lo.begin(), lo.end(), 0), std::fill(hi.begin(), hi.end(), k), std::fill(cls.begin(), cls.end(), 0);
+    n = 1;
+  }
+  void ranges(int64_t k) {
+    va.assign(k, n), vb.assign(k, 0);
+    for (std::size_t o = 0; o < lo.size(); ++o)
+      for (int64_t i = lo[o]; i < hi[o]; ++i) va[i] = std::min(va[i], cls[o]), vb[i] = std::max(vb[i], cls[o] + 1);
+  }
+};
+
 // A row block of the input gradient: rows [r0, r0 + rn) of a chunk, their window, and the
 // vectors of a kernel row it covers, [v0, v0 + nv), in nb blocks (the first rem of q + 1).
 struct XBlock {
@@ -518,10 +551,8 @@ struct Scratch {  // per-thread buffers, kept between calls (OpenMP threads pers
   std::vector<int64_t> runs, rng;  // a block's runs of patch entries, an entry block's pixel ranges
   std::vector<XBlock> xblocks;     // the input gradient's row blocks of a chunk
   std::vector<Win> win;        // each pixel's window
-  int64_t nr = 0, nc = 0;      // row classes, column classes (class = row class * nc + column class)
+  Axis ry, cx;                 // the output's rows and columns (class = row class * cx.n + column class)
   bool whole = true;           // one class: every pixel computes its whole window
-  // the row classes valid for kernel row i: [rva[i], rvb[i]); the column classes for kernel column j
-  std::vector<int64_t> rva, rvb, cva, cvb;
   // each patch entry q (K order): its kernel row, and the column classes valid for its column
   std::vector<int64_t> qi, qa, qb;
   int64_t last[6] = {-1, -1, -1, -1, -1, 0};  // entry_ranges' last question and answer
@@ -542,57 +573,28 @@ struct Scratch {  // per-thread buffers, kept between calls (OpenMP threads pers
     last_geo = key;
     for (auto* v : {&pix, &base, &row, &pix2, &base2, &row2}) v->resize(g.m);
     pixel_bases(g, pbase);
-    std::vector<Win> rows(g.oh), cols(g.ow);  // (ilo, ihi) of each output row, (jlo, jhi) of each column
-    std::vector<int64_t> rcls(g.oh), ccls(g.ow);
-    nr = 0, nc = 0;
-    for (int64_t oy = 0; oy < g.oh; ++oy) {
-      valid_offsets(oy, g.sh, g.dh, g.kh, g.ph, g.h, &rows[oy].ilo, &rows[oy].ihi);
-      int64_t c = 0;
-      while (c < oy && !(rows[c].ilo == rows[oy].ilo && rows[c].ihi == rows[oy].ihi)) ++c;
-      rcls[oy] = c < oy ? rcls[c] : nr++;
-    }
-    for (int64_t ox = 0; ox < g.ow; ++ox) {
-      valid_offsets(ox, g.sw, g.dw, g.kw, g.pw, g.w, &cols[ox].jlo, &cols[ox].jhi);
-      int64_t c = 0;
-      while (c < ox && !(cols[c].jlo == cols[ox].jlo && cols[c].jhi == cols[ox].jhi)) ++c;
-      ccls[ox] = c < ox ? ccls[c] : nc++;
-    }
+    ry = Axis(g.oh, g.sh, g.dh, g.kh, g.ph, g.h), cx = Axis(g.ow, g.sw, g.dw, g.kw, g.pw, g.w);
     // Skipping pays only where enough of the work is padding: it sorts a group's pixels and
     // splits them into smaller blocks (Scratch::class_blocks). Below SKIP_MIN of the multiply-adds
     // every pixel counts as one class with the whole window (the paper's conv1, 7%: 9-14%
     // slower with skipping; conv2, 14%: 5-6% faster).
     constexpr double SKIP_MIN = 0.1;
-    double area = 0;
-    for (int64_t oy = 0; oy < g.oh; ++oy)
-      for (int64_t ox = 0; ox < g.ow; ++ox)
-        area += double(rows[oy].ihi - rows[oy].ilo) * double(std::max<int64_t>(cols[ox].jhi - cols[ox].jlo, 0));
-    if (1 - area / (double(g.np()) * g.kh * g.kw) < SKIP_MIN) {
-      std::fill(rows.begin(), rows.end(), Win{0, g.kh, 0, 0});
-      std::fill(cols.begin(), cols.end(), Win{0, 0, 0, g.kw});
-      std::fill(rcls.begin(), rcls.end(), 0), std::fill(ccls.begin(), ccls.end(), 0);
-      nr = nc = 1;
-    }
-    whole = nr * nc == 1;
-    win.resize(g.np()), cls.resize(g.np()), cend.resize(nr * nc);
-    runs.resize(2 * g.kh), rng.resize(2 * nr * nc);
-    // classes are numbered in order of rows and columns, whose windows move monotonically, so
-    // the classes valid for a kernel row (column) are a contiguous range
-    rva.assign(g.kh, nr), rvb.assign(g.kh, 0), cva.assign(g.kw, nc), cvb.assign(g.kw, 0);
-    for (int64_t oy = 0; oy < g.oh; ++oy)
-      for (int64_t i = rows[oy].ilo; i < rows[oy].ihi; ++i)
-        rva[i] = std::min(rva[i], rcls[oy]), rvb[i] = std::max(rvb[i], rcls[oy] + 1);
-    for (int64_t ox = 0; ox < g.ow; ++ox)
-      for (int64_t j = cols[ox].jlo; j < cols[ox].jhi; ++j)
-        cva[j] = std::min(cva[j], ccls[ox]), cvb[j] = std::max(cvb[j], ccls[ox] + 1);
+    const double area = double(ry.reads()) * double(cx.reads());  // the window areas, summed
+    if (1 - area / (double(g.np()) * g.kh * g.kw) < SKIP_MIN) ry.whole(g.kh), cx.whole(g.kw);
+    const int64_t ncls = ry.n * cx.n;
+    whole = ncls == 1;
+    win.resize(g.np()), cls.resize(g.np()), cend.resize(ncls);
+    runs.resize(2 * g.kh), rng.resize(2 * ncls);
+    ry.ranges(g.kh), cx.ranges(g.kw);
     qi.resize(g.k()), qa.resize(g.k()), qb.resize(g.k());
     for (int64_t i = 0, q = 0; i < g.kh; ++i)
       for (int64_t j = 0; j < g.kw; ++j)
-        for (int64_t c = 0; c < g.c; ++c, ++q) qi[q] = i, qa[q] = cva[j], qb[q] = cvb[j];
+        for (int64_t c = 0; c < g.c; ++c, ++q) qi[q] = i, qa[q] = cx.va[j], qb[q] = cx.vb[j];
     for (int64_t oy = 0, p = 0; oy < g.oh; ++oy)
       for (int64_t ox = 0; ox < g.ow; ++ox, ++p) {
-        Win w{rows[oy].ilo, rows[oy].ihi, cols[ox].jlo, cols[ox].jhi};
+        Win w{ry.lo[oy], ry.hi[oy], cx.lo[ox], cx.hi[ox]};
         if (w.ilo >= w.ihi || w.jlo >= w.jhi) w = Win{0, 0, 0, 0};  // every entry in the padding
-        win[p] = w, cls[p] = rcls[oy] * nc + ccls[ox];
+        win[p] = w, cls[p] = ry.cls[oy] * cx.n + cx.cls[ox];
       }
   }
   // The valid pixels of tile t in images b..b+nb into pix (each one's pixel in its image),
@@ -631,8 +633,8 @@ struct Scratch {  // per-thread buffers, kept between calls (OpenMP threads pers
     const int64_t ca = std::min(qa[q0], qa[q1]), cb = std::max(qb[q0], qb[q1]);
     if (i == last[0] && ca == last[1] && cb == last[2] && r0 == last[3] && rc == last[4]) return last[5];
     int64_t n = 0;
-    for (int64_t rcl = rva[i]; rcl < rvb[i] && ca < cb; ++rcl) {
-      const int64_t c0 = rcl * nc + ca, c1 = rcl * nc + cb - 1;
+    for (int64_t rcl = ry.va[i]; rcl < ry.vb[i] && ca < cb; ++rcl) {
+      const int64_t c0 = rcl * cx.n + ca, c1 = rcl * cx.n + cb - 1;
       const int64_t a = std::max(c0 ? cend[c0 - 1] : 0, r0) - r0, b = std::min(cend[c1], r0 + rc) - r0;
       if (a >= b) continue;
       if (n && rng[2 * n - 1] == a) rng[2 * n - 1] = b;
