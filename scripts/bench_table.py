@@ -18,8 +18,6 @@ import statistics
 import sys
 from pathlib import Path
 
-PAPER_LAYERS = ("3->32 @32x32", "32->32 @16x16", "32->64 @8x8")  # conv1, conv2, conv3 of rapa bench conv
-
 
 def _geomean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
@@ -56,19 +54,21 @@ def conv_table(cases: list[dict]) -> str:
 
 def conv_median_table(runs: list[list[dict]]) -> str:
     """Per format and batch over several runs of ``rapa bench conv``: each paper layer's median
-    random / conv2d ratio (range) and the median (range) of the runs' geomeans."""
-    lines = ["| format | batch | conv1 3->32 @32 nt=16 | conv2 32->32 @16 nt=4 | conv3 32->64 @8 nt=1 | geomean |",
-             "|---|---|---|---|---|---|"]
+    random / conv2d ratio (range) and the median (range) of the runs' geomeans. The paper's
+    layers are the ungrouped ones, as in :func:`conv_table`, in the first run's order."""
     first = runs[0]
+    layers = list(dict.fromkeys((c["shape"], c["nt"]) for c in first if c["groups"] == 1))
+    lines = ["| format | batch | " + " | ".join(f"{shape} nt={nt}" for shape, nt in layers) + " | geomean |",
+             "|---|---|" + "---|" * (len(layers) + 1)]
     for fmt in dict.fromkeys(c["memory_format"] for c in first):
         for batch in sorted({c["batch"] for c in first if c["memory_format"] == fmt}, reverse=True):
-            per_run = []  # each run's ratios of the paper's layers, in PAPER_LAYERS order
+            per_run = []  # each run's ratios of the paper's layers, in the order of `layers`
             for cases in runs:
                 by_shape = {c["shape"]: c["seconds"] for c in cases
                             if c["memory_format"] == fmt and c["batch"] == batch and c["groups"] == 1}
-                per_run.append([by_shape[s]["random"] / by_shape[s]["conv2d"] for s in PAPER_LAYERS])
+                per_run.append([by_shape[shape]["random"] / by_shape[shape]["conv2d"] for shape, _ in layers])
             cells = []
-            for i in range(len(PAPER_LAYERS)):
+            for i in range(len(layers)):
                 col = [r[i] for r in per_run]
                 cells.append(f"{statistics.median(col):.2f}x ({min(col):.2f}-{max(col):.2f})")
             gms = [_geomean(r) for r in per_run]
