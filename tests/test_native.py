@@ -61,29 +61,15 @@ def test_native_matches_per_tile_conv2d(lib, geom, scheme, bias, channels_last):
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_(True)
-    index = layer.assignment(x)
-    y = layer(x, index=index)
+    y = _check_against_reference(layer, x, layer.assignment(x))
     assert type(y.grad_fn).__name__ == "NativeTiledConv2dFnBackward"
-    oh, ow = y.shape[-2:]
-    tile_map = schemes.index_to_tile_map(index, oh * ow)
-    xr = x.detach().clone().requires_grad_(True)
-    wr = layer.weight.detach().clone().requires_grad_(True)
-    br = None if layer.bias is None else layer.bias.detach().clone().requires_grad_(True)
-    ref = _reference(xr, wr, br, tile_map, layer.stride, layer.padding, layer.dilation)
-    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
-    g = torch.randn_like(ref)
-    y.backward(g)
-    ref.backward(g)
-    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(layer.weight.grad, wr.grad, rtol=1e-4, atol=1e-3)
-    if bias:
-        torch.testing.assert_close(layer.bias.grad, br.grad, rtol=1e-4, atol=1e-4)
 
 
-def _check_on_threads(layer, x, index, threads):
-    """Forward and backward of ``layer`` on ``threads`` threads against the per-tile reference."""
+def _check_against_reference(layer, x, index, threads=None):
+    """Forward and backward of ``layer`` (on ``threads`` threads; None: as set) against the
+    per-tile reference; returns the output."""
     before = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads or before)
     try:
         y = layer(x, index=index)
         g = torch.randn_like(y)
@@ -93,14 +79,16 @@ def _check_on_threads(layer, x, index, threads):
     tile_map = schemes.index_to_tile_map(index, y.shape[-2] * y.shape[-1])
     xr = x.detach().clone().requires_grad_(x.requires_grad)
     wr = layer.weight.detach().clone().requires_grad_(True)
-    br = layer.bias.detach().clone().requires_grad_(True)
+    br = None if layer.bias is None else layer.bias.detach().clone().requires_grad_(True)
     ref = _reference(xr, wr, br, tile_map, layer.stride, layer.padding, layer.dilation)
     ref.backward(g)
     torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
     if x.requires_grad:
         torch.testing.assert_close(x.grad, xr.grad, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(layer.weight.grad, wr.grad, rtol=1e-4, atol=1e-3)
-    torch.testing.assert_close(layer.bias.grad, br.grad, rtol=1e-4, atol=1e-4)
+    if layer.bias is not None:
+        torch.testing.assert_close(layer.bias.grad, br.grad, rtol=1e-4, atol=1e-4)
+    return y
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -116,7 +104,7 @@ def test_stacked_images_match_per_tile_conv2d(lib, threads, scheme, channels_las
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_(True)
-    _check_on_threads(layer, x, layer.assignment(x), threads)
+    _check_against_reference(layer, x, layer.assignment(x), threads)
 
 
 def test_weight_gradient_of_a_large_nchw_gradient_splits_the_images(lib):
@@ -126,7 +114,7 @@ def test_weight_gradient_of_a_large_nchw_gradient_splits_the_images(lib):
     torch.manual_seed(0)
     layer = rapa.TiledConv2d(3, 32, 5, padding=2, tiles=16)
     x = torch.randn(24, 3, 16, 16)  # gradient 24*256*32 floats > 2 * 2 threads * 16 tiles * 76 * 32
-    _check_on_threads(layer, x, layer.assignment(x), 2)
+    _check_against_reference(layer, x, layer.assignment(x), 2)
 
 
 def test_only_the_needed_gradients(lib):
