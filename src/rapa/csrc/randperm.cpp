@@ -39,8 +39,10 @@ struct Mt19937 {  // at::mt19937 (ATen/core/MT19937RNGEngine.h)
     for (int j = MT_M; --j; p++) *p = p[MT_M - MT_N] ^ twist(p[0], p[1]);
     *p = p[MT_M - MT_N] ^ twist(p[0], s[0]);
   }
-  // The next cnt outputs of operator() into d: each state block's values tempered in one
-  // (vectorised) loop, the engine left where cnt calls would leave it.
+  // The next cnt outputs of at::mt19937's operator() into d (which counts `left` down and
+  // refreshes the state when it reaches 0, then returns the tempered s[next++]): each state
+  // block's values tempered in one (vectorised) loop, the engine left where cnt calls would
+  // leave it.
   void fill(uint32_t* d, int64_t cnt) {
     for (;;) {
       const int64_t avail = std::min<int64_t>(left - 1, cnt);  // before the next refresh
@@ -58,15 +60,6 @@ struct Mt19937 {  // at::mt19937 (ATen/core/MT19937RNGEngine.h)
       next_state();  // left was 1: the next call refreshes the state and draws s[0]
       left = MT_N + 1;  // without counting that draw down
     }
-  }
-  uint32_t operator()() {
-    if (--left == 0) next_state();
-    uint32_t y = s[next++];
-    y ^= (y >> 11);
-    y ^= (y << 7) & 0x9d2c5680u;
-    y ^= (y << 15) & 0xefc60000u;
-    y ^= (y >> 18);
-    return y;
   }
 };
 
