@@ -19,15 +19,18 @@ import torch
 
 import rapa
 from rapa import native
+from rapa.bench.conv import PAPER_SHAPES
 
-LAYERS = {"conv1": (3, 32, 32, 16), "conv2": (32, 32, 16, 4), "conv3": (32, 64, 8, 1)}  # cin, cout, size, nt
+# conv1, conv2, conv3: the paper's layers as `rapa bench conv` measures them
+# (cin, cout, size, nt, input requires grad, groups, kernel)
+LAYERS = {f"conv{i + 1}": shape for i, shape in enumerate(PAPER_SHAPES)}
 
 
 def kernel_times(layer: str, batch: int, channels_last: bool, repeats: int) -> dict[str, tuple[float, float]]:
     """Seconds of (rapa, nn.Conv2d) for "forward", "input gradient" and "weight gradient"."""
-    cin, cout, size, nt = LAYERS[layer]
+    cin, cout, size, nt, _, _, kernel = LAYERS[layer]
     torch.manual_seed(0)
-    conv = torch.nn.Conv2d(cin, cout, 5, padding=2)
+    conv = torch.nn.Conv2d(cin, cout, kernel, padding=kernel // 2)
     tiled = rapa.TiledConv2d.from_conv2d(conv, nt, "random")
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(batch, cin, size, size).contiguous(memory_format=fmt)
