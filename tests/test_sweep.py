@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 
@@ -148,10 +149,13 @@ def make_train_fn(log_dir: str):
 
         from rapa.train import train
 
+        import rapa.heap
+
         log = Path(log_dir) / f"{Path(run_dir).name}.log"
         marker = Path(log_dir) / f"{Path(run_dir).name}.crashed"
         with open(log, "a") as f:
             f.write(f"start resume={resume}\n")
+        (Path(log_dir) / f"{Path(run_dir).name}.heap").write_text(str(rapa.heap.kept()))
         if config.seed == 2:
             raise RuntimeError("injected failure")
 
@@ -178,7 +182,7 @@ def test_sweep_retries_crashes_from_the_checkpoint_and_skips_finished_runs(ray_s
     logs.mkdir()
     lines: list[str] = []
     result = run_sweep(runs, out, experiment="tiny", max_retries=1, train_fn=make_train_fn(str(logs)),
-                       log=lines.append)
+                       log=lines.append, keep_heap=True)
 
     ok, crashed, bad = (result.runs[by_seed[s]] for s in (0, 1, 2))
     assert (ok.status, ok.attempts) == ("done", 1)
@@ -195,6 +199,9 @@ def test_sweep_retries_crashes_from_the_checkpoint_and_skips_finished_runs(ray_s
     assert state["runs"][bad.name]["status"] == "failed" and "injected failure" in state["runs"][bad.name]["error"]
     assert state["runs"][ok.name]["status"] == "done"
     assert any("2/3 done" in ln and "1 failed" in ln for ln in lines)
+    # every task kept its worker's heap first, as asked (the rapa commands ask: rapa.heap)
+    if os.environ.get("RAPA_KEEP_HEAP", "1") != "0" and not any(k.startswith("MALLOC_") for k in os.environ):
+        assert {(logs / f"{r.name}.heap").read_text() for r in runs} == {"True"}
 
     # again: the finished runs are not trained again, the failed one is tried again
     summary = out / ok.name / "summary.json"

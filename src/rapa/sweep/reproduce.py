@@ -34,6 +34,7 @@ import torch
 
 from rapa import rundir
 from rapa.errors import RapaError
+from rapa.heap import keep_heap, kept
 from rapa.rundir import SMALL_FILES, export_small_files as export_run
 from rapa.sweep.analyses import Analyses
 from rapa.sweep.battery_report import MANIFEST, read_manifest, write_battery_report
@@ -112,7 +113,10 @@ class BatteryTask:
         return summary
 
 
-def _finish_task(run_dir: str, results_runs: str, options: dict[str, Any], cpus: float) -> list[str]:
+def _finish_task(run_dir: str, results_runs: str, options: dict[str, Any], cpus: float,
+                 heap: bool = False) -> list[str]:
+    if heap:
+        keep_heap()  # as the sweep's training tasks (rapa.heap)
     torch.set_num_threads(max(1, int(cpus)))
     return finish_run(run_dir, results_runs, options)
 
@@ -327,7 +331,7 @@ def reproduce(experiment: str = STANDARD_EXPERIMENT, out: str | Path | None = No
             say(f"reproduce: {len(jobs)} finished runs still need their analyses or export (on Ray)")
             remote = ray.remote(_finish_task).options(num_cpus=cpus, num_gpus=opts.get("gpus_per_trial", 0),
                                                       max_retries=1)
-            refs = {remote.remote(j, str(results_runs), options, cpus): j for j in jobs}
+            refs = {remote.remote(j, str(results_runs), options, cpus, kept()): j for j in jobs}
             for ref, j in refs.items():
                 try:
                     ray.get(ref)
