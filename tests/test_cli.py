@@ -177,6 +177,26 @@ def test_bench_train_profile_splits_the_step(capsys, tmp_path):
     assert prof["draw_ms"] > 0
 
 
+def test_time_interleaved_varies_who_runs_before_whom():
+    """Every timed function follows every other one (a fixed order made nn.Conv2d always follow
+    the naive layer); each runs warmup + repeats times; torch's generator is left alone."""
+    from rapa.bench.common import time_interleaved
+
+    calls: list[str] = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abcd"}
+    state = torch.get_rng_state()
+    secs = time_interleaved(fns, torch.device("cpu"), repeats=40)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert set(secs) == set("abcd") and all(s >= 0 for s in secs.values())
+    rounds = [calls[4 + 4 * r: 8 + 4 * r] for r in range(40)]
+    assert calls[:4] == list("abcd") and all(sorted(r) == list("abcd") for r in rounds)
+    after = {(prev, name) for prev, name in zip(calls[4:], calls[5:])}
+    assert after >= {(p, n) for p in "abcd" for n in "abcd" if p != n}
+    calls.clear()
+    time_interleaved(fns, torch.device("cpu"), repeats=3, shuffle=False)
+    assert calls == list("abcd") * 4
+
+
 def test_bench_conv_summary_against_the_targets():
     from rapa.bench.conv import ConvCase, format_conv_bench
 
