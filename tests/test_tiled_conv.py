@@ -14,6 +14,7 @@ import rapa
 from rapa import schemes
 from rapa.ops import torch_path as torch_path_mod
 from rapa.ops import workspace
+from rapa.functional import tiled_conv2d
 from rapa.tiled_conv import TiledConv2d
 
 ALL = rapa.SCHEMES
@@ -139,6 +140,40 @@ def test_random_follows_seed_and_generator():
     layer.generator = torch.Generator().manual_seed(3)
     torch.manual_seed(99)
     assert torch.equal(d, layer(x))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("own_generator", [False, True])
+def test_layer_call_draws_and_computes_as_the_general_path(channels_last, own_generator):
+    """A random layer's own call (rapa.functional.random_native_conv2d where the native kernels
+    take it) gives the output, gradients and generator state of the scheme's draw
+    (schemes.random_partition_index) put through tiled_conv2d; np = 64 splits evenly into 4
+    tiles, 7x7 = 49 does not (one more draw per image: the general path)."""
+    for size in (8, 7):
+        layer = TiledConv2d(3, 4, 3, padding=1, tiles=4, scheme="random")
+        if own_generator:
+            layer.generator = torch.Generator().manual_seed(11)
+        gen = layer.generator if own_generator else torch.default_generator
+        x = torch.randn(5, 3, size, size)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        torch.manual_seed(3)
+        state = gen.get_state()
+        out = layer(xa)
+        after = gen.get_state()
+        out.backward(torch.ones_like(out))
+        grads = (xa.grad, layer.weight.grad, layer.bias.grad)
+        layer.zero_grad()
+        torch.manual_seed(3)
+        gen.set_state(state)
+        index = schemes.random_partition_index(5, size * size, 4, layer.generator)  # (5, 4, M)
+        assert torch.equal(gen.get_state(), after)
+        ref = tiled_conv2d(xb, layer.weight, layer.bias, padding=1, scheme="random", index=index)
+        ref.backward(torch.ones_like(ref))
+        assert torch.equal(out, ref) and out.is_contiguous(memory_format=torch.channels_last) == channels_last
+        for got, want in zip(grads, (xb.grad, layer.weight.grad, layer.bias.grad)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_random_fixed_is_fixed_and_survives_save_load():

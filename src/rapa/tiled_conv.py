@@ -17,7 +17,7 @@ from torch.nn.modules.utils import _pair
 
 from rapa import schemes
 from rapa.functional import (PADDING_MODES, _size2, check_dtype_device, check_input, conv_output_size, first_tile,
-                             pad_input, resolve_padding, tiled_conv2d)
+                             pad_input, random_native_conv2d, resolve_padding, tiled_conv2d)
 
 
 def check_conv_args(in_channels: int, out_channels: int, kernel_size: _size2, stride: _size2,
@@ -254,6 +254,11 @@ class TiledConv2d(TiledConvBase):
     def forward(self, x: Tensor, index: Tensor | None = None) -> Tensor:
         """Apply the layer; ``index`` (B, nt, M) overrides the scheme's assignment."""
         if index is None:
+            if self.scheme == "random" and self.groups == 1:  # the common case, without the general checks
+                out = random_native_conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                                           self.padding_mode, self.generator)
+                if out is not None:
+                    return out
             index = self.assignment(x)
             if index is None:  # the plan of an ordinary convolution: nn.Conv2d's own computation
                 check_dtype_device(x, self.weight)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import hashlib
 import math
 import os
@@ -212,17 +213,17 @@ def randperm_rows(b: int, n: int, generator: torch.Generator | None = None, cols
 
 def _randperm_native(b: int, n: int, generator: torch.Generator | None, cols: int = 1) -> Tensor | None:
     lib = library()
-    state = (torch.get_rng_state() if generator is None else generator.get_state()).contiguous()
-    if state.numel() < lib.rapa_generator_state_bytes():  # type: ignore[union-attr]
+    gen = torch.default_generator if generator is None else generator  # (torch.get/set_rng_state's)
+    state = gen.get_state()  # a fresh, dense uint8 tensor
+    if "state_bytes" not in _state:
+        _state["state_bytes"] = lib.rapa_generator_state_bytes()  # type: ignore[union-attr]
+    if state.numel() < _state["state_bytes"]:  # type: ignore[operator]
         return None
     out = torch.empty((b, n) if cols == 1 else (b, cols, -(-n // cols)), dtype=torch.int64)
     if lib.rapa_randperm_rows(state.data_ptr(), b, n, cols, torch.get_num_threads(),  # type: ignore[union-attr]
                               out.data_ptr()) != 0:
         return None
-    if generator is None:
-        torch.set_rng_state(state)
-    else:
-        generator.set_state(state)
+    gen.set_state(state)
     return out
 
 
@@ -275,8 +276,14 @@ def _prepare(index: Tensor, geo: ConvGeometry, layout: int = 0) -> tuple[ctypes.
     :meth:`ConvGeometry.native`) and the index as dense int64."""
     lib = library()
     assert lib is not None, "native kernels called without a library (check supports() first)"
-    ngeo = geo.native(lib.rapa_vector_width(), torch.get_num_threads(), layout)
-    return lib, ngeo, index.to(torch.int64).contiguous()
+    return lib, _native_geometry(geo, torch.get_num_threads(), layout), index.to(torch.int64).contiguous()
+
+
+@functools.lru_cache(maxsize=512)
+def _native_geometry(geo: ConvGeometry, threads: int, layout: int) -> NativeGeometry:
+    """``geo.native(...)`` for the loaded kernels, memoised (shapes repeat from call to call):
+    the kernels only read it, and no caller may change it."""
+    return geo.native(library().rapa_vector_width(), threads, layout)  # type: ignore[union-attr]
 
 
 class NativeTiledConv2dFn(torch.autograd.Function):
@@ -301,21 +308,21 @@ class NativeTiledConv2dFn(torch.autograd.Function):
         lib.rapa_tiled_conv_fwd(ctypes.byref(ngeo), _ptr(xc), _ptr(wc), _ptr(bias_c), _ptr(index),
                                 _ptr(out))  # (the kernel packs the weight and bias)
         ctx.save_for_backward(x, weight, index)
-        ctx.geo, ctx.ngeo, ctx.has_bias, ctx.nhwc = geo, ngeo, bias is not None, nhwc
+        ctx.geo, ctx.threads, ctx.has_bias, ctx.nhwc = geo, ngeo.nth, bias is not None, nhwc
         return out.permute(0, 3, 1, 2) if nhwc else out  # (N, cout, oh, ow)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         lib = library()
         x, weight, index = ctx.saved_tensors
-        geo, ngeo, nhwc = ctx.geo, ctx.ngeo, ctx.nhwc
+        geo, nhwc = ctx.geo, ctx.nhwc
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and ctx.has_bias
         n, c, h, w = x.shape
         nt, cout, _, kh, kw = weight.shape
         g_nhwc = _is_nhwc(grad_out)
         g = _dense(grad_out, g_nhwc)  # (N, oh, ow, cout) or (N, cout, oh, ow)
-        ngeo.layout = (0 if nhwc else 1) | (0 if g_nhwc else 2)
+        ngeo = _native_geometry(geo, ctx.threads, (0 if nhwc else 1) | (0 if g_nhwc else 2))
         gx = gw = gb = None
         if need_w or need_b:
             xc = _dense(x, nhwc) if need_w else None
@@ -351,21 +358,21 @@ class NativeDepthwiseFn(torch.autograd.Function):
         out = x.new_empty((n, oh, ow, c) if nhwc else (n, c, oh, ow))
         lib.rapa_dw_fwd(ctypes.byref(ngeo), _ptr(xc), _ptr(wt), _ptr(bp), _ptr(index), _ptr(out))
         ctx.save_for_backward(x, wt, index)
-        ctx.ngeo, ctx.has_bias, ctx.kernel, ctx.nhwc = ngeo, bias is not None, (kh, kw), nhwc
+        ctx.geo, ctx.threads, ctx.has_bias, ctx.kernel, ctx.nhwc = geo, ngeo.nth, bias is not None, (kh, kw), nhwc
         return out.permute(0, 3, 1, 2) if nhwc else out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         lib = library()
         x, wt, index = ctx.saved_tensors
-        (kh, kw), nhwc, ngeo = ctx.kernel, ctx.nhwc, ctx.ngeo
+        (kh, kw), nhwc = ctx.kernel, ctx.nhwc
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and ctx.has_bias
         n, c, h, w = x.shape
         nt = wt.shape[0]
         g_nhwc = _is_nhwc(grad_out)
         g = _dense(grad_out, g_nhwc)
-        ngeo.layout = (0 if nhwc else 1) | (0 if g_nhwc else 2)
+        ngeo = _native_geometry(ctx.geo, ctx.threads, (0 if nhwc else 1) | (0 if g_nhwc else 2))
         gx = gw = gb = None
         if need_w or need_b:
             xc = _dense(x, nhwc) if need_w else None
