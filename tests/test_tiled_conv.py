@@ -148,9 +148,10 @@ def test_layer_call_draws_and_computes_as_the_general_path(channels_last, own_ge
     """A random layer's own call (rapa.functional.random_native_conv2d where the native kernels
     take it) gives the output, gradients and generator state of the scheme's draw
     (schemes.random_partition_index) put through tiled_conv2d; np = 64 splits evenly into 4
-    tiles, 7x7 = 49 does not (one more draw per image: the general path)."""
-    for size in (8, 7):
-        layer = TiledConv2d(3, 4, 3, padding=1, tiles=4, scheme="random")
+    tiles, 7x7 = 49 does not (one more draw per image: the general path); one tile draws nothing
+    (an ordinary convolution)."""
+    for size, nt in ((8, 4), (7, 4), (8, 1)):
+        layer = TiledConv2d(3, 4, 3, padding=1, tiles=nt, scheme="random")
         if own_generator:
             layer.generator = torch.Generator().manual_seed(11)
         gen = layer.generator if own_generator else torch.default_generator
@@ -167,8 +168,8 @@ def test_layer_call_draws_and_computes_as_the_general_path(channels_last, own_ge
         layer.zero_grad()
         torch.manual_seed(3)
         gen.set_state(state)
-        index = schemes.random_partition_index(5, size * size, 4, layer.generator)  # (5, 4, M)
-        assert torch.equal(gen.get_state(), after)
+        index = schemes.assignment_index("random", nt, 5, size, size, generator=layer.generator)  # (5, nt, M)
+        assert torch.equal(gen.get_state(), after) and (index is None) == (nt == 1)
         ref = tiled_conv2d(xb, layer.weight, layer.bias, padding=1, scheme="random", index=index)
         ref.backward(torch.ones_like(ref))
         assert torch.equal(out, ref) and out.is_contiguous(memory_format=torch.channels_last) == channels_last

@@ -223,8 +223,9 @@ def random_native_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride:
                          dilation: _size2, padding_mode: str = "zeros",
                          generator: torch.Generator | None = None) -> Tensor | None:
     """:func:`tiled_conv2d` with ``scheme="random"`` in one lean call where it takes the native
-    kernels: a batch (N, C, H, W), CPU float32, ungrouped ``weight``, zero padding on both
-    sides alike and every tile the same number of pixels (``np`` a multiple of ``nt``). The
+    kernels: a batch (N, C, H, W), CPU float32, ungrouped ``weight`` of more than one tile, zero
+    padding on both sides alike and every tile the same number of pixels (``np`` a multiple of
+    ``nt``). The
     same draw from ``generator`` and the same result; ``None`` (nothing drawn) elsewhere,
     where the caller takes :func:`tiled_conv2d`. The checks that depend on shapes only are
     memoised, so a layer's call costs about 20 us less Python than through the general path,
@@ -253,8 +254,8 @@ def _random_native_spec(x_shape: tuple[int, ...], w_shape: tuple[int, ...], stri
     nk, nt, stride, dilation, _, pad, zero, (oh, ow) = _static_call(x_shape, w_shape, stride, padding, dilation,
                                                                   "random", None, 1, padding_mode)
     np_ = oh * ow
-    if pad is not None or np_ % nt:  # F.pad first, or uneven tiles (one more draw per image)
-        return None
+    if nt == 1 or pad is not None or np_ % nt:  # an ordinary convolution (no draw), F.pad first, or
+        return None  # uneven tiles (one more draw per image)
     n, c, h, w = x_shape
     geo = ConvGeometry(n, c, h, w, tuple(w_shape[-2:]), stride, zero, dilation, (oh, ow), nt, w_shape[1], n,
                        np_ // nt)
