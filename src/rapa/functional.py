@@ -225,11 +225,11 @@ def random_native_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride:
     """:func:`tiled_conv2d` with ``scheme="random"`` in one lean call where it takes the native
     kernels: a batch (N, C, H, W), CPU float32, ungrouped ``weight`` of more than one tile, zero
     padding on both sides alike and every tile the same number of pixels (``np`` a multiple of
-    ``nt``). The
-    same draw from ``generator`` and the same result; ``None`` (nothing drawn) elsewhere,
-    where the caller takes :func:`tiled_conv2d`. The checks that depend on shapes only are
-    memoised, so a layer's call costs about 20 us less Python than through the general path,
-    5-7% of a forward of the paper's conv1 at batch 10 (README, Benchmarks)."""
+    ``nt``). The same draw from ``generator`` and the same result; ``None`` (nothing drawn)
+    elsewhere, where the caller takes :func:`tiled_conv2d`. The checks that depend on shapes
+    only are memoised, so a layer's call costs 12-13 us less Python than through the general
+    path (the paper's conv1 forward at batch 10: 1.14x -> 1.05x of ``nn.Conv2d``; README,
+    Benchmarks)."""
     if x.dim() != 4 or weight.device != x.device or not native.supports(x, weight, None):
         return None
     try:
