@@ -28,7 +28,7 @@ from rapa.ops.workspace import scratch
 
 __all__ = ["PADDING_MODES", "GROUP_LOOP_MAX", "channels_last", "resolve_padding", "conv_output_size", "pad_input",
            "tiled_conv2d", "grouped_tiled_conv2d", "depthwise_tiled_conv2d", "tiled_conv2d_dense", "check_input",
-           "check_dtype_device", "clear_workspace"]
+           "check_dtype_device", "clear_workspace", "random_native_conv2d"]
 
 _size2 = Size2  # the name other modules have imported
 
