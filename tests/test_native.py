@@ -36,6 +36,7 @@ def _reference(x, weight, bias, tile_map, stride, padding, dilation):
 GEOMS = [  # cin, cout, kernel, stride, padding, dilation, size, tiles
     (3, 32, 5, 1, 2, 1, (12, 12), 16),   # the paper's conv1 (K = 75: tails of the blocks)
     (32, 32, 5, 1, 2, 1, (8, 8), 4),     # conv2
+    (3, 8, 3, 1, 1, 1, (5, 35), 4),      # RGB rows of 16, 16 and 3 pixels (NCHW: interleaved in registers)
     (1, 5, 3, 1, 1, 1, (9, 7), 4),       # one input channel, channels not a vector multiple
     (4, 70, 3, 2, 1, 1, (11, 10), 3),    # more than one block of output channels
     (5, 17, (3, 2), (2, 3), (2, 1), (2, 1), (10, 11), 5),
