@@ -377,8 +377,6 @@ void gx_block(const float* G, int64_t cp, int64_t cout, const float* w2, int64_t
   }
 }
 
-// Image b of x into pad (Hp, Wp, C) with its zero border: x is (N, H, W, C), or (N, C, H, W)
-// when nchw (transposed row by row, in cache: no transposed copy of x is ever made).
 // d[j * 3 + i] = s[i * ld + j] for i < 3, j < n: three channel rows of an NCHW image (RGB)
 // interleaved into channels-last order, 16 pixels at a time in registers with AVX-512 (two
 // permutes and a blend per vector; the scalar transpose loop took 21 us of a 0.8 ms step of the
@@ -386,21 +384,28 @@ void gx_block(const float* G, int64_t cp, int64_t cout, const float* w2, int64_t
 inline void interleave3(const float* s, int64_t ld, int64_t n, float* d) {
   int64_t j0 = 0;
 #if defined(__AVX512F__)
-  alignas(64) int32_t ab[3][16], cc[3][16];
-  uint16_t mc[3] = {0, 0, 0};
-  for (int k = 0; k < 3; ++k)
-    for (int e = 0; e < 16; ++e) {
-      const int p = 16 * k + e, j = p / 3, i = p % 3;  // output lane e of vector k: pixel j, channel i
-      ab[k][e] = i == 1 ? 16 + j : j, cc[k][e] = j;
-      if (i == 2) mc[k] |= uint16_t(1u << e);
+  // output vector k, lane e holds pixel j = (16k + e) / 3, channel i = (16k + e) % 3: from
+  // channels 0 and 1 by one two-source permute (ab), channel 2's lanes (mc) blended in (cc)
+  struct Lanes {
+    alignas(64) int32_t ab[3][16], cc[3][16];
+    uint16_t mc[3] = {0, 0, 0};
+    Lanes() {
+      for (int k = 0; k < 3; ++k)
+        for (int e = 0; e < 16; ++e) {
+          const int p = 16 * k + e, j = p / 3, i = p % 3;
+          ab[k][e] = i == 1 ? 16 + j : j, cc[k][e] = j;
+          if (i == 2) mc[k] |= uint16_t(1u << e);
+        }
     }
+  };
+  static const Lanes lanes;  // computed once
   __m512i iab[3], icc[3];
-  for (int k = 0; k < 3; ++k) iab[k] = _mm512_load_si512(ab[k]), icc[k] = _mm512_load_si512(cc[k]);
+  for (int k = 0; k < 3; ++k) iab[k] = _mm512_load_si512(lanes.ab[k]), icc[k] = _mm512_load_si512(lanes.cc[k]);
   for (; j0 + 16 <= n; j0 += 16) {
     const __m512 v0 = _mm512_loadu_ps(s + j0), v1 = _mm512_loadu_ps(s + ld + j0), v2 = _mm512_loadu_ps(s + 2 * ld + j0);
     for (int k = 0; k < 3; ++k) {
       const __m512 o = _mm512_permutex2var_ps(v0, iab[k], v1);
-      _mm512_storeu_ps(d + 3 * j0 + 16 * k, _mm512_mask_permutexvar_ps(o, __mmask16(mc[k]), icc[k], v2));
+      _mm512_storeu_ps(d + 3 * j0 + 16 * k, _mm512_mask_permutexvar_ps(o, __mmask16(lanes.mc[k]), icc[k], v2));
     }
   }
 #endif
@@ -408,6 +413,8 @@ inline void interleave3(const float* s, int64_t ld, int64_t n, float* d) {
     for (int64_t i = 0; i < 3; ++i) d[j * 3 + i] = s[i * ld + j];
 }
 
+// Image b of x into pad (Hp, Wp, C) with its zero border: x is (N, H, W, C), or (N, C, H, W)
+// when nchw (transposed row by row, in cache: no transposed copy of x is ever made).
 inline void pad_image(const Geo& g, const float* x, int64_t b, bool nchw, float* pad) {
   const int64_t row = g.wp * g.c, inner = g.w * g.c, hw = g.h * g.w;
   std::fill(pad, pad + g.ph * row, 0.f);
