@@ -19,11 +19,7 @@ import torch
 
 import rapa
 from rapa import native
-from rapa.bench.conv import PAPER_SHAPES
-
-# conv1, conv2, conv3: the paper's layers as `rapa bench conv` measures them
-# (cin, cout, size, nt, input requires grad, groups, kernel)
-LAYERS = {f"conv{i + 1}": shape for i, shape in enumerate(PAPER_SHAPES)}
+from rapa.bench.conv import PAPER_LAYERS as LAYERS  # conv1..conv3 as `rapa bench conv` measures them
 
 
 def kernel_times(layer: str, batch: int, channels_last: bool, repeats: int) -> dict[str, tuple[float, float]]:

@@ -19,10 +19,8 @@ from collections import defaultdict
 
 import torch
 
-from rapa.bench.conv import METHODS, PAPER_SHAPES, _input, _make, _step_fn
+from rapa.bench.conv import METHODS, PAPER_LAYERS as LAYERS, _input, _make, _step_fn
 from rapa.heap import keep_heap
-
-LAYERS = {f"conv{i + 1}": shape for i, shape in enumerate(PAPER_SHAPES)}
 
 
 def predecessor_times(layer: str, batch: int, channels_last: bool, rounds: int,

@@ -8,7 +8,6 @@ scheme's assignment of pixels to tiles (cached for fixed schemes) and its
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -17,8 +16,8 @@ from torch import Tensor
 from torch.nn.modules.utils import _pair
 
 from rapa import schemes
-from rapa.functional import (PADDING_MODES, _pad_plan, _size2, check_dtype_device, check_input, conv_output_size,
-                             first_tile, random_native_conv2d, resolve_padding, tiled_conv2d)
+from rapa.functional import (PADDING_MODES, _size2, check_dtype_device, check_input, conv_output_size, first_tile,
+                             pad_input, random_native_conv2d, resolve_padding, tiled_conv2d)
 
 
 def check_conv_args(in_channels: int, out_channels: int, kernel_size: _size2, stride: _size2,
@@ -153,16 +152,6 @@ Caffe's fillers do for separate blobs) or ``replicate`` (one draw copied into ev
 the layer starts as one ordinary convolution, SPEC §1)."""
 
 
-@functools.lru_cache(maxsize=64)
-def _ordinary_plan(padding, padding_mode: str, kernel_size: tuple[int, int], stride: tuple[int, int],
-                   dilation: tuple[int, int]):
-    """A layer's padding as :meth:`TiledConv2d._ordinary` applies it, memoised (a call's Python
-    is a few percent of a small layer's): ``(top, bottom, left, right)``, the ``F.pad``
-    arguments to apply first (or None) and the zero padding left to the convolution."""
-    pad, zero = _pad_plan(padding, padding_mode, kernel_size, stride, dilation)
-    return resolve_padding(padding, kernel_size, stride, dilation), pad, zero
-
-
 def tile_correlation(weight: Tensor) -> Tensor:
     """Mean Pearson correlation over all pairs of tiles, per output channel: how alike a tiled
     layer's replicas are (SPEC §4; :mod:`rapa.analysis.similarity` averages it over channels and
@@ -282,13 +271,11 @@ class TiledConv2d(TiledConvBase):
     def _ordinary(self, x: Tensor) -> Tensor:
         """The plan of an ordinary convolution: ``nn.Conv2d``'s own computation with tile 0 (the
         input checked as :meth:`assignment` checks it)."""
-        pads, pad, padding = _ordinary_plan(self.padding, self.padding_mode, self.kernel_size, self.stride,
-                                            self.dilation)
+        pads = resolve_padding(self.padding, self.kernel_size, self.stride, self.dilation)
         check_input(x, self.in_channels, self.kernel_size, self.stride, pads, self.dilation, self.tiles)
         check_dtype_device(x, self.weight)
-        if pad is not None:
-            x = torch.nn.functional.pad(x, pad[0], mode=pad[1])
-        return torch.nn.functional.conv2d(x, first_tile(self.weight), first_tile(self.bias), self.stride, padding,
+        xp, padding = pad_input(x, self.padding, self.padding_mode, self.kernel_size, self.stride, self.dilation)
+        return torch.nn.functional.conv2d(xp, first_tile(self.weight), first_tile(self.bias), self.stride, padding,
                                           self.dilation, self.groups)
 
     @classmethod

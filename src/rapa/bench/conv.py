@@ -34,6 +34,9 @@ PAPER_SHAPES: tuple[tuple[int, int, int, int, bool, int, int], ...] = (
     (32, 32, 16, 4, True, 1, 5),
     (32, 64, 8, 1, True, 1, 5),
 )
+PAPER_LAYERS: dict[str, tuple[int, int, int, int, bool, int, int]] = {
+    f"conv{i + 1}": shape for i, shape in enumerate(PAPER_SHAPES)}
+"""The paper's layers by name (``conv1``..``conv3``), for the kernel and order scripts."""
 GROUPED_SHAPES: tuple[tuple[int, int, int, int, bool, int, int], ...] = (
     (64, 64, 16, 4, True, 64, 3),
     (32, 32, 16, 4, True, 4, 3),
