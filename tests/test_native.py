@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import rapa
 from rapa import native, schemes
 from rapa.ops import native as ops_native
+from rapa.ops import native_op
 
 
 @pytest.fixture
@@ -90,6 +91,117 @@ def _check_against_reference(layer, x, index, threads=None):
     if layer.bias is not None:
         torch.testing.assert_close(layer.bias.grad, br.grad, rtol=1e-4, atol=1e-4)
     return y
+
+
+def _op_or_skip():
+    """Skip where the operator cannot be built here; fail where it was built but its check
+    against the ctypes path refused it (a bug)."""
+    if native_op.op() is None:
+        assert "does not reproduce" not in (native_op.error() or ""), native_op.error()
+        pytest.skip(f"the operator is unavailable: {native_op.error()}")
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("bias,own_generator", [(True, False), (False, True)])
+def test_operator_draws_and_computes_as_the_per_tile_reference(lib, monkeypatch, channels_last, bias, own_generator):
+    # rapa::random_tiled_conv (the layer's call with its autograd in C++) draws the assignment
+    # that the scheme draws from the same generator state and computes every pixel with its
+    # tile: output and all gradients against per-tile F.conv2d with that assignment
+    monkeypatch.setenv(native_op.ENV_SWITCH, "1")
+    _op_or_skip()
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(11) if own_generator else None
+    layer = rapa.TiledConv2d(3, 32, 5, padding=2, tiles=16, bias=bias, generator=gen)  # the paper's conv1
+    x = torch.randn(3, 3, 12, 12)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    state = (gen or torch.default_generator).get_state()
+    y = layer(x)
+    assert type(y.grad_fn).__name__ != "NativeTiledConv2dFnBackward"  # not the ctypes path
+    assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    after = (gen or torch.default_generator).get_state()
+    (gen or torch.default_generator).set_state(state)
+    index = layer.assignment(x)  # the scheme's draw from the same state
+    assert torch.equal((gen or torch.default_generator).get_state(), after)  # left where the scheme leaves it
+    g = torch.randn_like(y)
+    y.backward(g)
+    tile_map = schemes.index_to_tile_map(index, 144)
+    xr = x.detach().clone().requires_grad_(True)
+    wr = layer.weight.detach().clone().requires_grad_(True)
+    br = layer.bias.detach().clone().requires_grad_(True) if bias else None
+    ref = _reference(xr, wr, br, tile_map, layer.stride, layer.padding, layer.dilation)
+    ref.backward(g)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(layer.weight.grad, wr.grad, rtol=1e-4, atol=1e-3)
+    if bias:
+        torch.testing.assert_close(layer.bias.grad, br.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("needs", ["x", "weight", "bias", "none"])
+def test_operator_is_the_ctypes_path_bit_for_bit(lib, monkeypatch, needs):
+    # the same call through the operator and through the ctypes path (RAPA_NATIVE_OP=0, read at
+    # every call): the same output, gradients (those asked for only) and generator state
+    _op_or_skip()
+    torch.manual_seed(0)
+    layer = rapa.TiledConv2d(32, 32, 5, padding=2, tiles=4)  # the paper's conv2
+    x = torch.randn(2, 32, 8, 8)
+    layer.weight.requires_grad_(needs == "weight")
+    layer.bias.requires_grad_(needs == "bias")
+    x.requires_grad_(needs == "x")
+    g = torch.randn(2, 32, 8, 8)
+    runs = []
+    for switch in ("1", "0"):
+        monkeypatch.setenv(native_op.ENV_SWITCH, switch)
+        for t in (x, layer.weight, layer.bias):
+            t.grad = None
+        torch.manual_seed(5)
+        y = layer(x)
+        assert (type(y.grad_fn).__name__ == "NativeTiledConv2dFnBackward") == (switch == "0" and needs != "none")
+        if needs != "none":
+            y.backward(g)
+        runs.append([y.detach(), torch.default_generator.get_state(),
+                     *[t.grad for t in (x, layer.weight, layer.bias)]])
+    for a, b in zip(*runs):
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert sum(t is not None for t in runs[0][2:]) == (needs != "none")
+    with torch.no_grad():
+        assert not layer(x).requires_grad
+    with torch.inference_mode():
+        assert layer(x).shape == (2, 32, 8, 8)
+
+
+def test_operator_first_used_without_gradients_or_in_float64_defaults_is_still_taken(lib, monkeypatch):
+    # the operator checks itself against the ctypes path on its first use: a first use in
+    # evaluation (no_grad, inference mode) or under float64 defaults must not fail that check
+    _op_or_skip()
+    before = torch.get_default_dtype()
+    for mode in (torch.no_grad, torch.inference_mode):
+        monkeypatch.setattr(native_op, "_state", {})
+        torch.set_default_dtype(torch.float64)
+        try:
+            with mode():
+                y = rapa.TiledConv2d(3, 8, 3, padding=1, tiles=4).float()(torch.randn(2, 3, 8, 8).float())
+        finally:
+            torch.set_default_dtype(before)
+        assert y.shape == (2, 8, 8, 8)
+        assert native_op.op() is not None, native_op.error()
+
+
+def test_operator_that_cannot_be_built_leaves_the_ctypes_path(lib, monkeypatch):
+    # a failed build of the operator (no compiler for torch's headers, say) is recorded and the
+    # layer runs on the ctypes path with the same results
+    def fail(force=False):
+        raise RuntimeError("no C++20 compiler here")
+
+    monkeypatch.setenv(native_op.ENV_SWITCH, "1")
+    monkeypatch.setattr(native_op, "_state", {})
+    monkeypatch.setattr(native_op, "build", fail)
+    layer = rapa.TiledConv2d(3, 8, 3, padding=1, tiles=4)
+    y = layer(torch.randn(2, 3, 6, 6, requires_grad=True))
+    assert type(y.grad_fn).__name__ == "NativeTiledConv2dFnBackward"
+    assert native_op.op() is None and "no C++20 compiler" in native_op.error()
 
 
 @pytest.mark.parametrize("threads", [1, 2])

@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.nn.modules.utils import _pair
 
 from rapa import schemes
-from rapa.ops import native
+from rapa.ops import native, native_op
 from rapa.ops.geometry import ConvGeometry, Size2
 from rapa.ops.reference import tiled_conv2d_dense
 from rapa.ops.torch_path import TiledConv2dFn, depthwise_tiled_conv2d, grouped_tiled_conv2d
@@ -227,9 +227,11 @@ def random_native_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride:
     padding on both sides alike and every tile the same number of pixels (``np`` a multiple of
     ``nt``). The same draw from ``generator`` and the same result; ``None`` (nothing drawn)
     elsewhere, where the caller takes :func:`tiled_conv2d`. The checks that depend on shapes
-    only are memoised, so a layer's call costs 12-13 us less Python than through the general
-    path (the paper's conv1 forward at batch 10: 1.14x -> 1.05x of ``nn.Conv2d``; README,
-    Benchmarks)."""
+    only are memoised (12-13 us less Python than the general path), and the draw, the forward
+    kernel and the backward run in one C++ operator with its own autograd
+    (:mod:`rapa.ops.native_op`; the ctypes path where it cannot be built): a training step of
+    the paper's conv1 at batch 10 about 56 us (7%) faster than through ctypes and a Python
+    ``autograd.Function`` (README, Benchmarks)."""
     if x.dim() != 4 or weight.device != x.device or not native.supports(x, weight, None):
         return None
     try:
@@ -240,6 +242,10 @@ def random_native_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride:
     if spec is None:
         return None
     geo, np_, nt = spec
+    if generator is None or generator.device.type == "cpu":
+        op = native_op.op()  # the same draw, kernels and results with the autograd in C++
+        if op is not None:
+            return op(x, weight, bias, generator, native_op.fields(geo, torch.get_num_threads()))
     index = native.randperm_rows(x.shape[0], np_, generator, nt)  # (N, nt, M), as schemes draws it
     if index is None:
         return None

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from rapa import native
+from rapa.ops import native_op
 from rapa.bench.common import geomean, resolve_device, sync, time_interleaved
 from rapa.functional import tiled_conv2d_dense
 from rapa.tiled_conv import TiledConv2d
@@ -192,7 +193,7 @@ def _mark(ok: bool) -> str:
 
 def format_conv_bench(cases: list[ConvCase], device: str) -> str:
     """A table of times and ratios per memory format, and the summary the targets are stated in."""
-    impl = native.describe() if str(device).startswith("cpu") else str(device)
+    impl = f"{native.describe()}, {native_op.describe()}" if str(device).startswith("cpu") else str(device)
     lines = [f"RAPA conv layer, forward+backward, device={device}, {torch.get_num_threads()} threads "
              f"(ratios are to nn.Conv2d in the same memory format)",
              f"random: {impl}; random-pt: the PyTorch path",

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from rapa.bench.common import resolve_device, sync, time_interleaved
 from rapa.models import ConvNet
 from rapa.ops import native as rnative
+from rapa.ops import native_op
 
 NETS: dict[str, tuple[str, tuple[int, int, int] | None]] = {
     "untiled": ("none", None),
@@ -70,7 +71,7 @@ def run_train_bench(batches=(10, 128), device: str = "auto", images: int = 640,
     """Images/s of every net at every batch size."""
 
     dev = resolve_device(device)
-    impl = rnative.describe() if dev.type == "cpu" else dev.type
+    impl = f"{rnative.describe()}, {native_op.describe()}" if dev.type == "cpu" else dev.type
     rows = []
     for batch in batches:
         steps = max(1, images // batch)
