@@ -26,8 +26,8 @@ if ! python -c "import torch, rapa" 2>/dev/null || [ -n "$extras" ]; then
 fi
 python -c "import torch; assert torch.__version__.startswith('2.'), torch.__version__"
 # the tiled convolution's native CPU kernels are compiled with the system C++ compiler (a few
-# seconds, cached in ~/.cache/rapa/native); without one rapa warns and runs the slower
-# PyTorch path
+# seconds, cached in ~/.cache/rapa/native), and the C++ operators that call them (against
+# torch's headers, about 15 s); without a compiler rapa warns and runs the slower PyTorch path
 if [ -z "${CXX:-}" ] && ! command -v c++ >/dev/null && ! command -v g++ >/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get update -qq && apt-get install -y -qq g++ >/dev/null
@@ -35,7 +35,7 @@ if [ -z "${CXX:-}" ] && ! command -v c++ >/dev/null && ! command -v g++ >/dev/nu
     echo "setup.sh: no C++ compiler (apt-get install g++): rapa will use its slower PyTorch path" >&2
   fi
 fi
-python -c "import rapa.native as n; print('rapa tiled conv on CPU:', n.describe())"
+python -c "import rapa.native as n, rapa.ops.native_op as o; print('rapa tiled conv on CPU:', n.describe() + ',', o.describe())"
 # Fashion-MNIST from Debian's dataset-fashion-mnist (/usr/share/datasets/fashion-mnist, where rapa
 # looks): `bash scripts/demo.sh` and `rapa reproduce` then train on it, not on the digits fallback
 if [ ! -e /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ] \

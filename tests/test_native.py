@@ -50,10 +50,23 @@ GEOMS = [  # cin, cout, kernel, stride, padding, dilation, size, tiles
 ]
 
 
+def _path(y):
+    """Which implementation made ``y``: the C++ operators, the ctypes path, or another."""
+    name = type(y.grad_fn).__name__
+    if name == "NativeTiledConv2dFnBackward":
+        return "ctypes"
+    return "op" if "TiledConv" in y.grad_fn.name() and name != "TiledConv2dFnBackward" else name
+
+
 @pytest.mark.parametrize("geom", GEOMS)
 @pytest.mark.parametrize("scheme", ["random", "random_fixed", "alternate", "perforated"])
 @pytest.mark.parametrize("bias,channels_last", [(True, False), (False, False), (True, True)])
-def test_native_matches_per_tile_conv2d(lib, geom, scheme, bias, channels_last):
+@pytest.mark.parametrize("via", ["op", "ctypes"])
+def test_native_matches_per_tile_conv2d(lib, monkeypatch, geom, scheme, bias, channels_last, via):
+    # through the C++ operator (rapa::tiled_conv: a given index) and through ctypes
+    monkeypatch.setenv(native_op.ENV_SWITCH, "1" if via == "op" else "0")
+    if via == "op":
+        _op_or_skip()
     cin, cout, k, stride, padding, dilation, size, nt = geom
     if scheme == "alternate":
         nt = 4  # a grid scheme: a square number of tiles
@@ -64,7 +77,7 @@ def test_native_matches_per_tile_conv2d(lib, geom, scheme, bias, channels_last):
         x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_(True)
     y = _check_against_reference(layer, x, layer.assignment(x))
-    assert type(y.grad_fn).__name__ == "NativeTiledConv2dFnBackward"
+    assert _path(y) == via
 
 
 def _check_against_reference(layer, x, index, threads=None):
@@ -118,7 +131,7 @@ def test_operator_draws_and_computes_as_the_per_tile_reference(lib, monkeypatch,
     x.requires_grad_(True)
     state = (gen or torch.default_generator).get_state()
     y = layer(x)
-    assert type(y.grad_fn).__name__ != "NativeTiledConv2dFnBackward"  # not the ctypes path
+    assert _path(y) == "op"
     assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     after = (gen or torch.default_generator).get_state()
     (gen or torch.default_generator).set_state(state)
@@ -158,7 +171,8 @@ def test_operator_is_the_ctypes_path_bit_for_bit(lib, monkeypatch, needs):
             t.grad = None
         torch.manual_seed(5)
         y = layer(x)
-        assert (type(y.grad_fn).__name__ == "NativeTiledConv2dFnBackward") == (switch == "0" and needs != "none")
+        if needs != "none":
+            assert _path(y) == ("op" if switch == "1" else "ctypes")
         if needs != "none":
             y.backward(g)
         runs.append([y.detach(), torch.default_generator.get_state(),
@@ -189,6 +203,24 @@ def test_operator_first_used_without_gradients_or_in_float64_defaults_is_still_t
         assert native_op.op() is not None, native_op.error()
 
 
+@pytest.mark.parametrize("switch", ["1", "0"])
+def test_train_profile_counts_the_tiled_layers_as_convolutions(lib, monkeypatch, switch):
+    # `rapa bench train --profile` sorts the profiler's ops into parts by name: a tiled layer's
+    # forward and backward, through the operator or through ctypes, count as convolutions
+    from torch.profiler import ProfilerActivity, profile
+
+    from rapa.bench.train import PARTS
+
+    monkeypatch.setenv(native_op.ENV_SWITCH, switch)
+    layer = rapa.TiledConv2d(3, 8, 3, padding=1, tiles=4)
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        layer(x).sum().backward()
+    keys = {e.key for e in prof.key_averages() if not e.key.startswith("autograd::engine::")}
+    tiled = {k for k in keys if "TiledConv" in k or k.startswith("rapa::")}
+    assert len(tiled) == 2 and tiled <= set(PARTS["convolution"]), tiled
+
+
 def test_operator_that_cannot_be_built_leaves_the_ctypes_path(lib, monkeypatch):
     # a failed build of the operator (no compiler for torch's headers, say) is recorded and the
     # layer runs on the ctypes path with the same results
@@ -200,8 +232,8 @@ def test_operator_that_cannot_be_built_leaves_the_ctypes_path(lib, monkeypatch):
     monkeypatch.setattr(native_op, "build", fail)
     layer = rapa.TiledConv2d(3, 8, 3, padding=1, tiles=4)
     y = layer(torch.randn(2, 3, 6, 6, requires_grad=True))
-    assert type(y.grad_fn).__name__ == "NativeTiledConv2dFnBackward"
-    assert native_op.op() is None and "no C++20 compiler" in native_op.error()
+    assert _path(y) == "ctypes"
+    assert native_op.op() is None and native_op.tiled() is None and "no C++20 compiler" in native_op.error()
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -385,7 +417,9 @@ def test_narrower_vector_builds_match_reference(lib, arch, tmp_path):
                          text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "passed" in res.stdout and "skipped" not in res.stdout
-    assert len(list(tmp_path.glob("*.so"))) == 1  # built for that target
+    built = [p.name for p in tmp_path.glob("*.so")]
+    assert len([n for n in built if "_op_" not in n]) == 1, built  # the kernels, built for that target
+    assert len(built) == 2, built  # and the C++ operators over them (tested there too)
 
 
 def test_clear_workspace_frees_native_scratch_and_results_stay_correct(lib):

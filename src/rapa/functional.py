@@ -213,7 +213,11 @@ def tiled_conv2d(
     outs = []
     for xg, wg, bg in parts:
         if native.supports(xg, wg, mask):
-            outs.append(native.NativeTiledConv2dFn.apply(xg, wg, bg, index, geo, covered))
+            op = native_op.tiled()  # the same kernels and results with the autograd in C++
+            if op is not None:
+                outs.append(op(xg, wg, bg, index, native_op.fields(geo, torch.get_num_threads()), covered))
+            else:
+                outs.append(native.NativeTiledConv2dFn.apply(xg, wg, bg, index, geo, covered))
         else:
             outs.append(TiledConv2dFn.apply(xg, wg, bg, index, mask, geo, covered))
     return outs[0] if groups == 1 else torch.cat(outs, 1)  # (each in x's memory format)

@@ -32,6 +32,7 @@ TARGET_RATIO = 1.10
 # parts of a step for --profile: profiler op names -> part (the rest is "other")
 PARTS: dict[str, tuple[str, ...]] = {
     "convolution": ("NativeTiledConv2dFn", "NativeTiledConv2dFnBackward", "TiledConv2dFn", "TiledConv2dFnBackward",
+                    "rapa::random_tiled_conv", "rapa::tiled_conv", "torch::autograd::CppNode<rapa_op::TiledConv>",
                     "aten::mkldnn_convolution", "aten::convolution_backward", "aten::_convolution",
                     "aten::convolution"),
     "LRN": ("aten::pow", "aten::mul", "aten::div", "aten::add", "aten::avg_pool2d", "aten::avg_pool2d_backward",

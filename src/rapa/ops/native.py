@@ -93,15 +93,22 @@ def build(force: bool = False) -> Path:
     path = build_dir() / f"rapa_tiled_conv_{key}.so"
     if path.exists() and not force:
         return path
+    return compile_shared(cxx, [*flags, *map(str, SOURCES)], path)
+
+
+def compile_shared(cxx: str, args: list[str], path: Path) -> Path:
+    """Run ``cxx args -o path`` into a temporary file beside ``path`` and move it there (atomic:
+    concurrent builders, e.g. Ray workers, do not collide); ``RuntimeError`` with the compiler's
+    output if it fails."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
     try:
-        res = subprocess.run([*shlex.split(cxx), *flags, *map(str, SOURCES), "-o", tmp], capture_output=True,
-                             text=True, timeout=600)
+        res = subprocess.run([*shlex.split(cxx), *args, "-o", tmp], capture_output=True, text=True, timeout=600)
         if res.returncode != 0:
-            raise RuntimeError(f"building {', '.join(p.name for p in SOURCES)} with {cxx} failed:\n{res.stderr[-4000:]}")
-        os.replace(tmp, path)  # atomic: concurrent builders (e.g. Ray workers) do not collide
+            sources = ", ".join(Path(a).name for a in args if a.endswith(".cpp"))
+            raise RuntimeError(f"building {sources} with {cxx} failed:\n{res.stderr[-4000:]}")
+        os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

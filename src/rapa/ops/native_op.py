@@ -1,20 +1,22 @@
-"""The random scheme's tiled convolution as a torch operator with its autograd in C++
-(``torch.ops.rapa.random_tiled_conv``, ``csrc/random_conv_op.cpp``), built on first use.
+"""The tiled convolution on the native kernels as torch operators with their autograd in C++
+(``csrc/tiled_conv_op.cpp``), built on first use: ``torch.ops.rapa.random_tiled_conv`` (the
+random scheme's draw included) and ``torch.ops.rapa.tiled_conv`` (a given index).
 
-:func:`rapa.functional.random_native_conv2d` (a random layer of more than one tile on the native
-kernels) otherwise calls the kernels through ctypes and a Python ``autograd.Function``
-(:class:`rapa.ops.native.NativeTiledConv2dFn`) and draws the assignment in a third ctypes call:
-about 40 us of Python per training step, 5-7% of the paper's conv1 and conv2 at batch 10. The
-operator does the same in one C++ call (the draw from the generator's state, the forward
-kernel, the saved tensors) and its backward runs without Python. It calls the kernels that
-:mod:`rapa.ops.native` loaded, whose addresses it is handed at load, so the results, the draw and
-the generator state are those of the ctypes path bit for bit (checked once per process on a
-small call before it is used).
+Through ctypes and a Python ``autograd.Function`` (:class:`rapa.ops.native.NativeTiledConv2dFn`)
+a call costs about 40 us more Python per training step, and the random scheme's draw a third
+ctypes call: 5-7% of the paper's conv1 and conv2 at batch 10.
+:func:`rapa.functional.random_native_conv2d` (a random layer of more than one tile) takes
+:func:`op`, every other native call of :func:`rapa.functional.tiled_conv2d` :func:`tiled`:
+one C++ call per forward (the draw from the generator's state, the forward kernel, the saved
+tensors) and a backward without Python. They call the kernels that :mod:`rapa.ops.native`
+loaded, whose addresses they are handed at load, so the results, the draw and the generator
+state are those of the ctypes path bit for bit (checked once per process on small calls before
+they are used).
 
-It is compiled against torch's own headers and libraries (``-std=c++20``, about 15 s, cached in
-:func:`rapa.ops.native.build_dir` by source, compiler and torch version). Where that fails, or
-with ``RAPA_NATIVE_OP=0`` (read at every call), the ctypes path runs instead: the same results,
-a few percent slower; :func:`error` tells why it is not used.
+They are compiled against torch's own headers and libraries (``-std=c++20``, about 15 s, cached
+in :func:`rapa.ops.native.build_dir` by source, compiler and torch version). Where that fails,
+or with ``RAPA_NATIVE_OP=0`` (read at every call), the ctypes path runs instead: the same
+results, a few percent slower; :func:`error` tells why they are not used.
 """
 
 from __future__ import annotations
@@ -23,9 +25,7 @@ import ctypes
 import functools
 import hashlib
 import os
-import shlex
 import subprocess
-import tempfile
 import threading
 from pathlib import Path
 from typing import Callable
@@ -35,11 +35,11 @@ import torch
 from rapa.ops import native
 from rapa.ops.geometry import NATIVE_FIELDS, ConvGeometry
 
-SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "random_conv_op.cpp"
+SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "tiled_conv_op.cpp"
 ENV_SWITCH = "RAPA_NATIVE_OP"  # "0": the ctypes path
 FLAGS = ("-O2", "-shared", "-fPIC", "-std=c++20")
 _lock = threading.Lock()
-_state: dict[str, object] = {}  # "op": the loaded operator, or "error": why there is none
+_state: dict[str, object] = {}  # "ops": the loaded operators (random, tiled), or "error": why there are none
 
 
 def _torch_flags() -> list[str]:
@@ -52,7 +52,7 @@ def _torch_flags() -> list[str]:
 
 
 def build(force: bool = False) -> Path:
-    """Compile the operator (cached by source, compiler, flags and torch version); return the
+    """Compile the operators (cached by source, compiler, flags and torch version); return the
     shared library's path. ``RuntimeError`` with the compiler's output if it fails."""
     cxx = native._compiler()
     if cxx is None:
@@ -60,31 +60,19 @@ def build(force: bool = False) -> Path:
     flags = [*FLAGS, *_torch_flags()]
     key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), cxx.encode(), " ".join(flags).encode(),
                                      torch.__version__.encode()])).hexdigest()[:16]
-    path = native.build_dir() / f"rapa_random_conv_op_{key}.so"
+    path = native.build_dir() / f"rapa_tiled_conv_op_{key}.so"
     if path.exists() and not force:
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
-    os.close(fd)
-    try:
-        res = subprocess.run([*shlex.split(cxx), str(SOURCE), *flags, "-o", tmp], capture_output=True, text=True,
-                             timeout=600)
-        if res.returncode != 0:
-            raise RuntimeError(f"building {SOURCE.name} with {cxx} failed:\n{res.stderr[-4000:]}")
-        os.replace(tmp, path)  # atomic: concurrent builders (e.g. Ray workers) do not collide
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return native.compile_shared(cxx, [str(SOURCE), *flags], path)
 
 
-def _load() -> Callable[..., torch.Tensor]:
-    """Build, load and hand the operator the kernels; check it against the ctypes path."""
+def _load() -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]:
+    """Build, load and hand the operators the kernels; check them against the ctypes path."""
     lib = native.library()
     if lib is None:
         raise RuntimeError(f"the native kernels are unavailable: {native._state.get('error')}")
     path = build()
-    torch.ops.load_library(str(path))  # registers rapa::random_tiled_conv
+    torch.ops.load_library(str(path))  # registers rapa::random_tiled_conv and rapa::tiled_conv
     handle = ctypes.CDLL(str(path))
     handle.rapa_set_kernels.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64]
     handle.rapa_set_kernels.restype = None
@@ -92,40 +80,48 @@ def _load() -> Callable[..., torch.Tensor]:
                for name in ("rapa_tiled_conv_fwd", "rapa_tiled_conv_bwd_w", "rapa_tiled_conv_bwd_x",
                             "rapa_randperm_rows")]
     handle.rapa_set_kernels(*address, lib.rapa_generator_state_bytes())
-    op = torch.ops.rapa.random_tiled_conv.default
-    if not _agrees(op):
+    ops = torch.ops.rapa.random_tiled_conv.default, torch.ops.rapa.tiled_conv.default
+    if not _agrees(*ops):
         raise RuntimeError(f"{path.name} does not reproduce the ctypes path (outputs, gradients or draw)")
-    return op
+    return ops
 
 
-def _agrees(op: Callable[..., torch.Tensor]) -> bool:
-    """Whether ``op`` gives the ctypes path's output, gradients and generator state on a small
-    call: 3x3 kernels on 8x4 images, 4 tiles of 8 pixels, both memory formats (with gradients on
-    and float32 CPU tensors whatever the caller's mode and defaults are)."""
+def _agrees(random_op: Callable[..., torch.Tensor], tiled_op: Callable[..., torch.Tensor]) -> bool:
+    """Whether the operators give the ctypes path's output, gradients and generator state on
+    small calls: 3x3 kernels on 8x4 images, 4 tiles of 8 pixels, both memory formats; the
+    random draw, and a given index with empty slots (with gradients on and float32 CPU tensors
+    whatever the caller's mode and defaults are)."""
     geo = ConvGeometry(2, 3, 8, 4, (3, 3), (1, 1), (1, 1), (1, 1), (8, 4), 4, 4, 2, 8)
     cpu = {"dtype": torch.float32, "device": "cpu"}
     with torch.inference_mode(False), torch.enable_grad():
+        holes = torch.randperm(32, generator=torch.Generator().manual_seed(4)).view(1, 4, 8)  # (B, nt, M)
+        holes = holes.masked_fill(torch.arange(8) >= 6, 32)  # 2 empty slots per tile: 8 pixels not listed
         for channels_last in (False, True):
             x = torch.randn(2, 3, 8, 4, generator=torch.Generator().manual_seed(0), **cpu)
             x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
             w = torch.randn(4, 4, 3, 3, 3, generator=torch.Generator().manual_seed(1), **cpu)  # (nt, cout, C, kh, kw)
             b = torch.randn(4, 4, generator=torch.Generator().manual_seed(2), **cpu)  # (nt, cout)
             g = torch.arange(2 * 4 * 8 * 4, **cpu).view(2, 4, 8, 4).sin()
-            results = []
-            for use_op in (True, False):
-                gen = torch.Generator().manual_seed(3)
-                xs, ws, bs = (t.detach().clone().requires_grad_(True) for t in (x, w, b))
-                if use_op:
-                    y = op(xs, ws, bs, gen, fields(geo, torch.get_num_threads()))
-                else:
-                    index = native.randperm_rows(geo.batch, geo.num_pixels, gen, geo.tiles)  # (N, nt, M)
-                    if index is None:  # the native draw is not torch.randperm's here
-                        return False
-                    y = native.NativeTiledConv2dFn.apply(xs, ws, bs, index, geo, True)
-                y.backward(g)
-                results.append((y.detach(), xs.grad, ws.grad, bs.grad, gen.get_state()))
-            if not all(torch.equal(a, b) for a, b in zip(*results)):
-                return False
+            for given in (False, True):
+                results = []
+                for use_op in (True, False):
+                    gen = torch.Generator().manual_seed(3)
+                    xs, ws, bs = (t.detach().clone().requires_grad_(True) for t in (x, w, b))
+                    if given:
+                        hgeo = ConvGeometry(2, 3, 8, 4, (3, 3), (1, 1), (1, 1), (1, 1), (8, 4), 4, 4, 1, 8)
+                        y = (tiled_op(xs, ws, bs, holes, fields(hgeo, torch.get_num_threads()), False) if use_op
+                             else native.NativeTiledConv2dFn.apply(xs, ws, bs, holes, hgeo, False))
+                    elif use_op:
+                        y = random_op(xs, ws, bs, gen, fields(geo, torch.get_num_threads()))
+                    else:
+                        index = native.randperm_rows(geo.batch, geo.num_pixels, gen, geo.tiles)  # (N, nt, M)
+                        if index is None:  # the native draw is not torch.randperm's here
+                            return False
+                        y = native.NativeTiledConv2dFn.apply(xs, ws, bs, index, geo, True)
+                    y.backward(g)
+                    results.append((y.detach(), xs.grad, ws.grad, bs.grad, gen.get_state()))
+                if not all(torch.equal(a, b) for a, b in zip(*results)):
+                    return False
     return True
 
 
@@ -137,33 +133,49 @@ def fields(geo: ConvGeometry, threads: int) -> tuple[int, ...]:
     return tuple(getattr(ngeo, name) for name in NATIVE_FIELDS)
 
 
-def op() -> Callable[..., torch.Tensor] | None:
-    """``torch.ops.rapa.random_tiled_conv`` ready to call, building it on first use; ``None``
-    where it is switched off (``RAPA_NATIVE_OP=0``), the native kernels are off or their draw
-    does not reproduce ``torch.randperm`` here, or it cannot be built (:func:`error`)."""
+def _ops() -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]] | None:
+    """Both operators, building them on first use; ``None`` where they are not to be used."""
     if os.environ.get(ENV_SWITCH, "1") == "0":
         return None
-    if "op" in _state or "error" in _state:
-        return _state.get("op")  # type: ignore[return-value]
+    if "ops" in _state or "error" in _state:
+        return _state.get("ops")  # type: ignore[return-value]
     with _lock:
-        if "op" not in _state and "error" not in _state:
+        if "ops" not in _state and "error" not in _state:
             try:
-                _state["op"] = _load()
+                _state["ops"] = _load()
             except (RuntimeError, OSError, subprocess.SubprocessError) as err:
                 _state["error"] = str(err)
-    return _state.get("op")  # type: ignore[return-value]
+    return _state.get("ops")  # type: ignore[return-value]
+
+
+def op() -> Callable[..., torch.Tensor] | None:
+    """``torch.ops.rapa.random_tiled_conv`` ready to call, ``(x, weight, bias, generator,
+    fields(geo, threads))``, building it on first use; ``None`` where it is switched off
+    (``RAPA_NATIVE_OP=0``), the native kernels are off or their draw does not reproduce
+    ``torch.randperm`` here, or it cannot be built (:func:`error`)."""
+    ops = _ops()
+    return None if ops is None else ops[0]
+
+
+def tiled() -> Callable[..., torch.Tensor] | None:
+    """``torch.ops.rapa.tiled_conv`` ready to call, ``(x, weight, bias, index, fields(geo,
+    threads), covered)`` with an int64 index (B, nt, M); ``None`` as for :func:`op`."""
+    ops = _ops()
+    return None if ops is None else ops[1]
 
 
 def error() -> str | None:
-    """Why the operator is not used (its build or check failed), or ``None``."""
+    """Why the operators are not used (their build or check failed), or ``None``."""
     return _state.get("error")  # type: ignore[return-value]
 
 
 def describe() -> str:
-    """How a random layer's call reaches the native kernels here, for reports (builds the
-    operator if it is not built yet)."""
+    """How the native kernels are called here, for reports (builds the operators if they are
+    not built yet)."""
+    if not native.enabled():
+        return "no operators (no native kernels)"
     if os.environ.get(ENV_SWITCH, "1") == "0":
         return f"called through ctypes ({ENV_SWITCH}=0)"
-    if op() is None:
-        return f"called through ctypes (operator unavailable: {str(error()).splitlines()[0]})"
-    return "called through rapa::random_tiled_conv (autograd in C++)"
+    if _ops() is None:
+        return f"called through ctypes (operators unavailable: {str(error()).splitlines()[0]})"
+    return "called through C++ operators (rapa::random_tiled_conv, rapa::tiled_conv; autograd in C++)"

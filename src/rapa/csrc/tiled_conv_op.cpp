@@ -1,22 +1,24 @@
-// The random scheme's tiled convolution as a torch operator, rapa::random_tiled_conv, with its
-// autograd in C++: the lean call of rapa.functional.random_native_conv2d (draw the assignment,
-// run the forward kernel, save for the backward) without Python's autograd.Function and ctypes
-// on every forward and backward (about 40 us of a step of the paper's conv1 at batch 10;
-// README, Benchmarks). Built apart from the kernels, against torch's headers and libraries, by
-// rapa/ops/native.py, which loads it with torch.ops.load_library and hands it the addresses of
-// the kernels it loaded (rapa_set_kernels): this file has none of their code, so the kernels
-// keep their own build (-march, $CXX flags) and the ctypes path stays the fallback where this
-// one cannot be built.
+// The tiled convolution on the native kernels as torch operators with their autograd in C++:
+// rapa::random_tiled_conv draws the random scheme's assignment itself (the lean call of
+// rapa.functional.random_native_conv2d), rapa::tiled_conv takes a given index (every other
+// native call of rapa.functional.tiled_conv2d). Both run the kernels without Python's
+// autograd.Function and ctypes on every forward and backward (about 56 us of a training step
+// of the paper's conv1 at batch 10; README, Benchmarks). Built apart from the kernels, against
+// torch's headers and libraries, by rapa/ops/native_op.py, which loads it with
+// torch.ops.load_library and hands it the addresses of the kernels that rapa/ops/native.py
+// loaded (rapa_set_kernels): this file has none of their code, so the kernels keep their own
+// build (-march, $CXX flags) and the ctypes path stays the fallback where this one cannot be
+// built.
 //
 // The geometry arrives as the 24 int64 fields of the kernels' struct Geo, in the order of
-// rapa.ops.geometry.NATIVE_FIELDS (which the loader checks against the struct); the operator
-// sets the layout bits as NativeTiledConv2dFn does and passes the array as the struct.
+// rapa.ops.geometry.NATIVE_FIELDS (which the loader checks against the struct); the operators
+// set the layout bits as rapa.ops.native.NativeTiledConv2dFn does and pass the array as the
+// struct.
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
-#include <array>
 #include <cstdint>
 #include <mutex>
 #include <optional>
@@ -69,28 +71,40 @@ at::Tensor draw(const std::optional<at::Generator>& generator, const std::vector
   return index;
 }
 
-// The forward: out (N, cout, oh, ow) in x's memory format; the index drawn.
+// The forward: out (N, cout, oh, ow) in x's memory format, and the index: `given` (int64,
+// (B, nt, M)) or, undefined, drawn from the generator. covered: every output pixel is listed
+// (else out starts at zero and layout bit 2 tells the kernel).
 std::pair<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                                               const std::optional<at::Generator>& generator, std::vector<int64_t> geo) {
-  TORCH_CHECK(kernels.fwd != nullptr, "rapa::random_tiled_conv: called before rapa_set_kernels");
-  TORCH_CHECK(int64_t(geo.size()) == NGEO, "rapa::random_tiled_conv: a geometry of ", geo.size(), " fields, not ", NGEO);
+                                               const std::optional<at::Generator>& generator, const at::Tensor& given,
+                                               std::vector<int64_t> geo, bool covered) {
+  TORCH_CHECK(kernels.fwd != nullptr, "rapa::tiled_conv: called before rapa_set_kernels");
+  TORCH_CHECK(int64_t(geo.size()) == NGEO, "rapa::tiled_conv: a geometry of ", geo.size(), " fields, not ", NGEO);
   const bool nhwc = is_nhwc(x);
-  geo[LAYOUT] = nhwc ? 0 : 1;  // every pixel listed (a balanced partition): layout bit 2 clear
-  at::Tensor index = draw(generator, geo);
+  geo[LAYOUT] = (nhwc ? 0 : 1) | (covered ? 0 : 4);
+  const at::Tensor index = given.defined() ? given.contiguous() : draw(generator, geo);
+  TORCH_CHECK(index.scalar_type() == at::kLong, "rapa::tiled_conv: the index must be int64");
   const at::Tensor xc = dense(x, nhwc), wc = weight.contiguous(), bc = bias.defined() ? bias.contiguous() : bias;
   const int64_t n = geo[N], cout = geo[COUT], oh = geo[OH], ow = geo[OW];
-  at::Tensor out = nhwc ? at::empty({n, oh, ow, cout}, x.options()) : at::empty({n, cout, oh, ow}, x.options());
+  const auto shape = nhwc ? std::vector<int64_t>{n, oh, ow, cout} : std::vector<int64_t>{n, cout, oh, ow};
+  at::Tensor out = covered ? at::empty(shape, x.options()) : at::zeros(shape, x.options());
   TORCH_CHECK(kernels.fwd(geo.data(), fptr(xc), fptr(wc), fptr(bc), index.data_ptr<int64_t>(), fout(out)) == 0,
-              "rapa::random_tiled_conv: the forward kernel failed");
+              "rapa::tiled_conv: the forward kernel failed");
   return {nhwc ? out.permute({0, 3, 1, 2}) : out, index};
 }
 
-struct RandomTiledConv : public torch::autograd::Function<RandomTiledConv> {
+}  // namespace
+
+namespace rapa_op {  // named: the profiler shows the backward as torch::autograd::CppNode<rapa_op::TiledConv>
+
+// Both operators' autograd: the index given (index) or drawn (generator); saves x, the weight
+// and the index, as NativeTiledConv2dFn does (the backward pads the input again).
+struct TiledConv : public torch::autograd::Function<TiledConv> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, const std::optional<at::Generator>& generator,
-                            const std::vector<int64_t>& geo) {
-    auto [out, index] = forward_impl(x, weight, bias.value_or(at::Tensor()), generator, geo);
-    ctx->save_for_backward({x, weight, index});
+                            const std::optional<at::Tensor>& index, const std::vector<int64_t>& geo, bool covered) {
+    auto [out, used] = forward_impl(x, weight, bias.value_or(at::Tensor()), generator, index.value_or(at::Tensor()),
+                                    geo, covered);
+    ctx->save_for_backward({x, weight, used});
     ctx->saved_data["geo"] = geo;
     ctx->saved_data["bias"] = bias.has_value() && bias->defined();
     return out;
@@ -115,36 +129,60 @@ struct RandomTiledConv : public torch::autograd::Function<RandomTiledConv> {
       if (need_w) gw = at::empty({nt, cout, c, kh, kw}, x.options());
       if (need_b) gb = at::empty({nt, cout}, x.options());
       TORCH_CHECK(kernels.bwd_w(geo.data(), fptr(xc), fptr(g), index.data_ptr<int64_t>(), fout(gw), fout(gb)) == 0,
-                  "rapa::random_tiled_conv: the weight-gradient kernel failed");
+                  "rapa::tiled_conv: the weight-gradient kernel failed");
     }
     if (need_x) {
       gx = nhwc ? at::empty({n, h, w, c}, x.options()) : at::empty({n, c, h, w}, x.options());
       const at::Tensor wc = weight.contiguous();
       TORCH_CHECK(kernels.bwd_x(geo.data(), fptr(g), fptr(wc), index.data_ptr<int64_t>(), fout(gx)) == 0,
-                  "rapa::random_tiled_conv: the input-gradient kernel failed");
+                  "rapa::tiled_conv: the input-gradient kernel failed");
       if (nhwc) gx = gx.permute({0, 3, 1, 2});  // (N, C, H, W) channels-last memory
     }
-    return {gx, gw, gb, at::Tensor(), at::Tensor()};
+    return {gx, gw, gb, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};  // one per argument
   }
 };
 
+}  // namespace rapa_op
+
+namespace {
+
+using rapa_op::TiledConv;
+
 at::Tensor random_tiled_conv_autograd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                       const std::optional<at::Generator>& generator, at::IntArrayRef geo) {
-  return RandomTiledConv::apply(x, weight, bias, generator, geo.vec());
+  return TiledConv::apply(x, weight, bias, generator, std::optional<at::Tensor>(), geo.vec(), true);
 }
 
 at::Tensor random_tiled_conv_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                  const std::optional<at::Generator>& generator, at::IntArrayRef geo) {
-  return forward_impl(x, weight, bias.value_or(at::Tensor()), generator, geo.vec()).first;
+  return forward_impl(x, weight, bias.value_or(at::Tensor()), generator, at::Tensor(), geo.vec(), true).first;
+}
+
+at::Tensor tiled_conv_autograd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                               const at::Tensor& index, at::IntArrayRef geo, bool covered) {
+  return TiledConv::apply(x, weight, bias, std::optional<at::Generator>(), std::optional<at::Tensor>(index), geo.vec(),
+                          covered);
+}
+
+at::Tensor tiled_conv_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                          const at::Tensor& index, at::IntArrayRef geo, bool covered) {
+  return forward_impl(x, weight, bias.value_or(at::Tensor()), std::nullopt, index, geo.vec(), covered).first;
 }
 
 }  // namespace
 
 TORCH_LIBRARY(rapa, m) {
   m.def("random_tiled_conv(Tensor x, Tensor weight, Tensor? bias, Generator? generator, int[] geo) -> Tensor");
+  m.def("tiled_conv(Tensor x, Tensor weight, Tensor? bias, Tensor index, int[] geo, bool covered) -> Tensor");
 }
-TORCH_LIBRARY_IMPL(rapa, Autograd, m) { m.impl("random_tiled_conv", &random_tiled_conv_autograd); }
-TORCH_LIBRARY_IMPL(rapa, CPU, m) { m.impl("random_tiled_conv", &random_tiled_conv_cpu); }
+TORCH_LIBRARY_IMPL(rapa, Autograd, m) {
+  m.impl("random_tiled_conv", &random_tiled_conv_autograd);
+  m.impl("tiled_conv", &tiled_conv_autograd);
+}
+TORCH_LIBRARY_IMPL(rapa, CPU, m) {
+  m.impl("random_tiled_conv", &random_tiled_conv_cpu);
+  m.impl("tiled_conv", &tiled_conv_cpu);
+}
 
 extern "C" {
 // The kernels' addresses (rapa_tiled_conv_fwd, _bwd_w, _bwd_x, rapa_randperm_rows of the loaded
