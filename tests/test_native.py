@@ -221,6 +221,26 @@ def test_train_profile_counts_the_tiled_layers_as_convolutions(lib, monkeypatch,
     assert len(tiled) == 2 and tiled <= set(PARTS["convolution"]), tiled
 
 
+@pytest.mark.parametrize("scheme", ["random", "alternate"])  # the lean call; a given index
+def test_torch_compile_runs_the_native_calls_eagerly(lib, scheme):
+    # the operators have no fake-tensor kernels: under torch.compile the layer's native call is
+    # a graph break (as the ctypes path was) and gives the eager output and gradients
+    layer = rapa.TiledConv2d(3, 8, 3, padding=1, tiles=4, scheme=scheme, generator=torch.Generator())
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def loss(t):
+        return (layer(t).relu() ** 2).sum()
+
+    results = []
+    for fn in (torch.compile(loss, backend="aot_eager"), loss):
+        layer.generator.manual_seed(5)
+        layer.weight.grad = None
+        out = fn(x)
+        out.backward()
+        results.append((out.detach(), layer.weight.grad.clone()))
+    torch.testing.assert_close(results[0], results[1])
+
+
 def test_operator_that_cannot_be_built_leaves_the_ctypes_path(lib, monkeypatch):
     # a failed build of the operator (no compiler for torch's headers, say) is recorded and the
     # layer runs on the ctypes path with the same results

@@ -213,16 +213,26 @@ def tiled_conv2d(
     outs = []
     for xg, wg, bg in parts:
         if native.supports(xg, wg, mask):
-            op = native_op.tiled()  # the same kernels and results with the autograd in C++
-            if op is not None:
-                outs.append(op(xg, wg, bg, index, native_op.fields(geo, torch.get_num_threads()), covered))
-            else:
-                outs.append(native.NativeTiledConv2dFn.apply(xg, wg, bg, index, geo, covered))
+            outs.append(_native_call(xg, wg, bg, index, geo, covered))
         else:
             outs.append(TiledConv2dFn.apply(xg, wg, bg, index, mask, geo, covered))
     return outs[0] if groups == 1 else torch.cat(outs, 1)  # (each in x's memory format)
 
 
+@torch.compiler.disable  # run eagerly under torch.compile (a graph break), as the ctypes path was
+def _native_call(x: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor, geo: ConvGeometry,
+                 covered: bool) -> Tensor:
+    """One ungrouped call of the native kernels with a given index: through the C++ operator
+    ``rapa::tiled_conv`` where it is built (:mod:`rapa.ops.native_op`), else through ctypes. The
+    operators have no fake-tensor kernels, so ``torch.compile`` runs this part eagerly (0.4 us a
+    call without it)."""
+    op = native_op.tiled()  # the same kernels and results with the autograd in C++
+    if op is not None:
+        return op(x, weight, bias, index, native_op.fields(geo, torch.get_num_threads()), covered)
+    return native.NativeTiledConv2dFn.apply(x, weight, bias, index, geo, covered)
+
+
+@torch.compiler.disable  # run eagerly under torch.compile (a graph break): see _native_call
 def random_native_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: _size2, padding: _size2 | str,
                          dilation: _size2, padding_mode: str = "zeros",
                          generator: torch.Generator | None = None) -> Tensor | None:

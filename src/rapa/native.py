@@ -3,7 +3,7 @@
 ``rapa.native.available()``, ``enabled()``, ``disabled()``, ``describe()``, ``build()`` and
 the environment variables ``RAPA_NATIVE`` (``0``: the PyTorch path), ``RAPA_NATIVE_DIR`` and
 ``RAPA_NATIVE_ARCH`` are documented there; this module re-exports them (it holds no code).
-A random layer's call goes through the C++ operator of :mod:`rapa.ops.native_op`
+Tiled layers call them through the C++ operators of :mod:`rapa.ops.native_op`
 (``RAPA_NATIVE_OP=0``: through ctypes).
 """
 

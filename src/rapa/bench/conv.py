@@ -23,9 +23,9 @@ import torch
 import torch.nn as nn
 
 from rapa import native
-from rapa.ops import native_op
 from rapa.bench.common import geomean, resolve_device, sync, time_interleaved
 from rapa.functional import tiled_conv2d_dense
+from rapa.ops import native_op
 from rapa.tiled_conv import TiledConv2d
 
 # (cin, cout, size, nt, input requires grad, groups, kernel): conv1, conv2, conv3 of the

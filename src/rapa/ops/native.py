@@ -12,9 +12,9 @@ the ``image_pad`` mask, for ungrouped and depthwise (``groups == C == cout``, ve
 across channels) layers; everything else (other grouped layers too), and any machine where
 the build fails, takes the PyTorch path (same results up to float rounding). Every kernel
 takes the call's geometry as one struct (:class:`rapa.ops.geometry.NativeGeometry`). They are
-called through ctypes here (:class:`NativeTiledConv2dFn`); a random layer's own call takes
-them through a torch operator with its autograd in C++ where that can be built
-(:mod:`rapa.ops.native_op`), which this module's library hands the kernels' addresses.
+called through ctypes here (:class:`NativeTiledConv2dFn`); the tiled convolution's calls take
+them through torch operators with their autograd in C++ where those can be built
+(:mod:`rapa.ops.native_op`, handed the addresses of the kernels loaded here).
 
 The source is compiled once per CPU type with the C++ compiler ``$CXX`` (default ``c++``,
 ``-O3 -march=native -fopenmp``; ``$RAPA_NATIVE_ARCH`` replaces ``native``, e.g. ``x86-64-v3``
