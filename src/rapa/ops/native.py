@@ -6,8 +6,8 @@ batched GEMMs; on CPU that costs about twice a direct convolution. The native ke
 each (image, tile) group as an implicit GEMM straight from the image's padded channels-last
 copy in per-thread scratch (an NCHW image is transposed there, and its result back), with
 register-blocked vector code and torch's own OpenMP threads, skipping the patch entries in
-the zero padding as oneDNN does, so the tiled layer costs 1.0-1.15x what ``nn.Conv2d`` costs
-(forward and backward, the paper's layers; README, Benchmarks). They cover float32 on the CPU without
+the zero padding as oneDNN does, so the tiled layer costs 0.97-1.09x what ``nn.Conv2d`` costs
+(forward and backward, the paper's layers, medians of ten runs; README, Benchmarks). They cover float32 on the CPU without
 the ``image_pad`` mask, for ungrouped and depthwise (``groups == C == cout``, vectorised
 across channels) layers; everything else (other grouped layers too), and any machine where
 the build fails, takes the PyTorch path (same results up to float rounding). Every kernel
