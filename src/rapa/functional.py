@@ -263,7 +263,7 @@ def random_native_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride:
     index = native.randperm_rows(x.shape[0], np_, generator, nt)  # (N, nt, M), as schemes draws it
     if index is None:
         return None
-    return native.NativeTiledConv2dFn.apply(x, weight, bias, index, geo, True)
+    return _native_call(x, weight, bias, index, geo, True)
 
 
 @functools.lru_cache(maxsize=256, typed=True)

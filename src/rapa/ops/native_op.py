@@ -22,6 +22,7 @@ results, a few percent slower; :func:`error` tells why they are not used.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import hashlib
 import os
@@ -92,6 +93,7 @@ def _agrees(random_op: Callable[..., torch.Tensor], tiled_op: Callable[..., torc
     random draw, and a given index with empty slots (with gradients on and float32 CPU tensors
     whatever the caller's mode and defaults are)."""
     geo = ConvGeometry(2, 3, 8, 4, (3, 3), (1, 1), (1, 1), (1, 1), (8, 4), 4, 4, 2, 8)
+    hgeo = dataclasses.replace(geo, index_batch=1)  # the given index: one row for both images
     cpu = {"dtype": torch.float32, "device": "cpu"}
     with torch.inference_mode(False), torch.enable_grad():
         holes = torch.randperm(32, generator=torch.Generator().manual_seed(4)).view(1, 4, 8)  # (B, nt, M)
@@ -108,7 +110,6 @@ def _agrees(random_op: Callable[..., torch.Tensor], tiled_op: Callable[..., torc
                     gen = torch.Generator().manual_seed(3)
                     xs, ws, bs = (t.detach().clone().requires_grad_(True) for t in (x, w, b))
                     if given:
-                        hgeo = ConvGeometry(2, 3, 8, 4, (3, 3), (1, 1), (1, 1), (1, 1), (8, 4), 4, 4, 1, 8)
                         y = (tiled_op(xs, ws, bs, holes, fields(hgeo, torch.get_num_threads()), False) if use_op
                              else native.NativeTiledConv2dFn.apply(xs, ws, bs, holes, hgeo, False))
                     elif use_op:
